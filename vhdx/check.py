@@ -1,0 +1,122 @@
+"""Structural validation of every file of a chain (``vhdx check``).
+
+Unlike opening, which stops at the first fatal problem, checking collects every
+finding with a severity: ``error`` (the file is corrupt or unusable),
+``warning`` (legal but needs attention: a pending log, a bad redundant copy,
+a stale linkage). A chain is clean when there is neither.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+from . import structures as S
+from .chain import accepted_linkages, find_parent
+from .errors import VhdxError
+from .image import ImageFile
+
+
+@dataclass
+class Finding:
+    file: str
+    severity: str  # "error" | "warning"
+    message: str
+
+
+@dataclass
+class CheckReport:
+    files: list[str] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    blocks_checked: int = 0
+
+    @property
+    def clean(self) -> bool:
+        return not self.findings
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "error"]
+
+    def to_dict(self) -> dict:
+        return {"clean": self.clean, "files": self.files, "blocks_checked": self.blocks_checked,
+                "findings": [asdict(f) for f in self.findings]}
+
+
+def _check_file(img: ImageFile, report: CheckReport) -> None:
+    add = lambda sev, msg: report.findings.append(Finding(img.path, sev, msg))  # noqa: E731
+    for w in img.header_section.warnings:
+        add("warning", w)
+    if img.header.log_dirty:
+        if img.log_replayed:
+            add("warning", f"log holds {len(img.replay.entries)} unapplied entr"
+                f"{'y' if len(img.replay.entries) == 1 else 'ies'} (replayed in memory; "
+                "`vhdx check --repair` applies them)")
+        else:
+            add("warning", "header LogGuid is set but the log is empty")
+    for p in img.bat_problems:
+        add("error" if p.fatal else "warning",
+            (f"BAT entry {p.index}: " if p.index >= 0 else "BAT: ") + p.message)
+    geo = img.geometry
+    report.blocks_checked += geo.payload_blocks
+    # PARTIALLY_PRESENT blocks need their chunk's sector bitmap (2.5.1.1).
+    chunks_needing_sb = {b // geo.chunk_ratio for b, info in img.allocated_blocks()
+                         if info.state == S.PAYLOAD_BLOCK_PARTIALLY_PRESENT}
+    for chunk in sorted(chunks_needing_sb):
+        sb = img.bat[geo.sb_index(chunk)]
+        if sb & S.BAT_STATE_MASK != S.SB_BLOCK_PRESENT:
+            add("error", f"chunk {chunk} has PARTIALLY_PRESENT blocks but no sector bitmap")
+    for item in img.metadata.items:
+        if item.is_user and len(item.data) != item.length:
+            add("error", f"metadata item {item.name} is truncated")
+
+
+def check_chain(path: str | os.PathLike[str], parents: Sequence[str | os.PathLike[str]] | None = None,
+                search_dirs: Sequence[str | os.PathLike[str]] = (),
+                ignore_linkage: bool = False) -> CheckReport:
+    """Validate ``path`` and every ancestor; never raises for problems in the files."""
+    report = CheckReport()
+    explicit = list(parents or ())
+    current = os.fspath(path)
+    opened: list[ImageFile] = []
+    try:
+        try:
+            img = ImageFile(current)
+        except VhdxError as e:
+            report.files.append(current)
+            report.findings.append(Finding(current, "error", str(e)))
+            return report
+        while True:
+            opened.append(img)
+            report.files.append(img.path)
+            _check_file(img, report)
+            if not img.has_parent:
+                break
+            if len(opened) > 256:
+                report.findings.append(Finding(img.path, "error", "chain deeper than 256 files"))
+                break
+            warnings: list[str] = []
+            try:
+                parent = ImageFile(explicit.pop(0)) if explicit else find_parent(
+                    img, search_dirs, True, warnings)
+            except VhdxError as e:
+                report.findings.append(Finding(img.path, "error", f"parent: {e}"))
+                break
+            if parent.data_write_guid not in accepted_linkages(img.parent_locator or {}):
+                sev = "warning" if ignore_linkage else "error"
+                report.findings.append(Finding(img.path, sev,
+                    f"parent {parent.path} has DataWriteGuid {parent.data_write_guid}, which matches "
+                    "neither parent_linkage nor parent_linkage2"))
+            if parent.logical_sector_size != img.logical_sector_size:
+                report.findings.append(Finding(img.path, "error",
+                    "parent logical sector size differs from the child's"))
+            if any(os.path.samestat(os.fstat(parent.fd), os.fstat(o.fd)) for o in opened):
+                report.findings.append(Finding(img.path, "error", "parent chain loops back onto itself"))
+                parent.close()
+                break
+            img = parent
+        return report
+    finally:
+        for f in opened:
+            f.close()

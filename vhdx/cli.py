@@ -1,0 +1,282 @@
+"""The ``vhdx`` command line.
+
+Every command that opens an image takes the same chain options. Failures print
+one line to stderr and exit non-zero: 1 for problems with the images or the
+operation, 2 for wrong usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from typing import Any, Callable, Sequence
+
+from . import __version__
+from . import structures as S
+from .check import check_chain
+from .disk import VirtualDisk, open as open_disk
+from .errors import VhdxError
+from .progress import Progress
+
+CHUNK = 4 << 20
+
+
+def _chain_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("image", help="VHDX or AVHDX file")
+    p.add_argument("--parent", action="append", default=[], metavar="PATH",
+                   help="parent file, immediate parent first (repeatable)")
+    p.add_argument("--search-dir", action="append", default=[], metavar="DIR",
+                   help="directory to look for parents in (repeatable)")
+    p.add_argument("--ignore-linkage", action="store_true",
+                   help="accept parents whose DataWriteGuid does not match the child's linkage")
+
+
+def _open(args: argparse.Namespace) -> VirtualDisk:
+    return open_disk(args.image, parents=args.parent, search_dirs=args.search_dir,
+                     ignore_linkage=args.ignore_linkage)
+
+
+def _guid(g: Any) -> str:
+    return str(g)
+
+
+def image_info(img) -> dict:  # noqa: ANN001 - ImageFile
+    hs = img.header_section
+    md = img.metadata
+    geo = img.geometry
+    states: dict[str, int] = {}
+    for _, info in img.allocated_blocks():
+        name = S.PAYLOAD_STATE_NAMES.get(info.state, str(info.state))
+        states[name] = states.get(name, 0) + 1
+    states["NOT_PRESENT"] = geo.payload_blocks - sum(states.values())
+    return {
+        "path": img.path,
+        "creator": img.creator,
+        "file_size": img.file_size,
+        "type": "differencing" if md.has_parent else ("fixed" if md.leave_block_allocated else "dynamic"),
+        "virtual_size": md.virtual_size,
+        "block_size": md.block_size,
+        "logical_sector_size": md.logical_sector_size,
+        "physical_sector_size": md.physical_sector_size,
+        "virtual_disk_id": _guid(md.virtual_disk_id),
+        "data_write_guid": _guid(img.data_write_guid),
+        "file_write_guid": _guid(img.file_write_guid),
+        "current_header": hs.header.slot + 1,
+        "headers": [None if h is None else {
+            "slot": h.slot + 1, "sequence_number": h.sequence_number,
+            "file_write_guid": _guid(h.file_write_guid), "data_write_guid": _guid(h.data_write_guid),
+            "log_guid": _guid(h.log_guid), "log_offset": h.log_offset, "log_length": h.log_length,
+        } for h in hs.headers],
+        "region_table_copy": hs.region_table_slot + 1,
+        "regions": [{"name": r.name, "guid": _guid(r.guid), "file_offset": r.file_offset,
+                     "length": r.length, "required": r.required} for r in hs.regions],
+        "metadata": [{"name": it.name, "offset": it.offset, "length": it.length,
+                      "user": it.is_user, "virtual_disk": it.is_virtual_disk,
+                      "required": it.is_required} for it in md.items],
+        "parent_locator": md.parent_locator,
+        "chunk_ratio": geo.chunk_ratio,
+        "bat_entries": geo.total_entries,
+        "blocks": states,
+        "log": {
+            "log_guid": _guid(hs.header.log_guid),
+            "dirty": hs.header.log_dirty,
+            "replayed_in_memory": img.log_replayed,
+            "entries_replayed": len(img.replay.entries) if img.replay else 0,
+        },
+        "warnings": list(img.warnings),
+    }
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:g} {unit}" if unit == "B" else f"{n:.4g} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    with _open(args) as disk:
+        chain = [image_info(img) for img in disk.chain]
+        if args.json:
+            json.dump({"virtual_size": disk.size, "chain": chain, "warnings": disk.warnings},
+                      sys.stdout, indent=1)
+            print()
+            return 0
+        for depth, f in enumerate(chain):
+            print(f"{'  ' * depth}{f['path']}")
+            ind = "  " * depth + "  "
+            print(f"{ind}type {f['type']}, virtual size {_human(f['virtual_size'])} ({f['virtual_size']} bytes), "
+                  f"block size {_human(f['block_size'])}, sectors {f['logical_sector_size']}/{f['physical_sector_size']}")
+            print(f"{ind}creator {f['creator']!r}, file size {f['file_size']}")
+            print(f"{ind}disk id {f['virtual_disk_id']}, data write guid {f['data_write_guid']}")
+            print(f"{ind}header {f['current_header']} current; " + ", ".join(
+                "header %d %s" % (i + 1, "invalid" if h is None else f"seq {h['sequence_number']}")
+                for i, h in enumerate(f["headers"])))
+            print(f"{ind}regions: " + ", ".join(f"{r['name']} @{r['file_offset']:#x}+{r['length']:#x}"
+                                                for r in f["regions"]))
+            print(f"{ind}blocks: " + ", ".join(f"{k} {v}" for k, v in sorted(f["blocks"].items()) if v))
+            log = f["log"]
+            state = ("clean" if not log["dirty"] else
+                     f"dirty, {log['entries_replayed']} entries replayed in memory")
+            print(f"{ind}log: {state}")
+            if f["parent_locator"]:
+                for k, v in f["parent_locator"].items():
+                    print(f"{ind}parent {k}: {v}")
+        for w in disk.warnings:
+            print(f"warning: {w}")
+    return 0
+
+
+def cmd_map(args: argparse.Namespace) -> int:
+    with _open(args) as disk:
+        extents = disk.extents()
+        if args.json:
+            json.dump({"virtual_size": disk.size, "files": [f.path for f in disk.chain],
+                       "extents": [e.to_dict(disk.chain) for e in extents]}, sys.stdout, indent=1)
+            print()
+            return 0
+        print(f"{'offset':>18} {'length':>18}  kind         source")
+        for e in extents:
+            src = f"{disk.chain[e.source].path} @{e.file_offset:#x}" if e.source is not None else ""
+            print(f"{e.offset:#18x} {e.length:#18x}  {e.kind:<12} {src}")
+    return 0
+
+
+def copy_disk(disk: VirtualDisk, sink: Callable[[int, memoryview], None],
+              progress: Callable[[int], None] | None = None, skip_holes: bool = False) -> None:
+    """Feed the whole virtual disk to ``sink(offset, data)`` in large chunks."""
+    buf = bytearray(CHUNK)
+    mv = memoryview(buf)
+    zeros = bytes(CHUNK)
+    ranges = ([(e.offset, e.length) for e in disk.extents() if e.kind == "data"]
+              if skip_holes else [(0, disk.size)])
+    done = 0
+    for start, length in ranges:
+        pos, end = start, start + length
+        while pos < end:
+            n = disk.readinto_at(pos, mv[:min(CHUNK, end - pos)])
+            chunk = mv[:n]
+            if not (skip_holes and chunk == zeros[:n]):
+                sink(pos, chunk)
+            pos += n
+            done += n
+            if progress:
+                progress(done)
+
+
+def cmd_hash(args: argparse.Namespace) -> int:
+    with _open(args) as disk:
+        h = hashlib.new(args.algorithm)
+        bar = Progress(disk.size, "hash")
+        copy_disk(disk, lambda _off, data: h.update(data), bar)
+        bar.close()
+        print(f"{h.hexdigest()}  {args.image}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    out = args.output
+    if os.path.exists(out) and not args.force:
+        raise VhdxError(f"{out}: already exists (use --force to overwrite)")
+    with _open(args) as disk:
+        for f in disk.chain:
+            if os.path.exists(out) and os.path.samefile(out, f.path):
+                raise VhdxError(f"{out}: is part of the chain being read")
+        tmp = out + ".part"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            data_bytes = sum(e.length for e in disk.extents() if e.kind == "data")
+            bar = Progress(data_bytes, "convert")
+            copy_disk(disk, lambda off, data: _pwrite_all(fd, data, off), bar, skip_holes=True)
+            os.ftruncate(fd, disk.size)
+            os.fsync(fd)
+            bar.close()
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
+        os.replace(tmp, out)
+    return 0
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while len(data):
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    report = check_chain(args.image, args.parent, args.search_dir, args.ignore_linkage)
+    if args.json:
+        json.dump(report.to_dict(), sys.stdout, indent=1)
+        print()
+    else:
+        for f in report.findings:
+            print(f"{f.severity}: {f.file}: {f.message}")
+        n_err, n_warn = len(report.errors), len(report.findings) - len(report.errors)
+        state = "clean" if report.clean else f"{n_err} error(s), {n_warn} warning(s)"
+        print(f"{len(report.files)} file(s), {report.blocks_checked} blocks checked: {state}")
+    return 0 if report.clean else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vhdx", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"vhdx {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("info", help="describe the whole chain: headers, regions, metadata, log")
+    _chain_options(s)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("map", help="extent map: where every virtual byte comes from")
+    _chain_options(s)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_map)
+
+    s = sub.add_parser("hash", help="hash the virtual disk")
+    _chain_options(s)
+    s.add_argument("--algorithm", choices=("sha256", "sha1", "md5"), default="sha256")
+    s.set_defaults(func=cmd_hash)
+
+    s = sub.add_parser("convert", help="write the virtual disk to a sparse raw file")
+    _chain_options(s)
+    s.add_argument("output", help="output raw file")
+    s.add_argument("--force", action="store_true", help="overwrite an existing output")
+    s.set_defaults(func=cmd_convert)
+
+    s = sub.add_parser("check", help="validate every file of the chain; exit 0 only when clean")
+    _chain_options(s)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_check)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except VhdxError as e:
+        print(f"vhdx: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("vhdx: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # Output closed early (| head): not an error worth a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"vhdx: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

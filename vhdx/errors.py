@@ -1,0 +1,49 @@
+"""One exception hierarchy for everything the library raises on bad input.
+
+Every failure caused by the contents of a file or by the caller's arguments is a
+:class:`VhdxError`; the CLI turns it into one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+
+class VhdxError(Exception):
+    """Root of every error this package raises for bad input or unusable files."""
+
+
+class CorruptImageError(VhdxError):
+    """A structure is malformed, truncated, inconsistent or out of the spec's bounds."""
+
+
+class ChecksumError(CorruptImageError):
+    """A CRC-32C check failed (header, region table, log entry)."""
+
+
+class UnsupportedFeatureError(VhdxError):
+    """The file uses something this implementation refuses to process (unknown
+    required region or metadata item, other format version, reserved states)."""
+
+
+class ParentNotFoundError(VhdxError):
+    """The parent of a differencing disk could not be located."""
+
+
+class ParentMismatchError(VhdxError):
+    """A parent was found but does not belong to the child (linkage GUID, sector
+    size), or the chain is cyclic or absurdly deep."""
+
+
+class InvalidArgumentError(VhdxError, ValueError):
+    """The caller passed an argument that makes no sense (bad offset, size, mode)."""
+
+
+class ReadOnlyError(VhdxError):
+    """A write was attempted on a disk opened read-only."""
+
+
+class LockedError(VhdxError):
+    """Another process holds a conflicting lock on an image of the chain."""
+
+
+class CancelledError(VhdxError):
+    """A long operation was cancelled by its progress callback."""

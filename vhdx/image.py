@@ -1,0 +1,261 @@
+"""One VHDX/AVHDX file opened read-only.
+
+:class:`ImageFile` parses the header section, replays a dirty log into an
+in-memory overlay (never onto the file), parses the metadata and the BAT, and
+answers "where does this block live". It knows nothing about parents; chains
+are built in chain.py.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+import uuid
+from array import array
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Iterator
+
+from . import structures as S
+from .bat import Geometry, decode_table, raise_fatal, validate_table
+from .errors import CorruptImageError, InvalidArgumentError, VhdxError
+from .headers import HeaderSection, read_header_section
+from .log import Overlay, ReplayPlan, plan_replay
+from .metadata import Metadata, parse_metadata
+
+# Runs of one block's sector bitmap: (first sector in block, sector count, present).
+Runs = list[tuple[int, int, bool]]
+
+_RUN_CACHE_BLOCKS = 4096
+
+
+def open_regular_file(path: str | os.PathLike[str]) -> int:
+    """Open ``path`` read-only, refusing anything but a regular file.
+
+    The type is checked before opening (a FIFO would block the open) and again
+    on the descriptor (the path could have been swapped in between).
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise VhdxError(f"{os.fspath(path)}: no such file") from None
+    except OSError as e:
+        raise VhdxError(f"{os.fspath(path)}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidArgumentError(f"{os.fspath(path)}: not a regular file")
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        # O_NOATIME keeps even the access time of evidence unchanged where allowed.
+        fd = os.open(path, flags | getattr(os, "O_NOATIME", 0))
+    except PermissionError:
+        fd = os.open(path, flags)
+    except OSError as e:
+        raise VhdxError(f"{os.fspath(path)}: {e.strerror}") from None
+    st2 = os.fstat(fd)
+    if not stat.S_ISREG(st2.st_mode) or (st2.st_dev, st2.st_ino) != (st.st_dev, st.st_ino):
+        os.close(fd)
+        raise InvalidArgumentError(f"{os.fspath(path)}: changed while being opened")
+    return fd
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    state: int
+    file_offset: int  # 0 when the state has no data in this file
+
+
+class ImageFile:
+    """A single VHDX or AVHDX file, read-only. Thread-safe for reads."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self.fd = open_regular_file(path)
+        try:
+            self._load()
+        except BaseException:
+            os.close(self.fd)
+            self.fd = -1
+            raise
+
+    # --- opening ---------------------------------------------------------------
+    def _load(self) -> None:
+        self.file_size = os.fstat(self.fd).st_size
+        self.warnings: list[str] = []
+        self.overlay = Overlay()
+        self.replay: ReplayPlan | None = None
+
+        hs = read_header_section(self._pread)
+        self.header_section: HeaderSection = hs
+        self.warnings += hs.warnings
+        h = hs.header
+        if h.log_length and h.log_offset + h.log_length > self.file_size:
+            raise CorruptImageError("the log region lies past the end of the file")
+        if h.log_dirty:
+            log_data = self._pread(h.log_offset, h.log_length)
+            plan = plan_replay(log_data, h.log_length, h.log_guid, self.file_size)
+            self.replay = plan
+            self.warnings += plan.warnings
+            self.overlay = Overlay(plan.updates)
+        # Replay may extend the file (ref §6.4 steps 7-8); reads past EOF give zeros.
+        self.logical_size = max(self.file_size, self.overlay.end,
+                                self.replay.last_file_offset if self.replay else 0)
+
+        md_region = hs.metadata_region
+        if md_region.file_offset + md_region.length > self.logical_size:
+            raise CorruptImageError("the metadata region lies past the end of the file")
+        self.metadata: Metadata = parse_metadata(
+            lambda off, n: self.read_file(md_region.file_offset + off, n), md_region.length)
+        md = self.metadata
+        self.geometry = Geometry(md.virtual_size, md.block_size, md.logical_sector_size, md.has_parent)
+
+        bat_region = hs.bat_region
+        count = self.geometry.total_entries
+        if count * 8 > bat_region.length:
+            raise CorruptImageError(
+                f"BAT region holds {bat_region.length // 8} entries, the disk needs {count}")
+        if bat_region.file_offset + count * 8 > self.logical_size:
+            raise CorruptImageError("the BAT lies past the end of the file")
+        self.bat: array = decode_table(self.read_file(bat_region.file_offset, count * 8), count)
+        self.bat_problems = validate_table(self.bat, self.geometry, self.logical_size, self._reserved_spans())
+        raise_fatal(self.bat_problems)
+        self.warnings += [f"BAT entry {p.index}: {p.message}" for p in self.bat_problems]
+        self._runs: OrderedDict[int, Runs] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _reserved_spans(self) -> list[tuple[int, int, str]]:
+        hs = self.header_section
+        spans = [(0, S.HEADER_SECTION_SIZE, "header section")]
+        if hs.header.log_length:
+            spans.append((hs.header.log_offset, hs.header.log_offset + hs.header.log_length, "log"))
+        spans += [(r.file_offset, r.file_offset + r.length, f"region {r.name}") for r in hs.regions]
+        return spans
+
+    # --- raw file access ---------------------------------------------------------
+    def _pread(self, offset: int, size: int) -> bytes:
+        try:
+            return os.pread(self.fd, size, offset)
+        except OSError as e:
+            raise VhdxError(f"{self.path}: read failed at {offset:#x}: {e.strerror}") from None
+
+    def read_file(self, offset: int, size: int) -> bytes:
+        """``size`` bytes of the file as replayed (overlay applied; zeros past EOF)."""
+        data = self._pread(offset, size)
+        if len(data) < size:
+            data += bytes(size - len(data))
+        if self.overlay.touches(offset, size):
+            buf = bytearray(data)
+            self.overlay.patch(offset, memoryview(buf))
+            return bytes(buf)
+        return data
+
+    # --- properties --------------------------------------------------------------
+    @property
+    def creator(self) -> str:
+        return self.header_section.creator
+
+    @property
+    def header(self):  # noqa: ANN201 - headers.Header
+        return self.header_section.header
+
+    @property
+    def data_write_guid(self) -> uuid.UUID:
+        return self.header.data_write_guid
+
+    @property
+    def file_write_guid(self) -> uuid.UUID:
+        return self.header.file_write_guid
+
+    @property
+    def virtual_size(self) -> int:
+        return self.metadata.virtual_size
+
+    @property
+    def block_size(self) -> int:
+        return self.metadata.block_size
+
+    @property
+    def logical_sector_size(self) -> int:
+        return self.metadata.logical_sector_size
+
+    @property
+    def physical_sector_size(self) -> int:
+        return self.metadata.physical_sector_size
+
+    @property
+    def virtual_disk_id(self) -> uuid.UUID:
+        return self.metadata.virtual_disk_id
+
+    @property
+    def has_parent(self) -> bool:
+        return self.metadata.has_parent
+
+    @property
+    def is_fixed(self) -> bool:
+        return self.metadata.leave_block_allocated
+
+    @property
+    def parent_locator(self) -> dict[str, str] | None:
+        return self.metadata.parent_locator
+
+    @property
+    def log_replayed(self) -> bool:
+        """True when a dirty log was replayed into the in-memory overlay."""
+        return bool(self.replay and self.replay.entries)
+
+    # --- blocks ------------------------------------------------------------------
+    def block(self, block: int) -> BlockInfo:
+        e = self.bat[self.geometry.payload_index(block)]
+        return BlockInfo(e & S.BAT_STATE_MASK, e & S.BAT_OFFSET_MASK)
+
+    def block_runs(self, block: int) -> Runs:
+        """Sector runs of a PARTIALLY_PRESENT block's bitmap (cached, thread-safe)."""
+        with self._lock:
+            runs = self._runs.get(block)
+            if runs is not None:
+                self._runs.move_to_end(block)
+                return runs
+        geo = self.geometry
+        chunk = block // geo.chunk_ratio
+        sb = self.bat[geo.sb_index(chunk)]
+        if sb & S.BAT_STATE_MASK != S.SB_BLOCK_PRESENT:
+            raise CorruptImageError(
+                f"{self.path}: block {block} is PARTIALLY_PRESENT but its sector bitmap is not present")
+        start, length = geo.bitmap_slice(block)
+        bits = self.read_file((sb & S.BAT_OFFSET_MASK) + start, length)
+        from .native import bitmap_runs  # deferred: keeps import of the package cheap
+
+        runs = bitmap_runs(bits, 0, geo.sectors_per_block)
+        with self._lock:
+            self._runs[block] = runs
+            if len(self._runs) > _RUN_CACHE_BLOCKS:
+                self._runs.popitem(last=False)
+        return runs
+
+    def allocated_blocks(self) -> Iterator[tuple[int, BlockInfo]]:
+        """(block, info) for every payload block with a state other than NOT_PRESENT."""
+        geo = self.geometry
+        for i, e in enumerate(self.bat):
+            if e and not geo.is_sb_index(i):
+                block = geo.block_of_index(i)
+                if block < geo.payload_blocks:
+                    yield block, BlockInfo(e & S.BAT_STATE_MASK, e & S.BAT_OFFSET_MASK)
+
+    # --- lifetime ------------------------------------------------------------------
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    @property
+    def closed(self) -> bool:
+        return self.fd < 0
+
+    def __enter__(self) -> "ImageFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<ImageFile {self.path!r} size={self.virtual_size} block={self.block_size}>"

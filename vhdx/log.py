@@ -1,0 +1,266 @@
+"""The VHDX log: entry validation, the active sequence, and its replay plan.
+
+Followed: MS-VHDX 2.3 (log entry structures, 2.3.3 log replay) as restated in
+ref §6.2-§6.4, including the reference's resolutions of the spec's ambiguities:
+- the scan stops on ``tail <= old_tail`` (ref §6.3 step 5, §11.18);
+- replay starts at the head entry's Tail, not at the start of the scanned chain
+  (ref §6.4 step 7, §11.19);
+- LogGuid set but no CRC-valid entry carrying it means a writer crashed between
+  its header update and its first entry: the log is treated as empty with a
+  warning (ref §6.4 step 4 caveat); valid entries without a complete sequence
+  are corruption.
+
+This module never writes: the reader applies the plan as an in-memory
+:class:`Overlay`; the writer applies the same plan to the file.
+"""
+
+from __future__ import annotations
+
+import bisect
+import uuid
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from . import structures as S
+from .crc import checksum_of
+from .errors import CorruptImageError
+
+SECTOR = S.LOG_SECTOR_SIZE
+# Beyond this a file offset named by the log cannot belong to a real image
+# (64 TiB of payload plus metadata fits far below it); refuse hostile values.
+MAX_FILE_OFFSET = 1 << 48
+_ZERO_SECTOR = bytes(SECTOR)
+
+
+@dataclass(frozen=True)
+class Update:
+    """One descriptor: ``data`` (4 KiB) at ``file_offset``, or zeros when ``data`` is None."""
+
+    file_offset: int
+    length: int
+    data: bytes | None
+
+    @property
+    def end(self) -> int:
+        return self.file_offset + self.length
+
+
+@dataclass
+class LogEntry:
+    offset: int  # log-relative position of the entry
+    sequence_number: int
+    tail: int
+    entry_length: int
+    log_guid: uuid.UUID
+    flushed_file_offset: int
+    last_file_offset: int
+    updates: list[Update]
+
+
+@dataclass
+class ReplayPlan:
+    """What the active log sequence does to the file when replayed."""
+
+    entries: list[LogEntry]  # tail entry .. head entry, in replay order
+    updates: list[Update]
+    last_file_offset: int  # the file must be at least this long afterwards
+    flushed_file_offset: int  # the head entry's; a shorter file was truncated
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.entries
+
+
+class _Ring:
+    """The log region, addressed modulo its length (entries may wrap)."""
+
+    def __init__(self, data: bytes, length: int) -> None:
+        # Past EOF the log reads as zeros: such sectors simply never validate.
+        self.data = data.ljust(length, b"\0")
+        self.length = length
+
+    def read(self, offset: int, size: int) -> bytes:
+        offset %= self.length
+        end = offset + size
+        if end <= self.length:
+            return self.data[offset:end]
+        return self.data[offset:] + self.data[:end - self.length]
+
+
+def _parse_entry(ring: _Ring, offset: int, log_guid: uuid.UUID) -> LogEntry | None:
+    """The entry at ``offset`` if it satisfies every rule of ref §6.2, else None."""
+    head = ring.read(offset, 64)
+    if head[:4] != S.SIG_LOG_ENTRY:
+        return None
+    h = S.LogEntryHeader.parse(head)
+    L = ring.length
+    if (h.entry_length == 0 or h.entry_length % SECTOR or h.entry_length > L
+            or h.tail % SECTOR or h.tail >= L or h.sequence_number == 0
+            or h.log_guid != log_guid):
+        return None
+    count = h.descriptor_count
+    desc_sectors = (count + 2 + 127) // 128
+    if desc_sectors * SECTOR > h.entry_length:
+        return None
+    raw = ring.read(offset, h.entry_length)
+    if checksum_of(raw) != h.checksum:
+        return None
+    updates: list[Update] = []
+    data_index = 0
+    for i in range(count):
+        d = raw[64 + 32 * i: 96 + 32 * i]
+        sig = d[:4]
+        if sig == S.SIG_ZERO:
+            z = S.ZeroDescriptor.parse(d)
+            if (z.sequence_number != h.sequence_number or z.file_offset % SECTOR
+                    or z.zero_length % SECTOR or z.file_offset + z.zero_length > MAX_FILE_OFFSET):
+                return None
+            updates.append(Update(z.file_offset, z.zero_length, None))
+        elif sig == S.SIG_DESC:
+            dd = S.DataDescriptor.parse(d)
+            if (dd.sequence_number != h.sequence_number or dd.file_offset % SECTOR
+                    or dd.file_offset + SECTOR > MAX_FILE_OFFSET):
+                return None
+            pos = (desc_sectors + data_index) * SECTOR
+            if pos + SECTOR > h.entry_length:
+                return None
+            sector = raw[pos:pos + SECTOR]
+            if sector[:4] != S.SIG_DATA:
+                return None
+            ds = S.DataSector.parse(sector)
+            if (ds.sequence_high << 32 | ds.sequence_low) != h.sequence_number:
+                return None
+            updates.append(Update(dd.file_offset, SECTOR,
+                                  dd.leading_bytes + ds.data + dd.trailing_bytes))
+            data_index += 1
+        else:
+            return None
+    return LogEntry(offset, h.sequence_number, h.tail, h.entry_length, h.log_guid,
+                    h.flushed_file_offset, h.last_file_offset, updates)
+
+
+def _sequence_from(ring: _Ring, start: int, log_guid: uuid.UUID,
+                   cache: dict[int, LogEntry | None]) -> list[LogEntry]:
+    """The maximal run of valid, consecutive entries beginning at ``start``."""
+    seq: list[LogEntry] = []
+    pos = start
+    used = 0
+    while used < ring.length:
+        if pos not in cache:
+            cache[pos] = _parse_entry(ring, pos, log_guid)
+        e = cache[pos]
+        if e is None or (seq and e.sequence_number != seq[-1].sequence_number + 1):
+            break
+        seq.append(e)
+        used += e.entry_length
+        pos = (pos + e.entry_length) % ring.length
+        if pos == start:
+            break
+    return seq
+
+
+def find_active_sequence(log_data: bytes, log_length: int, log_guid: uuid.UUID) -> tuple[list[LogEntry], bool]:
+    """Active sequence per MS-VHDX 2.3.3 (ref §6.3).
+
+    Returns ``(entries, any_valid)``: ``entries`` are those to replay (from the head's
+    Tail entry to the head), empty when no complete sequence exists; ``any_valid``
+    tells whether any CRC-valid entry carrying ``log_guid`` was seen at all.
+    """
+    ring = _Ring(log_data, log_length)
+    cache: dict[int, LogEntry | None] = {}
+    candidate: list[LogEntry] = []
+    tail = old_tail = 0
+    while True:
+        seq = _sequence_from(ring, tail, log_guid, cache)
+        complete = bool(seq) and any(e.offset == seq[-1].tail for e in seq)
+        if complete and (not candidate or seq[-1].sequence_number > candidate[-1].sequence_number):
+            candidate = seq
+        if complete:
+            tail = (seq[-1].offset + seq[-1].entry_length) % log_length
+        else:
+            tail = (tail + SECTOR) % log_length
+        if tail <= old_tail:
+            break
+        old_tail = tail
+    any_valid = any(e is not None for e in cache.values())
+    if not candidate:
+        return [], any_valid
+    head_tail = candidate[-1].tail
+    first = next(i for i, e in enumerate(candidate) if e.offset == head_tail)
+    return candidate[first:], any_valid
+
+
+def plan_replay(log_data: bytes, log_length: int, log_guid: uuid.UUID, file_size: int) -> ReplayPlan:
+    """The replay plan of a dirty log (header LogGuid != 0), validated (ref §6.4 steps 4-5)."""
+    entries, any_valid = find_active_sequence(log_data, log_length, log_guid)
+    if not entries:
+        if any_valid:
+            raise CorruptImageError("log has entries for the current LogGuid but no complete sequence")
+        return ReplayPlan([], [], 0, 0, [
+            "header LogGuid is set but the log holds no entry for it; treating the log as empty"])
+    head = entries[-1]
+    if file_size < head.flushed_file_offset:
+        raise CorruptImageError(
+            f"file is {file_size:#x} bytes but the log says at least {head.flushed_file_offset:#x} were flushed (truncated)")
+    if head.last_file_offset > MAX_FILE_OFFSET:
+        raise CorruptImageError(f"log LastFileOffset {head.last_file_offset:#x} is absurd")
+    updates = [u for e in entries for u in e.updates]
+    return ReplayPlan(entries, updates, head.last_file_offset, head.flushed_file_offset)
+
+
+class Overlay:
+    """The result of replaying a plan, kept in memory (MS-VHDX 2.3.3 footnote:
+    a read-only open replays into memory). Later updates win over earlier ones."""
+
+    def __init__(self, updates: list[Update] = ()) -> None:
+        self._sectors: dict[int, bytes] = {}
+        self._zeros: list[tuple[int, int]] = []  # sorted, disjoint [start, end)
+        self.end = 0  # highest byte touched
+        for u in updates:
+            self._apply(u)
+        self._sorted = sorted(self._sectors)
+        self.lo = min([*self._sorted, *(s for s, _ in self._zeros)], default=0)
+
+    def __bool__(self) -> bool:
+        return bool(self._sectors or self._zeros)
+
+    def _apply(self, u: Update) -> None:
+        self.end = max(self.end, u.end)
+        if u.data is not None:
+            self._sectors[u.file_offset] = u.data
+            return
+        start, end = u.file_offset, u.end
+        if start == end:
+            return
+        for k in [k for k in self._sectors if start <= k < end]:
+            del self._sectors[k]
+        merged = [(s, e) for s, e in self._zeros if e < start or s > end]
+        for s, e in self._zeros:
+            if not (e < start or s > end):
+                start, end = min(s, start), max(e, end)
+        merged.append((start, end))
+        merged.sort()
+        self._zeros = merged
+
+    def touches(self, offset: int, size: int) -> bool:
+        return bool(self) and offset < self.end and offset + size > self.lo
+
+    def patch(self, offset: int, buf: memoryview) -> None:
+        """Apply the overlay to ``buf``, which holds file bytes from ``offset``."""
+        end = offset + len(buf)
+        for s, e in self._zeros:
+            a, b = max(s, offset), min(e, end)
+            if a < b:
+                buf[a - offset:b - offset] = bytes(b - a)
+        i = bisect.bisect_left(self._sorted, offset - SECTOR + 1)
+        while i < len(self._sorted) and self._sorted[i] < end:
+            k = self._sorted[i]
+            data = self._sectors[k]
+            a, b = max(k, offset), min(k + SECTOR, end)
+            buf[a - offset:b - offset] = data[a - k:b - k]
+            i += 1
+
+    def sectors(self) -> Iterator[tuple[int, bytes]]:
+        for k in self._sorted:
+            yield k, self._sectors[k]
