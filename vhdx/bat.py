@@ -81,20 +81,61 @@ class Geometry:
         return min(self.block_size, self.virtual_size - block * self.block_size)
 
 
-def decode_table(raw: bytes, count: int) -> array:
-    """The first ``count`` u64 LE entries of ``raw`` as array('Q')."""
-    table = array("Q")
-    table.frombytes(raw[:count * 8])
+Table = memoryview | array
+"""The decoded BAT: indexable u64 entries (a ``memoryview`` cast to 'Q' on
+little-endian hosts, so the table is held once, in the buffer it was read into)."""
+
+
+def decode_table(raw: bytearray, count: int) -> Table:
+    """The first ``count`` u64 LE entries of ``raw``, without copying where possible."""
     if sys.byteorder == "big":
+        table = array("Q")
+        table.frombytes(bytes(raw[:count * 8]))
         table.byteswap()
-    return table
+        return table
+    return memoryview(raw)[:count * 8].cast("Q")
 
 
-def encode_table(table: array) -> bytes:
+_SCAN_STRIDE = 8192  # entries examined at once (64 KiB)
+_ZERO_STRIDE = bytes(_SCAN_STRIDE * 8)
+_PLAIN_STATES = bytes((0, 1, 2, 3))  # no data in this file, offset 0: nothing to check
+
+
+def iter_nonzero(table: Table, chunk_ratio: int | None = None):  # noqa: ANN201
+    """(index, entry) of every non-zero entry, skipping all-zero stretches fast.
+
+    With ``chunk_ratio``, payload entries holding a bare NOT_PRESENT, UNDEFINED,
+    ZERO or UNMAPPED state (no offset, no reserved bits) are skipped as well,
+    stretch by stretch; sector-bitmap slots are always yielded when non-zero,
+    since states 1-3 are invalid there. The comparisons run in C over strided
+    views, so a huge unallocated BAT costs a few memcmp per 64 KiB.
+    """
+    raw = memoryview(table).cast("B") if isinstance(table, memoryview) else None
+    n = len(table)
+    for base in range(0, n, _SCAN_STRIDE):
+        end = min(base + _SCAN_STRIDE, n)
+        if raw is not None:
+            count = end - base
+            seg = raw[base * 8:end * 8]
+            if seg == _ZERO_STRIDE[:count * 8]:
+                continue
+            if chunk_ratio and not seg[0::8].tobytes().translate(None, _PLAIN_STATES) and all(
+                    seg[k::8] == _ZERO_STRIDE[:count] for k in range(1, 8)):
+                cr1 = chunk_ratio + 1
+                first_sb = base + (chunk_ratio - base % cr1) % cr1
+                yield from ((i, table[i]) for i in range(first_sb, end, cr1) if table[i])
+                continue
+        for i in range(base, end):
+            e = table[i]
+            if e:
+                yield i, e
+
+
+def encode_table(table: Table) -> bytes:
     if sys.byteorder == "big":
         table = array("Q", table)
         table.byteswap()
-    return table.tobytes()
+    return bytes(memoryview(table).cast("B"))
 
 
 @dataclass
@@ -104,7 +145,7 @@ class BatProblem:
     fatal: bool
 
 
-def validate_table(table: array, geo: Geometry, file_size: int,
+def validate_table(table: Table, geo: Geometry, file_size: int,
                    reserved_spans: list[tuple[int, int, str]]) -> list[BatProblem]:
     """Every problem of the table (ref §10 rows 11-12), fatal or not.
 
@@ -115,9 +156,7 @@ def validate_table(table: array, geo: Geometry, file_size: int,
     spans: list[tuple[int, int, int]] = []  # start, end, index
     cr1 = geo.chunk_ratio + 1
     bs = geo.block_size
-    for i, e in enumerate(table):
-        if not e:
-            continue
+    for i, e in iter_nonzero(table, geo.chunk_ratio):
         state = e & S.BAT_STATE_MASK
         off = e & S.BAT_OFFSET_MASK
         is_sb = i % cr1 == geo.chunk_ratio

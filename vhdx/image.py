@@ -12,13 +12,12 @@ import os
 import stat
 import threading
 import uuid
-from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator
 
 from . import structures as S
-from .bat import Geometry, decode_table, raise_fatal, validate_table
+from .bat import Geometry, Table, decode_table, iter_nonzero, raise_fatal, validate_table
 from .errors import CorruptImageError, InvalidArgumentError, VhdxError
 from .headers import HeaderSection, read_header_section
 from .log import Overlay, ReplayPlan, plan_replay
@@ -116,7 +115,7 @@ class ImageFile:
                 f"BAT region holds {bat_region.length // 8} entries, the disk needs {count}")
         if bat_region.file_offset + count * 8 > self.logical_size:
             raise CorruptImageError("the BAT lies past the end of the file")
-        self.bat: array = decode_table(self.read_file(bat_region.file_offset, count * 8), count)
+        self.bat: Table = decode_table(self.read_file_into(bat_region.file_offset, bytearray(count * 8)), count)
         self.bat_problems = validate_table(self.bat, self.geometry, self.logical_size, self._reserved_spans())
         raise_fatal(self.bat_problems)
         self.warnings += [f"BAT entry {p.index}: {p.message}" for p in self.bat_problems]
@@ -148,6 +147,23 @@ class ImageFile:
             self.overlay.patch(offset, memoryview(buf))
             return bytes(buf)
         return data
+
+    def read_file_into(self, offset: int, buf: bytearray) -> bytearray:
+        """Like :meth:`read_file`, straight into ``buf`` (no second copy of large tables)."""
+        mv = memoryview(buf)
+        done = 0
+        try:
+            while done < len(buf):
+                n = os.preadv(self.fd, [mv[done:]], offset + done)
+                if n == 0:
+                    break
+                done += n
+        except OSError as e:
+            raise VhdxError(f"{self.path}: read failed at {offset:#x}: {e.strerror}") from None
+        mv[done:] = bytes(len(buf) - done)
+        if self.overlay.touches(offset, len(buf)):
+            self.overlay.patch(offset, mv)
+        return buf
 
     # --- properties --------------------------------------------------------------
     @property
@@ -235,8 +251,8 @@ class ImageFile:
     def allocated_blocks(self) -> Iterator[tuple[int, BlockInfo]]:
         """(block, info) for every payload block with a state other than NOT_PRESENT."""
         geo = self.geometry
-        for i, e in enumerate(self.bat):
-            if e and not geo.is_sb_index(i):
+        for i, e in iter_nonzero(self.bat):
+            if not geo.is_sb_index(i):
                 block = geo.block_of_index(i)
                 if block < geo.payload_blocks:
                     yield block, BlockInfo(e & S.BAT_STATE_MASK, e & S.BAT_OFFSET_MASK)
