@@ -151,29 +151,30 @@ def find_parent(child: ImageFile, search_dirs: Sequence[PathLike], ignore_linkag
                               "give it with --parent or --search-dir")
 
 
-def open_chain(path: PathLike, parents: Sequence[PathLike] | None = None,
-               search_dirs: Sequence[PathLike] = (), ignore_linkage: bool = False,
-               max_depth: int = MAX_CHAIN_DEPTH) -> tuple[list[ImageFile], list[str]]:
-    """Open ``path`` and all its ancestors, child first; returns (chain, warnings).
+def open_parents(child: ImageFile, parents: Sequence[PathLike] | None = None,
+                 search_dirs: Sequence[PathLike] = (), ignore_linkage: bool = False,
+                 max_depth: int = MAX_CHAIN_DEPTH) -> tuple[list[ImageFile], list[str]]:
+    """Open every ancestor of ``child`` (immediate parent first); returns (ancestors, warnings).
 
     ``parents`` (immediate parent first) are used before any lookup; ancestors
-    beyond them are found through the locators. On error every opened file is closed.
+    beyond them are found through the locators. On error every file opened here
+    is closed (``child`` stays open).
     """
     warnings: list[str] = []
-    chain: list[ImageFile] = [ImageFile(path)]
+    chain: list[ImageFile] = [child]
     explicit = list(parents or ())
     try:
-        seen = {_identity(chain[0])}
+        seen = {_identity(child)}
         while chain[-1].has_parent:
-            child = chain[-1]
+            current = chain[-1]
             if len(chain) > max_depth:
                 raise ParentMismatchError(f"chain is deeper than {max_depth} files; refusing")
             if explicit:
                 parent = ImageFile(explicit.pop(0))
             else:
-                parent = find_parent(child, search_dirs, ignore_linkage, warnings)
+                parent = find_parent(current, search_dirs, ignore_linkage, warnings)
             try:
-                check_parent(child, parent, ignore_linkage, warnings)
+                check_parent(current, parent, ignore_linkage, warnings)
             except VhdxError:
                 parent.close()
                 raise
@@ -185,13 +186,26 @@ def open_chain(path: PathLike, parents: Sequence[PathLike] | None = None,
             chain.append(parent)
         if explicit:
             warnings.append(f"{len(explicit)} extra parent(s) given but the chain ends at {chain[-1].path}")
-        for f in chain:
+        for f in chain[1:]:
             warnings += [f"{f.path}: {w}" for w in f.warnings]
-        return chain, warnings
+        return chain[1:], warnings
     except BaseException:
-        for f in chain:
+        for f in chain[1:]:
             f.close()
         raise
+
+
+def open_chain(path: PathLike, parents: Sequence[PathLike] | None = None,
+               search_dirs: Sequence[PathLike] = (), ignore_linkage: bool = False,
+               max_depth: int = MAX_CHAIN_DEPTH) -> tuple[list[ImageFile], list[str]]:
+    """Open ``path`` and all its ancestors, child first; returns (chain, warnings)."""
+    top = ImageFile(path)
+    try:
+        ancestors, warnings = open_parents(top, parents, search_dirs, ignore_linkage, max_depth)
+    except BaseException:
+        top.close()
+        raise
+    return [top, *ancestors], [f"{top.path}: {w}" for w in top.warnings] + warnings
 
 
 def _identity(f: ImageFile) -> tuple[int, int]:

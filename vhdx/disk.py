@@ -363,14 +363,20 @@ def open(path: str | os.PathLike[str], mode: str = "r", *,  # noqa: A001 - mirro
          parents: Sequence[str | os.PathLike[str]] | None = None,
          search_dirs: Sequence[str | os.PathLike[str]] = (),
          ignore_linkage: bool = False) -> VirtualDisk:
-    """Open a VHDX/AVHDX file and its whole parent chain read-only.
+    """Open a VHDX/AVHDX file and its whole parent chain; ``mode`` "r" (default,
+    read-only) or "r+" (writable top file; parents stay read-only).
 
     ``parents`` lists parent files explicitly (immediate parent first);
     otherwise parents are found through the parent locator and ``search_dirs``.
     A dirty log is replayed in memory; no byte of any file is ever written.
     """
+    if mode in ("r+", "r+b", "rb+"):
+        from .writer import WritableDisk
+
+        return WritableDisk(path, parents=parents, search_dirs=search_dirs,
+                            ignore_linkage=ignore_linkage)
     if mode not in ("r", "rb"):
-        raise InvalidArgumentError(f"mode {mode!r} is not supported by the reader")
+        raise InvalidArgumentError(f"mode {mode!r} is not supported (use 'r' or 'r+')")
     from .chain import open_chain
 
     chain, warnings = open_chain(path, parents, search_dirs, ignore_linkage)

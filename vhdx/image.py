@@ -67,14 +67,16 @@ class BlockInfo:
 class ImageFile:
     """A single VHDX or AVHDX file, read-only. Thread-safe for reads."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], fd: int | None = None) -> None:
+        """Open ``path``; with ``fd``, parse through that descriptor instead (the
+        writer passes its read-write one) and leave closing it to the caller."""
         self.path = os.fspath(path)
-        self.fd = open_regular_file(path)
+        self._owns_fd = fd is None
+        self.fd = open_regular_file(path) if fd is None else fd
         try:
             self._load()
         except BaseException:
-            os.close(self.fd)
-            self.fd = -1
+            self.close()
             raise
 
     # --- opening ---------------------------------------------------------------
@@ -259,9 +261,9 @@ class ImageFile:
 
     # --- lifetime ------------------------------------------------------------------
     def close(self) -> None:
-        if self.fd >= 0:
+        if self.fd >= 0 and self._owns_fd:
             os.close(self.fd)
-            self.fd = -1
+        self.fd = -1
 
     @property
     def closed(self) -> bool:
