@@ -1,0 +1,82 @@
+/*
+ * vhdx_native.h - hot paths of the vhdx reader and merge engine.
+ *
+ * SPDX-License-Identifier: Apache-2.0
+ *
+ * Plain C99. Every function is self-contained, never touches Python, and
+ * reports failure through its return value so the cffi caller (which runs
+ * these with the GIL released) can turn it into the right exception.
+ *
+ * Return convention for the int-returning functions:
+ *   0                  success
+ *   > 0                an errno value from a failed system call
+ *   VHDX_EARG (-1)     an argument is out of range (bad range / segment);
+ *                      nothing was read or written for that batch
+ * "*failed" (when present) receives the index of the range/segment that
+ * caused a non-zero return.
+ *
+ * Range/segment lists are packed int64 arrays, 3 values per entry, so a
+ * whole batch crosses the FFI boundary as one pointer.
+ */
+#ifndef VHDX_NATIVE_H
+#define VHDX_NATIVE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define VHDX_EARG (-1)
+
+/* Method codes reported per range by vhdx_copy_ranges / vhdx_zero_ranges. */
+#define VHDX_M_NONE 0            /* zero-length range: nothing to do */
+#define VHDX_M_CLONE 1           /* FICLONERANGE (shared extents) */
+#define VHDX_M_COPY_FILE_RANGE 2 /* copy_file_range(2) */
+#define VHDX_M_READ_WRITE 3      /* pread/pwrite through a bounce buffer */
+#define VHDX_M_FALLOCATE 4       /* fallocate(FALLOC_FL_ZERO_RANGE) */
+#define VHDX_M_WRITE_ZEROS 5     /* pwrite from a zero buffer */
+
+/* Flags for vhdx_copy_ranges. */
+#define VHDX_ALLOW_CLONE 1
+#define VHDX_ALLOW_COPY_FILE_RANGE 2
+
+/* Non-zero when the I/O functions are implemented on this platform
+ * (POSIX pread/pwrite available). bitmap_runs always works. */
+int vhdx_native_io_supported(void);
+
+/*
+ * Runs of equal bits of an LSB-first bitmap (bit i = byte i>>3, bit i&7)
+ * over [start_bit, start_bit + nbits).
+ * Writes at most max_runs runs into out as (relative start, length, value)
+ * int64 triples and only ever emits complete runs, so a caller can resume at
+ * start_bit + *consumed and the runs stay coalesced across calls.
+ * Returns 0 or VHDX_EARG when the range does not lie inside bm_len bytes.
+ */
+int vhdx_bitmap_runs(const uint8_t *bm, size_t bm_len, uint64_t start_bit,
+                     uint64_t nbits, int64_t *out, size_t max_runs,
+                     size_t *nruns, uint64_t *consumed);
+
+/*
+ * segs: nsegs triples (buf_offset, file_offset, length). All segments are
+ * bounds-checked before any I/O. Bytes past the file's EOF are zero-filled.
+ */
+int vhdx_gather_read(int fd, uint8_t *buf, size_t buf_len,
+                     const int64_t *segs, size_t nsegs, size_t *failed);
+
+/*
+ * ranges: n triples (src_offset, dst_offset, length). methods[i] receives the
+ * VHDX_M_* code used for range i. Source bytes past its EOF are written to
+ * the destination as zeros.
+ */
+int vhdx_copy_ranges(int src_fd, int dst_fd, const int64_t *ranges, size_t n,
+                     int flags, int32_t *methods, size_t *failed);
+
+/* ranges: n pairs (offset, length). methods[i] receives VHDX_M_FALLOCATE,
+ * VHDX_M_WRITE_ZEROS or VHDX_M_NONE. */
+int vhdx_zero_ranges(int fd, const int64_t *ranges, size_t n,
+                     int32_t *methods, size_t *failed);
+
+/* Bytes of [offset, offset+length) that are mapped, and of those, shared
+ * (FIEMAP_EXTENT_SHARED). Linux only; ENOSYS elsewhere. */
+int vhdx_fiemap_shared(int fd, int64_t offset, int64_t length,
+                       uint64_t *shared, uint64_t *mapped);
+
+#endif /* VHDX_NATIVE_H */
