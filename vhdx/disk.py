@@ -78,12 +78,17 @@ class VirtualDisk(io.RawIOBase):
         self.chain = chain
         self.warnings = list(warnings or [])
         self._pos = 0
-        # Per level, what the read fast path needs, without attribute lookups.
-        self._levels = [(f.virtual_size, f.block_size, f.geometry.chunk_ratio,
-                         f.logical_sector_size, f.bat, not f.overlay, f) for f in chain]
+        self._refresh()
         from .native import gather_read
 
         self._gather = gather_read
+
+    def _refresh(self) -> None:
+        """Recompute what the read paths cache (after the chain's geometry changed)."""
+        self._size = self.chain[0].virtual_size
+        # Per level, what the read fast path needs, without attribute lookups.
+        self._levels = [(f.virtual_size, f.block_size, f.geometry.chunk_ratio,
+                         f.logical_sector_size, f.bat, not f.overlay, f) for f in self.chain]
 
     # --- properties of the top file ----------------------------------------------
     @property
@@ -92,7 +97,7 @@ class VirtualDisk(io.RawIOBase):
 
     @property
     def size(self) -> int:
-        return self.top.virtual_size
+        return self._size
 
     @property
     def logical_sector_size(self) -> int:
@@ -228,35 +233,50 @@ class VirtualDisk(io.RawIOBase):
             raise ValueError("I/O operation on closed disk")
         if offset < 0:
             raise InvalidArgumentError(f"negative offset {offset}")
-        mv = memoryview(buffer).cast("B")
-        n = max(0, min(len(mv), self.size - offset))
-        if n == 0:
-            return 0
+        mv = memoryview(buffer)
+        if mv.format != "B" or mv.ndim != 1:
+            mv = mv.cast("B")
+        n = len(mv)
+        if offset + n > self._size:
+            n = max(0, self._size - offset)
+            if n == 0:
+                return 0
+            mv = mv[:n]
         src, foff = self._locate(offset, n)
         if src >= 0:
-            return self._pread_into(self.chain[src], mv[:n], foff)
-        segs = [[0, n, src, foff]] if src != -3 else self.segments(offset, n)
+            return self._pread_into(self.chain[src], mv, foff)
+        if src != -3:
+            self._zero(mv, 0, n)
+            return n
         batches: dict[int, list[tuple[int, int, int]]] = {}
-        for pos, length, src, foff in segs:
+        for pos, length, src, foff in self.segments(offset, n):
             if src < 0:
-                z = pos
-                while z < pos + length:
-                    k = min(len(_ZEROS), pos + length - z)
-                    mv[z:z + k] = _ZEROS[:k]
-                    z += k
+                self._zero(mv, pos, length)
             else:
                 batches.setdefault(src, []).append((pos, foff, length))
         for src, batch in batches.items():
             img = self.chain[src]
-            try:
-                self._gather(img.fd, mv, batch)
-            except OSError as e:
-                raise VhdxError(f"{img.path}: read failed: {e.strerror or e}") from None
+            if len(batch) >= 4:  # many runs (sector bitmaps): one C call, GIL released
+                try:
+                    self._gather(img.fd, mv, batch)
+                except OSError as e:
+                    raise VhdxError(f"{img.path}: read failed: {e.strerror or e}") from None
+            else:
+                for pos, foff, length in batch:
+                    self._pread_into(img, mv[pos:pos + length], foff)
             if img.overlay:
                 for pos, foff, length in batch:
                     if img.overlay.touches(foff, length):
                         img.overlay.patch(foff, mv[pos:pos + length])
         return n
+
+    @staticmethod
+    def _zero(mv: memoryview, pos: int, length: int) -> None:
+        end = pos + length
+        while pos < end:
+            k = min(len(_ZEROS), end - pos)
+            mv[pos:pos + k] = _ZEROS[:k]
+            pos += k
 
     @staticmethod
     def _pread_into(img: ImageFile, mv: memoryview, foff: int) -> int:
@@ -280,7 +300,7 @@ class VirtualDisk(io.RawIOBase):
             raise InvalidArgumentError(f"negative size {size}")
         if offset < 0:
             raise InvalidArgumentError(f"negative offset {offset}")
-        n = max(0, min(size, self.size - offset))
+        n = max(0, min(size, self._size - offset))
         if 0 < n <= 1 << 20 and not self.closed:
             src, foff = self._locate(offset, n)
             if src >= 0:

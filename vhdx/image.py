@@ -12,7 +12,6 @@ import os
 import stat
 import threading
 import uuid
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -121,7 +120,7 @@ class ImageFile:
         self.bat_problems = validate_table(self.bat, self.geometry, self.logical_size, self._reserved_spans())
         raise_fatal(self.bat_problems)
         self.warnings += [f"BAT entry {p.index}: {p.message}" for p in self.bat_problems]
-        self._runs: OrderedDict[int, Runs] = OrderedDict()
+        self._runs: dict[int, Runs] = {}
         self._lock = threading.Lock()
 
     def _reserved_spans(self) -> list[tuple[int, int, str]]:
@@ -228,11 +227,9 @@ class ImageFile:
 
     def block_runs(self, block: int) -> Runs:
         """Sector runs of a PARTIALLY_PRESENT block's bitmap (cached, thread-safe)."""
-        with self._lock:
-            runs = self._runs.get(block)
-            if runs is not None:
-                self._runs.move_to_end(block)
-                return runs
+        runs = self._runs.get(block)  # a dict lookup is atomic: no lock on hits
+        if runs is not None:
+            return runs
         geo = self.geometry
         chunk = block // geo.chunk_ratio
         sb = self.bat[geo.sb_index(chunk)]
@@ -245,9 +242,9 @@ class ImageFile:
 
         runs = bitmap_runs(bits, 0, geo.sectors_per_block)
         with self._lock:
+            if len(self._runs) >= _RUN_CACHE_BLOCKS:
+                self._runs.clear()  # bounded memory; recomputing runs is cheap
             self._runs[block] = runs
-            if len(self._runs) > _RUN_CACHE_BLOCKS:
-                self._runs.popitem(last=False)
         return runs
 
     def allocated_blocks(self) -> Iterator[tuple[int, BlockInfo]]:
