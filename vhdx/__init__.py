@@ -7,6 +7,7 @@ from .errors import (
     CancelledError,
     ChecksumError,
     CorruptImageError,
+    DependentDisksError,
     InvalidArgumentError,
     LockedError,
     ParentMismatchError,
@@ -23,5 +24,5 @@ __all__ = [
     "open", "VirtualDisk", "ImageFile", "Extent", "__version__",
     "VhdxError", "CorruptImageError", "ChecksumError", "UnsupportedFeatureError",
     "ParentNotFoundError", "ParentMismatchError", "InvalidArgumentError",
-    "ReadOnlyError", "LockedError", "CancelledError",
+    "ReadOnlyError", "LockedError", "CancelledError", "DependentDisksError",
 ]

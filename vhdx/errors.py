@@ -47,3 +47,8 @@ class LockedError(VhdxError):
 
 class CancelledError(VhdxError):
     """A long operation was cancelled by its progress callback."""
+
+
+class DependentDisksError(VhdxError):
+    """Other disks depend on a file that an operation would change (a merge target's
+    other children); the operation refuses and names them unless forced."""

@@ -1,0 +1,350 @@
+"""The merge engine (issue: Merge engine).
+
+Every merge is checked against what the chain read before it started: by the
+project's reader, by libvhdi where it applies, by `vhdx check` and, for 512-byte
+base targets, by `qemu-img check`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import vhdx
+from vhdx import structures as S
+from vhdx.check import check_chain
+from vhdx.merge import merge
+from vhdx.storage import FileStorage, JournalOp
+
+from builder import (FULLY, NOT_PRESENT, PARTIAL, UNDEFINED, UNMAPPED, ZERO, Block, ImageSpec,
+                     build_chain)
+
+MiB = S.MiB
+ALL_STATES = [FULLY, PARTIAL, ZERO, NOT_PRESENT, UNDEFINED, UNMAPPED]
+
+
+def random_chain(d: Path, rng: random.Random, depth: int, lss: int, *, size: int | None = None,
+                 fixed_base: bool | None = None):  # noqa: ANN201
+    """A random chain, base first: every block state, mixed block sizes."""
+    size = size or rng.choice([8, 12]) * MiB + rng.choice([0, lss * 5])
+    specs = []
+    for i in range(depth):
+        bs = rng.choice([1, 2, 4]) * MiB
+        states = ALL_STATES if i else [FULLY, ZERO, NOT_PRESENT, UNDEFINED, UNMAPPED]
+        blocks = {b: Block(st) for b in range(-(-size // bs)) if (st := rng.choice(states)) != NOT_PRESENT}
+        fixed = (rng.random() < 0.3) if fixed_base is None else fixed_base
+        specs.append(ImageSpec(virtual_size=size, block_size=bs, logical_sector_size=lss, name=f"l{i}",
+                               blocks=blocks, seed=rng.randrange(1 << 30), fixed=(i == 0 and fixed)))
+    return build_chain(d, specs)
+
+
+def read_all(path: Path, **kw) -> bytes:  # noqa: ANN003
+    with vhdx.open(path, **kw) as disk:
+        return disk.read_at(0, disk.size)
+
+
+def digests(d: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir()) if p.is_file()}
+
+
+def libvhdi_read(paths: list[Path], size: int) -> bytes | None:
+    try:
+        import pyvhdi
+    except ImportError:
+        return None
+    files = []
+    for p in paths:
+        f = pyvhdi.file()
+        f.open(str(p))
+        files.append(f)
+    for child, parent in zip(files, files[1:]):
+        child.set_parent(parent)
+    return files[0].read_buffer_at_offset(size, 0)
+
+
+def assert_clean(path: Path) -> None:
+    report = check_chain(path)
+    assert report.clean, [f.message for f in report.findings]
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_random_chains_all_modes(tmp_path, seed):
+    rng = random.Random(seed)
+    depth = rng.randint(2, 4)
+    lss = rng.choice([512, 4096])
+    chain = random_chain(tmp_path, rng, depth, lss)
+    expected = chain.expected()
+    assert read_all(chain.top) == expected
+    mode = ("inplace", "into", "flatten")[seed % 3]
+    if mode == "flatten":
+        out = tmp_path / "flat.vhdx"
+        before = digests(tmp_path)
+        s = merge(chain.top, output=out)
+        after = digests(tmp_path)
+        del after["flat.vhdx"]
+        assert after == before, "flatten modified its sources"
+        target, target_chain = out, [out]
+    else:
+        k = 1 if mode == "inplace" else rng.randint(1, depth - 1)
+        target = chain.images[k].path
+        target_chain = [i.path for i in chain.images[k:]]
+        s = merge(chain.top, into=target if mode == "into" else None)
+        assert s.deleted == [str(p) for p in chain.paths[:k]]
+        assert all(not p.exists() for p in chain.paths[:k])
+    assert read_all(target) == expected
+    assert_clean(target)
+    # libvhdi reads ZERO/UNDEFINED/UNMAPPED of differencing files from the parent
+    # (ref §5.2 fn 2), so it is an oracle only for merged base images.
+    if len(target_chain) == 1:
+        lv = libvhdi_read(target_chain, len(expected))
+        if lv is not None:
+            assert lv == expected
+    if len(target_chain) == 1 and lss == 512 and shutil.which("qemu-img"):
+        r = subprocess.run(["qemu-img", "check", str(target)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+    assert s.blocks_changed >= 0 and s.seconds > 0
+
+
+@pytest.mark.parametrize("lss", [512, 4096])
+def test_dry_run_writes_nothing_and_predicts_the_work(tmp_path, lss):
+    rng = random.Random(lss)
+    chain = random_chain(tmp_path, rng, 3, lss)
+    before = digests(tmp_path)
+    dry = merge(chain.top, dry_run=True)
+    assert digests(tmp_path) == before
+    assert dry.dry_run and not dry.deleted
+    real = merge(chain.top)
+    assert (dry.blocks_changed, dry.bytes_copied + dry.bytes_cloned, dry.bytes_zeroed) == \
+        (real.blocks_changed, real.bytes_copied + real.bytes_cloned, real.bytes_zeroed)
+    flat = merge(chain.images[1].path, output=tmp_path / "x.vhdx", dry_run=True)
+    assert not (tmp_path / "x.vhdx").exists() and flat.dry_run
+
+
+def test_keep_leaves_a_working_child_via_linkage2(tmp_path):
+    chain = random_chain(tmp_path, random.Random(7), 3, 512)
+    expected = chain.expected()
+    s = merge(chain.top, keep=True)
+    assert s.deleted == []
+    assert read_all(chain.top) == expected  # the child still opens on the merged parent
+    with vhdx.open(chain.top) as d:
+        loc = d.parent_locator
+    assert loc["parent_linkage2"].strip("{}") == str(vhdx.open(chain.images[1].path).data_write_guid)
+    assert read_all(chain.images[1].path) == expected
+
+
+def test_siblings_refuse_without_changing_a_byte(tmp_path):
+    chain = random_chain(tmp_path, random.Random(3), 2, 512)
+    base = chain.images[1]
+    from builder import build_image
+
+    sib = build_image(tmp_path, ImageSpec(virtual_size=base.spec.virtual_size, block_size=MiB,
+                                          name="sibling", suffix=".avhdx",
+                                          blocks={0: Block(PARTIAL)}, seed=99), parent=base)
+    sibling_view = read_all(sib.path)
+    before = digests(tmp_path)
+    with pytest.raises(vhdx.DependentDisksError, match="sibling"):
+        merge(chain.top)
+    assert digests(tmp_path) == before
+    s = merge(chain.top, force=True)
+    assert s.invalidated == [str(sib.path)]
+    with pytest.raises(vhdx.ParentMismatchError):
+        vhdx.open(sib.path)  # its parent changed under it, as --force warned
+    assert sibling_view != read_all(sib.path, ignore_linkage=True)
+
+
+def test_children_of_the_merged_child_are_repointed(tmp_path):
+    chain = random_chain(tmp_path, random.Random(11), 3, 512)
+    # Merge the middle file into the base: the top file is the merged file's child.
+    expected = chain.expected()
+    middle = chain.images[1].path
+    s = merge(middle)
+    assert s.repointed == [str(chain.top)]
+    assert not middle.exists()
+    with vhdx.open(chain.top) as d:
+        assert len(d.chain) == 2 and d.chain[1].path == str(chain.images[2].path)
+        assert d.read_at(0, d.size) == expected
+        assert "parent_linkage2" not in d.parent_locator
+
+
+def test_locks_keep_a_merge_off_a_chain_being_written(tmp_path):
+    chain = random_chain(tmp_path, random.Random(5), 2, 512)
+    with vhdx.open(chain.images[1].path, "r+"):
+        with pytest.raises(vhdx.LockedError):
+            merge(chain.top)
+    expected = chain.expected()
+    assert read_all(chain.top) == expected  # nothing changed
+
+
+def test_progress_and_cancel(tmp_path, monkeypatch):
+    import vhdx.merge as M
+
+    monkeypatch.setattr(M, "BATCH_BYTES", 1 * MiB)
+    chain = random_chain(tmp_path, random.Random(21), 2, 512, size=16 * MiB)
+    expected = chain.expected()
+    calls = []
+    with pytest.raises(vhdx.CancelledError):
+        merge(chain.top, keep=True, progress=lambda done, total: calls.append((done, total)) or False)
+    assert len(calls) == 1 and 0 < calls[0][0] <= calls[0][1]
+    assert read_all(chain.top) == expected  # interrupted: still reads as before
+    seen = []
+    merge(chain.top, progress=lambda d, t: seen.append((d, t)))
+    assert seen[-1][0] == seen[-1][1] and [d for d, _ in seen] == sorted(d for d, _ in seen)
+    assert read_all(chain.images[1].path) == expected
+
+
+# --- power cuts --------------------------------------------------------------------------
+class _SharedRecorder(FileStorage):
+    """A FileStorage that appends every mutating call to a journal shared by all files."""
+
+    def __init__(self, path: str, journal: list) -> None:
+        super().__init__(os.open(path, os.O_RDWR))
+        self.path = os.path.basename(path)
+        self.journal = journal
+
+    def pwrite(self, offset, data) -> None:  # noqa: ANN001
+        data = bytes(data)
+        super().pwrite(offset, data)
+        self.journal.append((self.path, JournalOp("write", offset, data)))
+
+    def truncate(self, size: int) -> None:
+        super().truncate(size)
+        self.journal.append((self.path, JournalOp("truncate", size)))
+
+    def flush(self) -> None:
+        super().flush()
+        self.journal.append((self.path, JournalOp("flush")))
+
+
+def _crash_state(originals: dict[str, bytes], journal: list, cut: int, rng: random.Random) -> dict[str, bytes]:
+    """Files as a power cut after ``cut`` journal ops could leave them: per file, all
+    ops up to its last flush before the cut, plus a random subset of the later ones."""
+    out = {}
+    for name, data in originals.items():
+        ops = [op for p, op in journal[:cut] if p == name]
+        last_flush = max((i for i, op in enumerate(ops) if op.kind == "flush"), default=-1)
+        durable, pending = ops[:last_flush + 1], ops[last_flush + 1:]
+        mode = rng.choice(["none", "all", "prefix", "subset"])
+        if mode == "none":
+            pending = []
+        elif mode == "prefix":
+            pending = pending[:rng.randint(0, len(pending))]
+        elif mode == "subset":
+            pending = [op for op in pending if rng.random() < 0.5]
+        buf = bytearray(data)
+        for op in durable + pending:
+            if op.kind == "write":
+                if len(buf) < op.offset + len(op.data):
+                    buf.extend(bytes(op.offset + len(op.data) - len(buf)))
+                buf[op.offset:op.offset + len(op.data)] = op.data
+            elif op.kind == "truncate":
+                del buf[op.offset:]
+                buf.extend(bytes(op.offset - len(buf)))
+        out[name] = bytes(buf)
+    return out
+
+
+def _power_cut_campaign(tmp_path: Path, seed: int, cuts: int, rerun_every: int) -> int:
+    rng = random.Random(seed)
+    src = tmp_path / "src"
+    src.mkdir(parents=True)
+    depth = rng.randint(2, 3)
+    chain = random_chain(src, rng, depth, rng.choice([512, 4096]), size=6 * MiB, fixed_base=False)
+    expected = chain.expected()
+    originals = {p.name: p.read_bytes() for p in src.iterdir()}
+    journal: list = []
+    work = tmp_path / "rec"
+    shutil.copytree(src, work)
+    into = chain.images[-1].path.name if depth == 3 and seed % 2 else None
+    merge(work / chain.top.name, into=work / into if into else None, keep=True,
+          storage_factory=lambda p: _SharedRecorder(p, journal))
+    assert read_all(work / chain.top.name) == expected
+    checked = 0
+    # Drawn with replacement: one cut point with other pending subsets is another crash.
+    points = sorted(rng.randrange(len(journal) + 1) for _ in range(cuts))
+    for n, cut in enumerate(points):
+        crash = tmp_path / f"c{n}"
+        crash.mkdir()
+        for name, data in _crash_state(originals, journal, cut, rng).items():
+            (crash / name).write_bytes(data)
+        top = crash / chain.top.name
+        assert read_all(top) == expected, f"seed {seed} cut {cut}/{len(journal)}"
+        report = check_chain(top)
+        assert not report.errors, (cut, [f.message for f in report.errors])
+        if n % rerun_every == 0:  # running the merge again completes it
+            merge(top, into=crash / into if into else None)
+            target = crash / (into or chain.images[1].path.name)
+            assert read_all(target) == expected
+            assert_clean(target)
+        shutil.rmtree(crash)
+        checked += 1
+    return checked
+
+
+def test_power_cuts_during_merges(tmp_path):
+    """≥ 500 simulated power cuts at random points of random merges."""
+    total = 0
+    for seed in range(10):
+        total += _power_cut_campaign(tmp_path / f"s{seed}", seed, cuts=52, rerun_every=6)
+    assert total >= 500
+
+
+@pytest.mark.soak
+def test_power_cuts_soak(tmp_path):
+    for seed in range(100, 160):
+        _power_cut_campaign(tmp_path / f"s{seed}", seed, cuts=200, rerun_every=3)
+
+
+# --- block clone on XFS ------------------------------------------------------------------
+from test_native import xfs_dir  # noqa: E402,F401 - the module-scoped XFS reflink mount
+
+
+def test_clone_path_on_xfs_matches_copy_path(xfs_dir, tmp_path):  # noqa: F811
+    d = xfs_dir / "merge-clone"
+    d.mkdir()
+    specs = [ImageSpec(virtual_size=16 * MiB, block_size=2 * MiB, name="base", seed=1,
+                       blocks={0: Block(FULLY), 1: Block(FULLY)}),
+             ImageSpec(virtual_size=16 * MiB, block_size=2 * MiB, name="child", seed=2,
+                       blocks={2: Block(FULLY), 3: Block(FULLY), 4: Block(PARTIAL), 0: Block(FULLY)})]
+    chain = build_chain(d, specs)
+    copy_dir = tmp_path / "copy"
+    shutil.copytree(d, copy_dir)
+    expected = chain.expected()
+    s = merge(chain.top)
+    # The three fully-present blocks are cloned whole; the partially-present one has
+    # runs of 512-byte sectors, which are not clone-aligned, so it is copied.
+    assert s.bytes_cloned == 3 * 2 * MiB, s
+    assert s.bytes_copied > 0
+    assert read_all(chain.images[1].path) == expected
+    # The copy path (no clone) gives identical results.
+    s2 = merge(copy_dir / chain.top.name, allow_clone=False)
+    assert s2.bytes_cloned == 0
+    assert read_all(copy_dir / chain.images[1].path.name) == expected
+
+
+def test_clone_extents_shared_while_child_kept(xfs_dir):  # noqa: F811
+    from vhdx.native import fiemap_shared
+
+    d = xfs_dir / "merge-keep"
+    d.mkdir()
+    specs = [ImageSpec(virtual_size=8 * MiB, block_size=2 * MiB, name="base", seed=1, blocks={}),
+             ImageSpec(virtual_size=8 * MiB, block_size=2 * MiB, name="child", seed=2,
+                       blocks={0: Block(FULLY), 1: Block(FULLY), 3: Block(FULLY)})]
+    chain = build_chain(d, specs)
+    expected = chain.expected()
+    s = merge(chain.top, keep=True)
+    assert s.bytes_cloned == 3 * 2 * MiB
+    with vhdx.open(chain.images[1].path) as disk:
+        shared = mapped = 0
+        for e in disk.extents():
+            if e.kind == "data":
+                sh, mp = fiemap_shared(disk.chain[0].fd, e.file_offset, e.length)
+                shared, mapped = shared + sh, mapped + mp
+        assert disk.read_at(0, disk.size) == expected
+    assert shared == mapped == 3 * 2 * MiB  # every merged byte shares its extent with the child
