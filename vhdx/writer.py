@@ -322,6 +322,76 @@ class WritableDisk(VirtualDisk):
             if len(self._pending_bat) + len(self._pending_sb) > _MAX_PENDING_SECTORS:
                 self._commit()
 
+    # --- metadata --------------------------------------------------------------------
+    def update_metadata_items(self, changes: dict[tuple[uuid.UUID, bool], bytes]) -> None:
+        """Replace the data of existing metadata items, through the log (MS-VHDX 2.6).
+
+        Items keep their offsets when the new data fits; a longer one moves to free
+        space after the last item. Only the 4 KiB sectors that change are logged.
+        Does not rotate DataWriteGuid: callers changing user-visible items call
+        ``self.log.mark_data_changed()`` themselves (ref §2.2 exception for the
+        parent locator).
+        """
+        img = self.image
+        region = img.header_section.metadata_region
+        items = list(img.metadata.items)
+        keys = {(it.item_id, it.is_user): i for i, it in enumerate(items)}
+        for key in changes:
+            if key not in keys:
+                raise InvalidArgumentError(f"metadata item {key[0]} does not exist")
+        from .metadata import MetadataItem
+
+        end = max([S.METADATA_TABLE_SIZE] + [it.offset + it.length for it in items if it.length])
+        for key, data in changes.items():
+            old = items[keys[key]]
+            offset = old.offset
+            if len(data) > old.length or not old.length:
+                offset = _align_up(end, 8)
+                end = offset + len(data)
+                if end > region.length:
+                    raise VhdxError("no room left in the metadata region for the updated item")
+            items[keys[key]] = MetadataItem(old.item_id, offset, len(data), old.flags, bytes(data))
+        table = S.build(S.MetadataTable, dict(
+            header=dict(reserved=0, entry_count=len(items)),
+            entries=[dict(item_id=it.item_id, offset=it.offset, length=it.length, flags=it.flags,
+                          reserved=0) for it in items]))
+        writes = [(0, table)] + [(it.offset, it.data) for key, it in
+                                 ((k, items[keys[k]]) for k in changes)]
+        sectors: dict[int, bytearray] = {}
+        for rel, data in writes:
+            pos = 0
+            while pos < len(data):
+                absolute = region.file_offset + rel + pos
+                sector = absolute & ~(SECTOR - 1)
+                if sector not in sectors:
+                    sectors[sector] = bytearray(self.storage.pread(sector, SECTOR).ljust(SECTOR, b"\0"))
+                k = min(len(data) - pos, sector + SECTOR - absolute)
+                sectors[sector][absolute - sector:absolute - sector + k] = data[pos:pos + k]
+                pos += k
+        self._commit()
+        self.log.transaction({off: bytes(buf) for off, buf in sectors.items()})
+        img.metadata.items[:] = items
+        if any(k == (S.PARENT_LOCATOR_GUID, False) for k in changes):
+            from .metadata import parse_parent_locator
+
+            img.metadata.parent_locator = parse_parent_locator(changes[(S.PARENT_LOCATOR_GUID, False)])
+
+    def update_parent_locator(self, changes: dict[str, str | None]) -> dict[str, str]:
+        """Set (or with None, remove) parent locator keys; returns the new locator."""
+        img = self.image
+        if not img.has_parent:
+            raise InvalidArgumentError(f"{img.path} is not a differencing disk")
+        pairs = dict(img.parent_locator or {})
+        for k, v in changes.items():
+            if v is None:
+                pairs.pop(k, None)
+            else:
+                pairs[k] = v
+        if "parent_linkage" not in pairs:
+            raise InvalidArgumentError("parent_linkage cannot be removed")
+        self.update_metadata_items({(S.PARENT_LOCATOR_GUID, False): S.build_parent_locator(pairs)})
+        return pairs
+
     # --- io.RawIOBase --------------------------------------------------------------
     def write(self, data) -> int:  # noqa: ANN001
         n = self.write_at(self._pos, data)
