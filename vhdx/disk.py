@@ -30,7 +30,7 @@ UNALLOCATED = -2  # segment source: nothing in the chain ever wrote here
 # (buffer offset, length, source: chain index or ZERO/UNALLOCATED, file offset)
 Segment = list  # [int, int, int, int]; a list so the last one can be extended in place
 
-_ZEROS = bytes(1 << 20)
+_ZEROS = memoryview(bytes(1 << 20))  # sliced without copying
 _OFFSET_MASK = S.BAT_OFFSET_MASK
 
 
@@ -89,6 +89,7 @@ class VirtualDisk(io.RawIOBase):
         # Per level, what the read fast path needs, without attribute lookups.
         self._levels = [(f.virtual_size, f.block_size, f.geometry.chunk_ratio,
                          f.logical_sector_size, f.bat, not f.overlay, f) for f in self.chain]
+        self._fds = [f.fd for f in self.chain]
 
     # --- properties of the top file ----------------------------------------------
     @property
@@ -229,25 +230,33 @@ class VirtualDisk(io.RawIOBase):
 
     def readinto_at(self, offset: int, buffer) -> int:  # noqa: ANN001 - any writable buffer
         """Fill ``buffer`` from virtual ``offset``; returns bytes read (short at the end)."""
-        if self.closed:
-            raise ValueError("I/O operation on closed disk")
-        if offset < 0:
-            raise InvalidArgumentError(f"negative offset {offset}")
         mv = memoryview(buffer)
         if mv.format != "B" or mv.ndim != 1:
             mv = mv.cast("B")
         n = len(mv)
         if offset + n > self._size:
             n = max(0, self._size - offset)
-            if n == 0:
-                return 0
             mv = mv[:n]
-        src, foff = self._locate(offset, n)
-        if src >= 0:
-            return self._pread_into(self.chain[src], mv, foff)
-        if src != -3:
-            self._zero(mv, 0, n)
-            return n
+        if n and offset >= 0:
+            src, foff = self._locate(offset, n)
+            if src >= 0:
+                fd = self._fds[src]
+                try:
+                    got = os.preadv(fd, [mv], foff)
+                except OSError as e:
+                    self._raise_read_error(src, e)
+                if got < n:
+                    self._pread_into(self.chain[src], mv[got:], foff + got)
+                return n
+            if src != -3:
+                self._zero(mv, 0, n)
+                return n
+        if self.closed:
+            raise ValueError("I/O operation on closed disk")
+        if offset < 0:
+            raise InvalidArgumentError(f"negative offset {offset}")
+        if n == 0:
+            return 0
         batches: dict[int, list[tuple[int, int, int]]] = {}
         for pos, length, src, foff in self.segments(offset, n):
             if src < 0:
@@ -296,24 +305,34 @@ class VirtualDisk(io.RawIOBase):
 
     def read_at(self, offset: int, size: int) -> bytes:
         """``size`` bytes from virtual ``offset`` (fewer at the end of the disk)."""
+        n = self._size - offset
+        if size < n:
+            n = size
+        if 0 < n <= 1 << 20 and offset >= 0:
+            # Fast path first: most small reads have one source; the checks below
+            # cost as much as the lookup, so they run only when it fails.
+            src, foff = self._locate(offset, n)
+            if src >= 0:
+                try:
+                    data = os.pread(self._fds[src], n, foff)
+                except OSError as e:
+                    self._raise_read_error(src, e)
+                return data if len(data) == n else data + bytes(n - len(data))
+            if src != -3:
+                return bytes(n)
         if size < 0:
             raise InvalidArgumentError(f"negative size {size}")
         if offset < 0:
             raise InvalidArgumentError(f"negative offset {offset}")
-        n = max(0, min(size, self._size - offset))
-        if 0 < n <= 1 << 20 and not self.closed:
-            src, foff = self._locate(offset, n)
-            if src >= 0:
-                try:
-                    data = os.pread(self.chain[src].fd, n, foff)
-                except OSError as e:
-                    raise VhdxError(f"{self.chain[src].path}: read failed: {e.strerror}") from None
-                return data if len(data) == n else data + bytes(n - len(data))
-            if src != -3:
-                return bytes(n)
+        n = max(0, n)
         buf = bytearray(n)
         got = self.readinto_at(offset, buf)
         return bytes(buf) if got == n else bytes(buf[:got])
+
+    def _raise_read_error(self, src: int, e: OSError) -> None:
+        if self.closed:
+            raise ValueError("I/O operation on closed disk") from None
+        raise VhdxError(f"{self.chain[src].path}: read failed: {e.strerror}") from None
 
     # --- io.RawIOBase ------------------------------------------------------------
     def readable(self) -> bool:
@@ -348,6 +367,7 @@ class VirtualDisk(io.RawIOBase):
         if not self.closed:
             for f in self.chain:
                 f.close()
+            self._fds = [-1] * len(self.chain)
         super().close()
 
     # --- maps --------------------------------------------------------------------
