@@ -20,8 +20,10 @@ from .image import ImageFile
 
 __version__ = "0.1.0"
 
+from .create import create  # noqa: E402 - create.py reads __version__ lazily
+
 __all__ = [
-    "open", "VirtualDisk", "ImageFile", "Extent", "__version__",
+    "open", "create", "VirtualDisk", "ImageFile", "Extent", "__version__",
     "VhdxError", "CorruptImageError", "ChecksumError", "UnsupportedFeatureError",
     "ParentNotFoundError", "ParentMismatchError", "InvalidArgumentError",
     "ReadOnlyError", "LockedError", "CancelledError", "DependentDisksError",

@@ -8,6 +8,7 @@ operation, 2 for wrong usage.
 from __future__ import annotations
 
 import argparse
+import builtins
 import hashlib
 import json
 import os
@@ -17,6 +18,7 @@ from typing import Any, Callable, Sequence
 from . import __version__
 from . import structures as S
 from .check import check_chain
+from .create import parse_size
 from .disk import VirtualDisk, open as open_disk
 from .errors import VhdxError
 from .progress import Progress
@@ -180,6 +182,10 @@ def cmd_hash(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     out = args.output
+    if out.lower().endswith((".vhdx", ".avhdx")):
+        return _convert_to_vhdx(args)
+    if args.type or args.block_size:
+        raise VhdxError(f"{out}: --type and --block-size apply to .vhdx/.avhdx outputs only")
     if os.path.exists(out) and not args.force:
         raise VhdxError(f"{out}: already exists (use --force to overwrite)")
     with _open(args) as disk:
@@ -210,7 +216,117 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         data, offset = data[n:], offset + n
 
 
+def _convert_to_vhdx(args: argparse.Namespace) -> int:
+    from .convert import convert_to_vhdx, is_vhdx_file, raw_data_ranges
+
+    src = args.image
+    total = None
+    if is_vhdx_file(src):
+        with _open(args) as disk:
+            total = sum(e.length for e in disk.extents() if e.kind == "data")
+    else:
+        fd = os.open(src, os.O_RDONLY)
+        try:
+            total = sum(n for _, n in raw_data_ranges(fd, os.fstat(fd).st_size))
+        finally:
+            os.close(fd)
+    bar = Progress(total, "convert")
+    convert_to_vhdx(src, args.output, type=args.type or "dynamic",
+                    block_size=parse_size(args.block_size) if args.block_size else None,
+                    parents=args.parent, search_dirs=args.search_dir,
+                    ignore_linkage=args.ignore_linkage, force=args.force, progress=bar)
+    bar.close()
+    return 0
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    from .create import create
+
+    if args.parent and (args.size or args.type or args.logical_sector_size or args.physical_sector_size):
+        raise VhdxError("--parent takes the size, type and sector sizes from the parent; "
+                        "use only --block-size with it")
+    if not args.parent and not args.size:
+        raise VhdxError("--size or --parent is required")
+    kw = {}
+    if args.logical_sector_size:
+        kw["logical_sector_size"] = args.logical_sector_size
+    if args.physical_sector_size:
+        kw["physical_sector_size"] = args.physical_sector_size
+    create(args.output, parse_size(args.size) if args.size else None, type=args.type or "dynamic",
+           block_size=parse_size(args.block_size) if args.block_size else None,
+           parent=args.parent, **kw)
+    return 0
+
+
+def cmd_resize(args: argparse.Namespace) -> int:
+    size = parse_size(args.size)
+    with open_disk(args.image, "r+", parents=args.parent, search_dirs=args.search_dir,
+                   ignore_linkage=args.ignore_linkage) as disk:
+        disk.resize(size)
+    return 0
+
+
+def _repair(args: argparse.Namespace) -> None:
+    """``check --repair``: replay a dirty log of IMAGE into the file (ref §6.4)."""
+    from . import log as LOG
+    from .headers import read_header_section
+    from .log_writer import LogWriter
+    from .storage import FileStorage
+    from .writer import lock_exclusive
+
+    path = args.image
+    out = sys.stderr if args.json else sys.stdout
+    print = lambda *a: builtins.print(*a, file=out)  # noqa: E731,A001 - keep --json output clean
+    if args.dry_run:
+        st = FileStorage.open(path, writable=False)
+        try:
+            hs = read_header_section(st.pread)
+            h = hs.header
+            if not h.log_dirty:
+                print(f"{path}: log is clean, nothing to replay")
+                return
+            size = st.size()
+            plan = LOG.plan_replay(st.pread(h.log_offset, h.log_length), h.log_length, h.log_guid, size)
+            if plan.empty:
+                print(f"{path}: would clear an empty log (LogGuid set, no entry); no data changes")
+                return
+            changed = sum(1 for u in plan.updates if u.data is not None
+                          and st.pread(u.file_offset, u.length).ljust(u.length, b"\0") != u.data)
+            sectors = sum(1 for u in plan.updates if u.data is not None)
+            zero_bytes = sum(u.length for u in plan.updates if u.data is None)
+            ext = (f", extend the file from {size} to {plan.last_file_offset} bytes"
+                   if plan.last_file_offset > size else "")
+            print(f"{path}: would replay {len(plan.entries)} log entr{'y' if len(plan.entries) == 1 else 'ies'}: "
+                  f"{sectors} sector(s) written ({changed} differ from the file), "
+                  f"{zero_bytes} byte(s) zeroed{ext}; headers updated (new FileWriteGuid, LogGuid cleared)")
+        finally:
+            st.close()
+        return
+    st = FileStorage.open(path, writable=True)
+    try:
+        lock_exclusive(st.fd, path)
+        lw = LogWriter(st)
+        if not lw.needs_replay:
+            print(f"{path}: log is clean, nothing to replay")
+            return
+        r = lw.replay()
+        ext = f", file extended to {r.extended_to} bytes" if r.extended_to else ""
+        if r.empty_log:
+            print(f"{path}: cleared an empty log (LogGuid set, no entry)")
+        else:
+            print(f"{path}: replayed {r.entries} log entr{'y' if r.entries == 1 else 'ies'}: "
+                  f"{r.sectors_written} sector(s) written, {r.zero_bytes} byte(s) zeroed{ext}")
+    finally:
+        st.close()
+
+
 def cmd_check(args: argparse.Namespace) -> int:
+    if args.dry_run and not args.repair:
+        raise VhdxError("--dry-run needs --repair")
+    if args.repair:
+        _repair(args)
+        if args.dry_run:
+            return 0
     report = check_chain(args.image, args.parent, args.search_dir, args.ignore_linkage)
     if args.json:
         json.dump(report.to_dict(), sys.stdout, indent=1)
@@ -244,15 +360,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--algorithm", choices=("sha256", "sha1", "md5"), default="sha256")
     s.set_defaults(func=cmd_hash)
 
-    s = sub.add_parser("convert", help="write the virtual disk to a sparse raw file")
+    s = sub.add_parser("convert", help="write the virtual disk to a sparse raw file or a new standalone VHDX")
     _chain_options(s)
-    s.add_argument("output", help="output raw file")
+    s.add_argument("output", help="output file: .vhdx/.avhdx makes a new standalone VHDX, "
+                   "anything else a sparse raw image")
     s.add_argument("--force", action="store_true", help="overwrite an existing output")
+    s.add_argument("--type", choices=("dynamic", "fixed"), help="VHDX output type (default dynamic)")
+    s.add_argument("--block-size", metavar="SIZE", help="VHDX output block size (default 32M)")
     s.set_defaults(func=cmd_convert)
+
+    s = sub.add_parser("create", help="create a new fixed, dynamic or differencing disk")
+    s.add_argument("output", help="new .vhdx or .avhdx file (never overwritten)")
+    s.add_argument("--size", metavar="SIZE", help="virtual size, e.g. 64G (suffixes K, M, G, T)")
+    s.add_argument("--type", choices=("dynamic", "fixed"), help="default dynamic")
+    s.add_argument("--block-size", metavar="SIZE", help="default 32M (2M for differencing disks)")
+    s.add_argument("--logical-sector-size", type=int, choices=(512, 4096))
+    s.add_argument("--physical-sector-size", type=int, choices=(512, 4096))
+    s.add_argument("--parent", metavar="PARENT", help="make a differencing disk (checkpoint) of PARENT")
+    s.set_defaults(func=cmd_create)
+
+    s = sub.add_parser("resize", help="grow (or shrink, if the cut range is empty) a disk")
+    _chain_options(s)
+    s.add_argument("--size", metavar="SIZE", required=True, help="new virtual size (K, M, G, T)")
+    s.set_defaults(func=cmd_resize)
 
     s = sub.add_parser("check", help="validate every file of the chain; exit 0 only when clean")
     _chain_options(s)
     s.add_argument("--json", action="store_true")
+    s.add_argument("--repair", action="store_true",
+                   help="first replay a dirty log of IMAGE into the file")
+    s.add_argument("--dry-run", action="store_true",
+                   help="with --repair: report what the replay would change, write nothing")
     s.set_defaults(func=cmd_check)
     return p
 

@@ -425,6 +425,12 @@ class WritableDisk(VirtualDisk):
                 img._runs.pop(block, None)
         self._runs_stale.clear()
 
+    def resize(self, new_size: int) -> None:
+        """Grow or shrink the virtual disk (see :mod:`vhdx.resize`); one logged change."""
+        from .resize import resize
+
+        resize(self, new_size)
+
     def flush(self) -> None:
         """Make every write so far durable (payload, then one logged metadata entry)."""
         if self.closed or self.chain[0].closed:

@@ -1,0 +1,143 @@
+"""Create new VHDX / AVHDX files: fixed, dynamic, or differencing (a checkpoint).
+
+The layout comes from :mod:`vhdx.layout` (Hyper-V-like: log 1 MiB @ 1 MiB,
+metadata 1 MiB @ 2 MiB, BAT @ 3 MiB, everything 1 MiB aligned, region and
+metadata flags as ref §3 / §4.1 require); limits are enforced there
+(:func:`vhdx.layout.plan_layout`), not here.
+
+A differencing disk takes from its parent (ref §8.3 "Forking a new child"): the
+virtual size, both sector sizes and the Virtual Disk ID (IsVirtualDisk items);
+its ``parent_linkage`` is the parent's current DataWriteGuid and its locator
+holds ``relative_path`` (Hyper-V style, ``.\\name.vhdx`` for a sibling) and
+``absolute_win32_path`` with the spec's ``\\\\?\\`` prefix. On POSIX hosts the
+absolute path is the POSIX path with ``/`` turned into ``\\`` behind that prefix
+(``/vm/base.vhdx`` -> ``\\\\?\\\\vm\\base.vhdx``): readers on Windows cannot use
+it, but every reader (this one included) falls back to its file name, and the
+relative path, tried first, works everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from . import structures as S
+from .errors import InvalidArgumentError, VhdxError
+from .image import ImageFile
+from .layout import ParentInfo, plan_layout, write_new_image
+
+__all__ = ["create", "parse_size", "creator_string", "parent_info_for"]
+
+_SUFFIXES = {"": 1, "K": S.KiB, "M": S.MiB, "G": S.GiB, "T": S.TiB}
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str | int) -> int:
+    """``"64M"`` -> 67108864. Suffixes K, M, G, T are binary (KiB, MiB, ...);
+    ``KB``/``KiB`` spellings are accepted too. Plain numbers are bytes."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise InvalidArgumentError(f"bad size {text!r} (use a number with an optional K, M, G or T suffix)")
+    return int(m.group(1)) * _SUFFIXES[m.group(2).upper()]
+
+
+def creator_string() -> str:
+    from . import __version__
+
+    return f"vhdx {__version__}"
+
+
+def _win32_absolute(path: str) -> str:
+    """absolute_win32_path value for ``path`` (ref §4.2: ``\\\\?\\`` prefix)."""
+    if os.name == "nt":
+        p = os.path.abspath(path)
+        if p.startswith("\\\\"):  # server\share
+            return "\\\\?\\UNC\\" + p[2:]
+        return "\\\\?\\" + p
+    return "\\\\?\\" + os.path.abspath(path).replace("/", "\\")
+
+
+def _relative(child: str, parent: str) -> str:
+    rel = os.path.relpath(os.path.abspath(parent), os.path.dirname(os.path.abspath(child)))
+    rel = rel.replace(os.sep, "\\").replace("/", "\\")
+    if not rel.startswith(".."):
+        rel = ".\\" + rel  # what Hyper-V writes for a sibling (ref §4.2)
+    return rel
+
+
+def parent_info_for(child_path: str | os.PathLike[str], parent: ImageFile) -> ParentInfo:
+    """The locator a new child of ``parent`` gets (linkage = parent's DataWriteGuid)."""
+    child_path, ppath = os.fspath(child_path), parent.path
+    return ParentInfo(parent.data_write_guid, relative_path=_relative(child_path, ppath),
+                      absolute_win32_path=_win32_absolute(ppath))
+
+
+def create(path: str | os.PathLike[str], size: int | str | None = None, *, type: str = "dynamic",  # noqa: A002
+           block_size: int | str | None = None, logical_sector_size: int = 512,
+           physical_sector_size: int = 4096,
+           parent: str | os.PathLike[str] | None = None) -> str:
+    """Create a new VHDX/AVHDX file at ``path`` and return the path.
+
+    ``type`` is ``"dynamic"`` or ``"fixed"``; with ``parent`` the new file is a
+    differencing disk of that parent (``size`` then must be None or equal to the
+    parent's size, and the sector sizes come from the parent). Never overwrites:
+    an existing ``path`` raises :class:`VhdxError`.
+    """
+    path = os.fspath(path)
+    if type not in ("dynamic", "fixed"):
+        raise InvalidArgumentError(f"type must be 'dynamic' or 'fixed', not {type!r}")
+    bs = parse_size(block_size) if block_size is not None else None
+    if parent is not None:
+        if type == "fixed":
+            raise InvalidArgumentError("a differencing disk cannot be fixed")
+        pimg = ImageFile(parent)
+        try:
+            vsize = pimg.virtual_size
+            if size is not None and parse_size(size) != vsize:
+                raise InvalidArgumentError(
+                    f"a differencing disk has its parent's size ({vsize} bytes); resize it after creating it")
+            plan = plan_layout(vsize, bs, pimg.logical_sector_size, pimg.physical_sector_size,
+                               parent=parent_info_for(path, pimg), creator=creator_string(),
+                               virtual_disk_id=pimg.virtual_disk_id)
+        finally:
+            pimg.close()
+    else:
+        if size is None:
+            raise InvalidArgumentError("a size is needed (or a parent)")
+        plan = plan_layout(parse_size(size), bs, logical_sector_size, physical_sector_size,
+                           fixed=type == "fixed", creator=creator_string())
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
+    except FileExistsError:
+        raise VhdxError(f"{path}: already exists (refusing to overwrite)") from None
+    except OSError as e:
+        raise VhdxError(f"{path}: {e.strerror}") from None
+    try:
+        with os.fdopen(fd, "w+b") as fh:
+            write_new_image(fh, plan)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path)
+    return path
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+

@@ -1,0 +1,267 @@
+"""Change the virtual size of a writable disk (``WritableDisk.resize``).
+
+Rules (ref §2.2, §5.3, §7, §8.3 "Virtual size differences"):
+
+* The Virtual Disk Size item and the BAT entries that become live change in ONE
+  log entry, so a crash leaves either the old or the new size, never a mix.
+* BAT entries only ever get appended (the chunk ratio depends only on the
+  logical sector size and the block size). When the BAT region is too small, a
+  new 1 MiB-aligned region is allocated at the end of the file, filled (old
+  entries + new ones) and flushed while nothing references it, and then both
+  region-table copies (64 KiB each, CRC over the whole table) switch to it in the
+  same log entry as the size.
+* Growing a differencing disk sets the new payload blocks ZERO, never
+  NOT_PRESENT: the new range must read zeros even over a larger parent. The
+  sectors past the old end inside the block that straddled it are zeroed too
+  (for a differencing disk by a sector-bitmap write, never by exposing the parent).
+* Growing a fixed disk (LeaveBlockAllocated = 1) allocates the new blocks
+  FULLY_PRESENT at the end of the file; the file is extended with ``truncate``, so
+  they read zeros (and stay sparse where the file system allows).
+* Shrinking is allowed only when the cut range reads zeros through the whole
+  chain; the entries of the blocks wholly past the new end are dropped (their
+  space is simply no longer referenced; the file is not truncated).
+* DataWriteGuid changes (the virtual size is user-visible).
+
+When a grow needs more BAT sectors than one log entry can carry (huge grows of a
+differencing or fixed disk), the entries past the current end of the table are
+written first through as many log entries as needed: readers ignore entries past
+the live table, so a crash in between changes nothing visible; the final entry
+then carries the size (and region tables) alone.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from . import structures as S
+from .bat import Geometry
+from .errors import InvalidArgumentError, VhdxError
+from .image import ImageFile
+from .layout import build_region_table
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .writer import WritableDisk
+
+SECTOR = S.LOG_SECTOR_SIZE
+MiB = S.MiB
+_BATCH_SECTORS = 160          # data sectors per log entry (a 1 MiB log holds 255)
+_FINAL_BUDGET = 120           # BAT sectors allowed in the entry that changes the size
+_COPY_CHUNK = 8 * MiB
+
+
+def _align_up(n: int, a: int) -> int:
+    return -(-n // a) * a
+
+
+def _entries_bytes(geo: Geometry, first: int, stop: int, state: int, fixed_base: int | None,
+                   block_size: int) -> bytearray:
+    """Raw little-endian entries [first, stop) of a grown table: payload entries get
+    ``state`` (FULLY_PRESENT at consecutive offsets from ``fixed_base`` for fixed
+    disks), sector-bitmap entries 0."""
+    out = bytearray((stop - first) * 8)
+    if state == S.PAYLOAD_BLOCK_NOT_PRESENT:
+        return out
+    cr1 = geo.chunk_ratio + 1
+    for i in range(first, stop):
+        if i % cr1 == geo.chunk_ratio:
+            continue
+        block = geo.block_of_index(i)
+        if block >= geo.payload_blocks:
+            continue
+        if fixed_base is not None:
+            e = S.bat_entry(S.PAYLOAD_BLOCK_FULLY_PRESENT, fixed_base)
+            fixed_base += block_size
+        else:
+            e = S.bat_entry(state)
+        out[(i - first) * 8:(i - first + 1) * 8] = e.to_bytes(8, "little")
+    return out
+
+
+def _cut_is_zero(disk: "WritableDisk", start: int, end: int) -> bool:
+    for ext in disk.extents(start, end - start):
+        if ext.kind != "data":
+            continue
+        pos, stop = ext.offset, ext.offset + ext.length
+        while pos < stop:
+            n = min(_COPY_CHUNK, stop - pos)
+            if disk.read_at(pos, n).count(0) != n:
+                return False
+            pos += n
+    return True
+
+
+def resize(disk: "WritableDisk", new_size: int) -> None:
+    """Grow or shrink ``disk`` to ``new_size`` bytes (see the module docstring)."""
+    if disk.closed:
+        raise ValueError("I/O operation on closed disk")
+    img = disk.image
+    md = img.metadata
+    lss = md.logical_sector_size
+    if not isinstance(new_size, int) or isinstance(new_size, bool):
+        raise InvalidArgumentError(f"size must be an int, not {type(new_size).__name__}")
+    if new_size <= 0 or new_size % lss:
+        raise InvalidArgumentError(f"size {new_size} is not a positive multiple of the logical sector size {lss}")
+    if new_size > S.MAX_VIRTUAL_SIZE:
+        raise InvalidArgumentError(f"size {new_size} exceeds the 64 TiB maximum")
+    old_size = md.virtual_size
+    if new_size == old_size:
+        return
+    disk._commit()
+    old_geo = img.geometry
+    new_geo = Geometry(new_size, md.block_size, lss, md.has_parent)
+    if new_size < old_size and not _cut_is_zero(disk, new_size, old_size):
+        raise VhdxError(
+            f"cannot shrink to {new_size} bytes: the range {new_size:#x}-{old_size:#x} holds data "
+            "(zero it first)")
+    lw = disk.log
+    lw.mark_data_changed()  # the virtual size is user-visible (ref §2.2)
+    bs = md.block_size
+
+    if new_size > old_size:
+        # Sectors past the old end in the straddling block must read zeros.
+        tail_block = old_size // bs
+        if old_size % bs and tail_block < old_geo.payload_blocks:
+            info = img.block(tail_block)
+            wants_zeroing = info.state in (S.PAYLOAD_BLOCK_FULLY_PRESENT, S.PAYLOAD_BLOCK_PARTIALLY_PRESENT) or (
+                info.state == S.PAYLOAD_BLOCK_NOT_PRESENT and img.has_parent)
+            if wants_zeroing:
+                bstart = tail_block * bs
+                n = min(new_size, bstart + bs) - old_size
+                zeros = bytes(n)
+                disk._write_block(tail_block, bstart, old_size, memoryview(zeros))
+                disk._commit()  # entries past the old end are invisible until the size changes
+
+    # Desired raw table bytes for the entries that change: [lo, hi).
+    old_total, new_total = old_geo.total_entries, new_geo.total_entries
+    fixed_base = None
+    if new_size > old_size:
+        lo, hi = old_total, new_total
+        if img.is_fixed and not img.has_parent:
+            state = S.PAYLOAD_BLOCK_FULLY_PRESENT
+            first_new = sum(1 for i in range(lo, hi)
+                            if i % (new_geo.chunk_ratio + 1) != new_geo.chunk_ratio
+                            and new_geo.block_of_index(i) < new_geo.payload_blocks)
+            fixed_base = disk._allocate(first_new * bs) if first_new else None
+        elif img.has_parent:
+            state = S.PAYLOAD_BLOCK_ZERO
+        else:
+            state = S.PAYLOAD_BLOCK_NOT_PRESENT
+        # In the last old chunk of a differencing disk, entries past the old payload
+        # blocks already exist (Total counts whole chunks): they change too.
+        first_block = old_geo.payload_blocks
+        lo = min(lo, new_geo.payload_index(first_block)) if first_block < new_geo.payload_blocks else lo
+        desired = _entries_bytes(new_geo, lo, hi, state, fixed_base, bs)
+        if img.has_parent:
+            # Keep the live entries of this range (SB entries of old chunks).
+            for i in range(lo, min(hi, old_total)):
+                if old_geo.is_sb_index(i):
+                    desired[(i - lo) * 8:(i - lo + 1) * 8] = img.bat[i].to_bytes(8, "little")
+    else:
+        # Drop every payload entry of a block wholly past the new end, and the SB
+        # entries of chunks wholly past it.
+        keep_blocks = new_geo.payload_blocks
+        lo = new_geo.payload_index(keep_blocks) if keep_blocks < old_geo.payload_blocks else old_total
+        hi = old_total
+        desired = bytearray((hi - lo) * 8)
+        for i in range(lo, hi):
+            if old_geo.is_sb_index(i) and i < new_total:
+                desired[(i - lo) * 8:(i - lo + 1) * 8] = img.bat[i].to_bytes(8, "little")
+
+    bat_region = img.header_section.bat_region
+    need_len = _align_up(new_total * 8, MiB)
+    move = need_len > bat_region.length
+    updates: dict[int, bytes] = {}
+    zero_ranges: list[tuple[int, int]] = []
+
+    if move:
+        new_off = disk._allocate(need_len)
+        # Fill the new (unreferenced) region directly, then flush: like a new payload
+        # block, it must be durable before the logged change that references it.
+        old_raw = memoryview(img.bat).cast("B")
+        keep = min(lo, old_total) * 8
+        for pos in range(0, keep, _COPY_CHUNK):
+            disk.storage.pwrite(new_off + pos, old_raw[pos:min(keep, pos + _COPY_CHUNK)])
+        if any(desired):
+            disk.storage.pwrite(new_off + lo * 8, desired)
+        disk.storage.flush()
+        regions = [(r.guid, new_off if r.guid == S.BAT_REGION_GUID else r.file_offset,
+                    need_len if r.guid == S.BAT_REGION_GUID else r.length, r.required)
+                   for r in img.header_section.regions]
+        table = build_region_table(regions)
+        for base in S.REGION_TABLE_OFFSETS:
+            for k in range(0, S.REGION_TABLE_SIZE, SECTOR):
+                updates[base + k] = table[k:k + SECTOR]
+    else:
+        bat_off = bat_region.file_offset
+        a, b = bat_off + lo * 8, bat_off + hi * 8
+        first_sec, end_sec = a & ~(SECTOR - 1), _align_up(b, SECTOR)
+        changed: list[tuple[int, bytes]] = []
+        for sec in range(first_sec, end_sec, SECTOR):
+            cur = disk.storage.pread(sec, SECTOR).ljust(SECTOR, b"\0")
+            new = bytearray(cur)
+            s0, s1 = max(sec, a), min(sec + SECTOR, b)
+            new[s0 - sec:s1 - sec] = desired[s0 - a:s1 - a]
+            if bytes(new) != cur:
+                changed.append((sec, bytes(new)))
+        data_secs: list[tuple[int, bytes]] = []
+        for sec, buf in changed:
+            if buf.count(0) == SECTOR:
+                if zero_ranges and zero_ranges[-1][0] + zero_ranges[-1][1] == sec:
+                    zero_ranges[-1] = (zero_ranges[-1][0], zero_ranges[-1][1] + SECTOR)
+                else:
+                    zero_ranges.append((sec, SECTOR))
+            else:
+                data_secs.append((sec, buf))
+        if new_size > old_size and (len(data_secs) > _FINAL_BUDGET or len(zero_ranges) > 60):
+            # Entries past the live table: invisible until the size changes.
+            for k in range(0, len(data_secs), _BATCH_SECTORS):
+                lw.transaction(dict(data_secs[k:k + _BATCH_SECTORS]))
+            for k in range(0, len(zero_ranges), 100):
+                lw.transaction({}, zero_ranges[k:k + 100])
+            data_secs, zero_ranges = [], []
+        if len(data_secs) > _FINAL_BUDGET + 100 or len(zero_ranges) > 100:
+            # A shrink over a huge table: drop the entries in several entries, the
+            # size last would expose nothing, but entries are live here; refuse.
+            raise VhdxError("shrink drops too many BAT sectors for one log entry; shrink in steps")
+        updates.update(data_secs)
+
+    # The Virtual Disk Size item.
+    item = md.item(S.VIRTUAL_DISK_SIZE_GUID)
+    md_off = img.header_section.metadata_region.file_offset
+    pos = md_off + item.offset
+    raw = S.build(S.VirtualDiskSize, dict(virtual_disk_size=new_size))
+    for sec in range(pos & ~(SECTOR - 1), _align_up(pos + len(raw), SECTOR), SECTOR):
+        buf = bytearray(disk.storage.pread(sec, SECTOR).ljust(SECTOR, b"\0"))
+        s0, s1 = max(sec, pos), min(sec + SECTOR, pos + len(raw))
+        buf[s0 - sec:s1 - sec] = raw[s0 - pos:s1 - pos]
+        updates[sec] = bytes(buf)
+
+    lw.transaction(updates, zero_ranges)
+    _reload(disk)
+
+
+def _reload(disk: "WritableDisk") -> None:
+    """Re-read the top file after a layout change (size, BAT location).
+
+    The log session is closed first (LogGuid = 0, everything is applied), so the
+    new :class:`ImageFile` parses the file as it is; the next change starts a new
+    session with the same FileWriteGuid (and no second DataWriteGuid).
+    """
+    lw = disk.log
+    lw.close()
+    old = disk.chain[0]
+    img = ImageFile(old.path, fd=old.fd)
+    old.fd = -1  # borrowed descriptor: ImageFile.close() must not touch it
+    old.close()
+    disk.chain[0] = img
+    if hasattr(disk, "_refresh"):
+        disk._refresh()
+    else:
+        disk._levels[0] = (img.virtual_size, img.block_size, img.geometry.chunk_ratio,
+                           img.logical_sector_size, img.bat, not img.overlay, img)
+    disk._bat_offset = img.header_section.bat_region.file_offset
+    disk._bat_bytes = memoryview(img.bat).cast("B")
+    disk._pending_bat.clear()
+    disk._pending_sb.clear()
+    disk._runs_stale.clear()
+    disk._alloc_end = max(disk._alloc_end, disk._compute_alloc_end())
