@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -146,3 +147,22 @@ def test_dirty_log_fixture_info_and_check(fixture_file):
     assert _digests([path]) == before
     with vhdx.open(path) as d:
         assert run("hash", path).stdout.split()[0] == hashlib.file_digest(d, "sha256").hexdigest()
+
+
+def test_readme_first_command_flow(tmp_path):
+    """The README's first line: make the samples, merge the newest checkpoint, info."""
+    import re
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    first = re.search(r"```sh\n(.*)\n", readme).group(1)
+    assert "make_samples.py" in first and "vhdx merge fixtures/sample-grandchild.avhdx" in first
+    script = Path(__file__).resolve().parent.parent / "fixtures" / "make_samples.py"
+    subprocess.run([sys.executable, str(script), "--out", str(tmp_path)], check=True, capture_output=True)
+    gc, child = tmp_path / "sample-grandchild.avhdx", tmp_path / "sample-child.avhdx"
+    before = run("hash", gc).stdout.split()[0]
+    out = run("merge", gc).stdout
+    assert "merged" in out and not gc.exists()
+    assert run("hash", child).stdout.split()[0] == before
+    info = json.loads(run("info", child, "--json").stdout)
+    assert info["chain"][0]["log"]["dirty"] is False and len(info["chain"]) == 2
+    run("check", child)

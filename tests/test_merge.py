@@ -348,3 +348,79 @@ def test_clone_extents_shared_while_child_kept(xfs_dir):  # noqa: F811
                 shared, mapped = shared + sh, mapped + mp
         assert disk.read_at(0, disk.size) == expected
     assert shared == mapped == 3 * 2 * MiB  # every merged byte shares its extent with the child
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_child_larger_than_target_grows_it(tmp_path, depth):
+    """The target takes the child's virtual size; the grown area reads what the chain
+    read there (zeros past the old end), also over a differencing target whose own
+    parent is larger still (NOT_PRESENT there would expose it; ref §8.3)."""
+    sizes = [9 * MiB, 5 * MiB, 7 * MiB][:depth] if depth == 3 else [5 * MiB, 7 * MiB]
+    specs = [ImageSpec(virtual_size=sz, block_size=MiB, name=f"l{i}", seed=40 + i,
+                       blocks={b: Block(FULLY) for b in range(0, -(-sz // MiB), 2)})
+             for i, sz in enumerate(sizes)]
+    # The top file leaves its last blocks NOT_PRESENT so the grown range must fall
+    # through to the target's zeros, not to the larger base.
+    specs[-1].blocks = {0: Block(PARTIAL), 1: Block(FULLY)}
+    chain = build_chain(tmp_path, specs)
+    expected = chain.expected()
+    dry = merge(chain.top, dry_run=True)
+    s = merge(chain.top)
+    assert (dry.blocks_changed, dry.bytes_copied) == (s.blocks_changed, s.bytes_copied)
+    target = chain.images[1].path
+    with vhdx.open(target) as d:
+        assert d.size == sizes[-1]
+        assert d.read_at(0, d.size) == expected
+    assert_clean(target)
+
+
+def test_child_smaller_than_target_is_refused(tmp_path):
+    specs = [ImageSpec(virtual_size=6 * MiB, block_size=MiB, name="base", blocks={0: Block(FULLY)}),
+             ImageSpec(virtual_size=4 * MiB, block_size=MiB, name="child", blocks={1: Block(FULLY)})]
+    chain = build_chain(tmp_path, specs)
+    before = digests(tmp_path)
+    with pytest.raises(vhdx.UnsupportedFeatureError, match="smaller"):
+        merge(chain.top)
+    assert digests(tmp_path) == before
+
+
+def test_kill_9_of_the_cli_at_random_times(tmp_path):
+    """kill -9 of `vhdx merge` at random instants: the chain reads as before, `vhdx
+    check` finds no errors, and running the merge again completes it."""
+    import signal
+    import time
+
+    rng = random.Random(1234)
+    outcomes = {"interrupted": 0, "finished": 0}
+    duration = None
+    for i in range(9):
+        d = tmp_path / f"k{i}"
+        d.mkdir()
+        specs = [ImageSpec(virtual_size=96 * MiB, block_size=MiB, name="base", seed=i,
+                           blocks={b: Block(FULLY) for b in range(0, 96, 3)}),
+                 ImageSpec(virtual_size=96 * MiB, block_size=MiB, name="child", seed=100 + i,
+                           blocks={b: Block(rng.choice([FULLY, PARTIAL, ZERO])) for b in range(96)})]
+        chain = build_chain(d, specs)
+        expected = chain.expected()
+        t0 = time.monotonic()
+        proc = subprocess.Popen([sys.executable, "-m", "vhdx.cli", "merge", str(chain.top)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if duration is None:  # the first run measures how long a whole merge takes
+            proc.wait()
+            duration = time.monotonic() - t0
+        else:
+            time.sleep(rng.uniform(0.2, 1.0) * duration)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        base = chain.images[1].path
+        if chain.top.exists():
+            outcomes["interrupted"] += 1
+            assert read_all(chain.top) == expected
+            assert not check_chain(chain.top).errors
+            subprocess.run([sys.executable, "-m", "vhdx.cli", "merge", str(chain.top)], check=True,
+                           capture_output=True)
+        else:
+            outcomes["finished"] += 1
+        assert read_all(base) == expected
+        assert_clean(base)
+    assert outcomes["interrupted"] >= 2, outcomes

@@ -340,6 +340,35 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if report.clean else 1
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .merge import merge
+
+    bar = Progress(0, "dry run" if args.dry_run else "merge")
+    summary = merge(args.image, into=args.into, output=args.output, dry_run=args.dry_run,
+                    keep=args.keep, force=args.force, progress=bar, parents=args.parent,
+                    search_dirs=args.search_dir, ignore_linkage=args.ignore_linkage)
+    bar.close()
+    if args.json:
+        json.dump(summary.to_dict(), sys.stdout, indent=1)
+        print()
+        return 0
+    verb = "would merge" if summary.dry_run else "merged"
+    print(f"{verb} {', '.join(summary.merged)} into {summary.target} ({summary.mode})")
+    print(f"  blocks changed {summary.blocks_changed}; cloned {_human(summary.bytes_cloned)}, "
+          f"copied {_human(summary.bytes_copied)}, zeroed {_human(summary.bytes_zeroed)}")
+    if not summary.dry_run:
+        print(f"  {summary.seconds:.2f} s, {_human(int(summary.throughput))}/s")
+    for p in summary.repointed:
+        print(f"  re-pointed {p} to {summary.target}")
+    for p in summary.deleted:
+        print(f"  deleted {p}")
+    for p in summary.invalidated:
+        print(f"  warning: {p} no longer matches its parent (--force)")
+    for w in summary.warnings:
+        print(f"  note: {w}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vhdx", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"vhdx {__version__}")
@@ -392,6 +421,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true",
                    help="with --repair: report what the replay would change, write nothing")
     s.set_defaults(func=cmd_check)
+
+    s = sub.add_parser("merge", help="merge a checkpoint into its parent or an ancestor, or flatten a chain")
+    _chain_options(s)
+    s.add_argument("--into", metavar="ANCESTOR", help="fold the chain down to this ancestor (default: the parent)")
+    s.add_argument("--output", metavar="NEW.vhdx", help="flatten the chain into a new standalone VHDX instead")
+    s.add_argument("--dry-run", action="store_true", help="report what would be cloned, copied and zeroed")
+    s.add_argument("--keep", action="store_true", help="keep the merged files (they stay valid)")
+    s.add_argument("--force", action="store_true",
+                   help="merge even though other disks depend on the target (they become invalid)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_merge)
     return p
 
 

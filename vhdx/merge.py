@@ -275,7 +275,9 @@ def _apply_block(t: WritableDisk, p: BlockPlan, mover: _Mover | None, summary: M
     geo = img.geometry
     lss = geo.logical_sector_size
     idx = geo.payload_index(p.block)
-    e = img.bat[idx]
+    # Planning past the end of a target that the merge will grow: the new blocks
+    # will be ZERO in a differencing target and NOT_PRESENT in a base (resize.py).
+    e = img.bat[idx] if idx < len(img.bat) else (S.PAYLOAD_BLOCK_ZERO if img.has_parent else 0)
     state = e & S.BAT_STATE_MASK
     foff = e & S.BAT_OFFSET_MASK
     has_data = bool(p.data)
@@ -466,10 +468,12 @@ def _merge_into(chain: list[ImageFile], k: int, dry_run: bool, keep: bool, force
     upper = chain[:k]
     summary = MergeSummary("in-place" if k == 1 else "into-ancestor", target.path,
                            [f.path for f in upper], dry_run, warnings=list(warnings))
-    if top.virtual_size != target.virtual_size:
+    if top.virtual_size < target.virtual_size:
+        # Hyper-V never makes a child smaller than its parent; dropping the target's
+        # tail would need a shrink that discards data, which this engine refuses.
         raise UnsupportedFeatureError(
-            f"the child's virtual size ({top.virtual_size}) differs from the target's "
-            f"({target.virtual_size}); resize the target first")
+            f"the child's virtual size ({top.virtual_size}) is smaller than the target's "
+            f"({target.virtual_size}); merging would discard the target's tail")
 
     # Who else depends on what changes: the target and the intermediates (their
     # children other than our chain would read merged data); children of the
@@ -512,6 +516,11 @@ def _merge_into(chain: list[ImageFile], k: int, dry_run: bool, keep: bool, force
         with WritableDisk(target.path, parents=ancestors, ignore_linkage=True,
                           storage=mk(target.path)) as t:
             t.log.mark_data_changed(new_guid)
+            if t.size < top.virtual_size:
+                # The target takes the child's size (an IsVirtualDisk item); one logged
+                # change, new blocks ZERO in a differencing target (ref §8.3).
+                t.resize(top.virtual_size)
+                summary.warnings.append(f"target grew to the child's virtual size {top.virtual_size}")
             _execute(t, upper_disk, upper, summary, False, progress, allow_clone)
             _sync_virtual_disk_items(t, top, summary)
             t.flush()
@@ -555,6 +564,9 @@ class _EmptyImage:
 class _ZeroBat:
     def __getitem__(self, index: int) -> int:
         return 0
+
+    def __len__(self) -> int:
+        return 1 << 62
 
 
 def _flatten(chain: list[ImageFile], output: str, dry_run: bool, progress: ProgressFn | None,
