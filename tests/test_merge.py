@@ -424,3 +424,34 @@ def test_kill_9_of_the_cli_at_random_times(tmp_path):
         assert read_all(base) == expected
         assert_clean(base)
     assert outcomes["interrupted"] >= 2, outcomes
+
+
+def test_merge_commits_before_the_log_fills(tmp_path, monkeypatch):
+    """With room for only a few sectors per log entry, the merge commits early and
+    often (as it must with blocks scattered over many chunks) and stays exact."""
+    import vhdx.writer as W
+
+    monkeypatch.setattr(W, "_PENDING_HEADROOM", 251)  # 1 MiB log: 4 sectors per entry
+    commits = []
+    real = W.WritableDisk._commit
+
+    def counting(self):  # noqa: ANN001, ANN202
+        if self._pending_bat or self._pending_sb:
+            commits.append(len(self._pending_bat_sectors) + len(self._pending_sb))
+        return real(self)
+
+    monkeypatch.setattr(W.WritableDisk, "_commit", counting)
+    # A differencing target with 4 MiB blocks (1 KiB of bitmap each) under a child
+    # that is partially present everywhere: the bitmap changes span 16 sectors.
+    size = 64 * MiB
+    specs = [ImageSpec(virtual_size=size, block_size=4 * MiB, name="base", seed=1,
+                       blocks={b: Block(FULLY) for b in range(0, 16, 3)}),
+             ImageSpec(virtual_size=size, block_size=4 * MiB, name="target", seed=2, blocks={}),
+             ImageSpec(virtual_size=size, block_size=MiB, name="top", seed=3,
+                       blocks={b: Block(PARTIAL) for b in range(64)})]
+    chain = build_chain(tmp_path, specs)
+    expected = chain.expected()
+    merge(chain.top)
+    assert len(commits) >= 2 and max(commits) <= 4 + 18  # one entry of 7 sectors without the limit
+    assert read_all(chain.images[1].path) == expected
+    assert_clean(chain.images[1].path)

@@ -441,7 +441,7 @@ def _execute(t: WritableDisk, upper_disk: VirtualDisk, upper: list[ImageFile], s
     for p in plan_blocks(upper_disk, ranges, t.image.geometry.block_size):
         _apply_block(t, p, mover, summary)
         pending += p.length
-        if pending >= BATCH_BYTES:
+        if pending >= BATCH_BYTES or (mover is not None and t._commit_due()):
             done += pending
             pending = 0
             _commit_batch(t, mover)

@@ -237,31 +237,4 @@ def resize(disk: "WritableDisk", new_size: int) -> None:
         updates[sec] = bytes(buf)
 
     lw.transaction(updates, zero_ranges)
-    _reload(disk)
-
-
-def _reload(disk: "WritableDisk") -> None:
-    """Re-read the top file after a layout change (size, BAT location).
-
-    The log session is closed first (LogGuid = 0, everything is applied), so the
-    new :class:`ImageFile` parses the file as it is; the next change starts a new
-    session with the same FileWriteGuid (and no second DataWriteGuid).
-    """
-    lw = disk.log
-    lw.close()
-    old = disk.chain[0]
-    img = ImageFile(old.path, fd=old.fd)
-    old.fd = -1  # borrowed descriptor: ImageFile.close() must not touch it
-    old.close()
-    disk.chain[0] = img
-    if hasattr(disk, "_refresh"):
-        disk._refresh()
-    else:
-        disk._levels[0] = (img.virtual_size, img.block_size, img.geometry.chunk_ratio,
-                           img.logical_sector_size, img.bat, not img.overlay, img)
-    disk._bat_offset = img.header_section.bat_region.file_offset
-    disk._bat_bytes = memoryview(img.bat).cast("B")
-    disk._pending_bat.clear()
-    disk._pending_sb.clear()
-    disk._runs_stale.clear()
-    disk._alloc_end = max(disk._alloc_end, disk._compute_alloc_end())
+    disk._reload_top()

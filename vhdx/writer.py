@@ -37,8 +37,10 @@ from .storage import FileStorage, Storage
 
 SECTOR = S.LOG_SECTOR_SIZE
 MiB = S.MiB
-# Commit early when this many 4 KiB metadata sectors are pending, well inside a 1 MiB log.
-_MAX_PENDING_SECTORS = 160
+# Headroom (in 4 KiB log sectors) kept free for one more block's changes: a BAT sector,
+# its chunk's SB entry sector and up to 16 bitmap sectors (256 MiB blocks), plus the
+# entry's descriptor sectors.
+_PENDING_HEADROOM = 24
 _ZERO_CHUNK = bytes(4 * MiB)
 
 
@@ -101,6 +103,9 @@ class WritableDisk(VirtualDisk):
         if self._bat_bytes is None:
             raise VhdxError("writing is supported on little-endian hosts only")
         self._pending_bat: set[int] = set()
+        self._pending_bat_sectors: set[int] = set()
+        # Commit before a log entry could outgrow the log (ref §6.5 step 2).
+        self._max_pending = max(1, self.log.max_entry_length // SECTOR - _PENDING_HEADROOM)
         self._pending_sb: dict[int, bytearray] = {}  # 4 KiB file offset -> sector image
         self._runs_stale: set[int] = set()
         self._alloc_end = self._compute_alloc_end()
@@ -137,6 +142,33 @@ class WritableDisk(VirtualDisk):
     def _set_entry(self, index: int, value: int) -> None:
         self.image.bat[index] = value
         self._pending_bat.add(index)
+        self._pending_bat_sectors.add((self._bat_offset + 8 * index) // SECTOR)
+
+    def _commit_due(self) -> bool:
+        """True when the pending metadata nears what one log entry can carry."""
+        return len(self._pending_bat_sectors) + len(self._pending_sb) > self._max_pending
+
+    def _reload_top(self) -> None:
+        """Re-read the top file after a layout change (size, BAT location).
+
+        The log session is closed first (LogGuid = 0, everything applied), so the new
+        :class:`ImageFile` parses the file as it is; the next change starts a new
+        session with the same FileWriteGuid (and no second DataWriteGuid).
+        """
+        self.log.close()
+        old = self.chain[0]
+        img = ImageFile(old.path, fd=old.fd)
+        old.fd = -1  # borrowed descriptor: ImageFile.close() must not touch it
+        old.close()
+        self.chain[0] = img
+        self._refresh()
+        self._bat_offset = img.header_section.bat_region.file_offset
+        self._bat_bytes = memoryview(img.bat).cast("B")
+        self._pending_bat.clear()
+        self._pending_bat_sectors.clear()
+        self._pending_sb.clear()
+        self._runs_stale.clear()
+        self._alloc_end = max(self._alloc_end, self._compute_alloc_end())
 
     def _sb_sector(self, file_offset: int) -> bytearray:
         sec = self._pending_sb.get(file_offset)
@@ -245,7 +277,7 @@ class WritableDisk(VirtualDisk):
             n = min(end, bstart + geo.block_length(block)) - pos
             self._write_block(block, bstart, pos, mv[pos - offset:pos - offset + n])
             pos += n
-            if len(self._pending_bat) + len(self._pending_sb) > _MAX_PENDING_SECTORS:
+            if self._commit_due():
                 self._commit()
         return len(mv)
 
@@ -319,7 +351,7 @@ class WritableDisk(VirtualDisk):
                     self._write_block(block, bstart, pos + done, memoryview(_ZERO_CHUNK)[:k])
                     done += k
             pos += n
-            if len(self._pending_bat) + len(self._pending_sb) > _MAX_PENDING_SECTORS:
+            if self._commit_due():
                 self._commit()
 
     # --- metadata --------------------------------------------------------------------
@@ -419,6 +451,7 @@ class WritableDisk(VirtualDisk):
             updates[off] = bytes(sec)
         self.log.transaction(updates)
         self._pending_bat.clear()
+        self._pending_bat_sectors.clear()
         self._pending_sb.clear()
         with img._lock:
             for block in self._runs_stale:
