@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 from . import structures as S
 from .create import create
 from .errors import InvalidArgumentError, VhdxError
+from .storage import DeferredSyncStorage, fsync_dir
 
 __all__ = ["convert_to_vhdx", "is_vhdx_file", "raw_data_ranges"]
 
@@ -171,13 +172,19 @@ def convert_to_vhdx(source: str | os.PathLike[str], output: str | os.PathLike[st
         create(tmp, size, type=type, block_size=block_size, logical_sector_size=lss,
                physical_sector_size=pss)
         try:
-            with WritableDisk(tmp) as out:
+            # OUT.part is invisible until renamed: one fsync before the rename stands
+            # for every intermediate flush (see DeferredSyncStorage).
+            storage = DeferredSyncStorage.open(tmp)
+            with WritableDisk(tmp, storage=storage) as out:
                 _copy(iter(ranges), readinto, out.write_at, progress)
                 out.flush()
+                out.log.close()
+                storage.sync()
         except BaseException:
             os.unlink(tmp)
             raise
         os.replace(tmp, output)
+        fsync_dir(output)
     finally:
         if src_disk is not None:
             src_disk.close()

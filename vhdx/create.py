@@ -25,6 +25,7 @@ from . import structures as S
 from .errors import InvalidArgumentError, VhdxError
 from .image import ImageFile
 from .layout import ParentInfo, plan_layout, write_new_image
+from .storage import fsync_dir
 
 __all__ = ["create", "parse_size", "creator_string", "parent_info_for"]
 
@@ -125,19 +126,5 @@ def create(path: str | os.PathLike[str], size: int | str | None = None, *, type:
         except OSError:
             pass
         raise
-    _fsync_dir(path)
+    fsync_dir(path)
     return path
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
-

@@ -46,7 +46,7 @@ from .errors import (
     VhdxError,
 )
 from .image import ImageFile
-from .storage import FileStorage, Storage
+from .storage import DeferredSyncStorage, FileStorage, Storage, fsync_dir
 from .writer import WritableDisk
 
 ProgressFn = Callable[[int, int], object]
@@ -380,19 +380,6 @@ def _relative_locator_path(child: str, parent: str) -> str:
     return rel if rel.startswith("..") else ".\\" + rel
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 # --- the engine ------------------------------------------------------------------------------
 def merge(child: str | os.PathLike[str], into: str | os.PathLike[str] | None = None,
           output: str | os.PathLike[str] | None = None, *, dry_run: bool = False,
@@ -538,7 +525,7 @@ def _merge_into(chain: list[ImageFile], k: int, dry_run: bool, keep: bool, force
         for f in upper:
             os.unlink(f.path)
             summary.deleted.append(f.path)
-        _fsync_dir(target.path)
+        fsync_dir(target.path)
     summary.seconds = time.monotonic() - t0
     return summary
 
@@ -589,12 +576,17 @@ def _flatten(chain: list[ImageFile], output: str, dry_run: bool, progress: Progr
     tmp = output + ".part"
     write_new_image(tmp, plan)
     try:
-        with WritableDisk(tmp, storage=storage_factory(tmp) if storage_factory else None) as t:
+        # Invisible until renamed: one fsync before the rename (DeferredSyncStorage).
+        storage = storage_factory(tmp) if storage_factory else DeferredSyncStorage.open(tmp)
+        with WritableDisk(tmp, storage=storage) as t:
             t.log.mark_data_changed()
             _execute(t, upper_disk, chain, summary, False, progress, allow_clone)
             t.flush()
+            t.log.close()
+            if isinstance(storage, DeferredSyncStorage):
+                storage.sync()
         os.replace(tmp, output)
-        _fsync_dir(output)
+        fsync_dir(output)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
