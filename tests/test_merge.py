@@ -455,3 +455,43 @@ def test_merge_commits_before_the_log_fills(tmp_path, monkeypatch):
     assert len(commits) >= 2 and max(commits) <= 4 + 18  # one entry of 7 sectors without the limit
     assert read_all(chain.images[1].path) == expected
     assert_clean(chain.images[1].path)
+
+
+TARGET_KINDS = ["dynamic", "fixed", "differencing"]
+
+
+@pytest.mark.parametrize("lss", [512, 4096])
+@pytest.mark.parametrize("kind", TARGET_KINDS)
+def test_every_child_state_over_every_target_state(tmp_path, kind, lss):
+    """The whole matrix of ref §8.3: each child block state over each target block
+    state, for base, fixed and differencing targets; the target must then read
+    exactly what the chain read (and a differencing target's own parent must never
+    show through where the child defined zeros)."""
+    child_states = ALL_STATES
+    target_states = [FULLY] if kind == "fixed" else (
+        ALL_STATES if kind == "differencing" else [FULLY, ZERO, NOT_PRESENT, UNDEFINED, UNMAPPED])
+    n = 0
+    for ts in target_states:
+        for cs in child_states:
+            d = tmp_path / f"{ts}-{cs}"
+            d.mkdir()
+            specs = []
+            if kind == "differencing":  # a grandparent full of data under the target
+                specs.append(ImageSpec(virtual_size=3 * MiB, block_size=MiB, logical_sector_size=lss,
+                                       name="gp", seed=1, blocks={b: Block(FULLY) for b in range(3)}))
+            target_blocks = {b: Block(ts) for b in range(3) if ts != NOT_PRESENT}
+            if kind == "fixed":
+                target_blocks = {}
+            specs.append(ImageSpec(virtual_size=3 * MiB, block_size=MiB, logical_sector_size=lss,
+                                   name="target", seed=2, blocks=target_blocks, fixed=kind == "fixed"))
+            specs.append(ImageSpec(virtual_size=3 * MiB, block_size=MiB, logical_sector_size=lss,
+                                   name="child", seed=3,
+                                   blocks={1: Block(cs)} if cs != NOT_PRESENT else {}))
+            chain = build_chain(d, specs)
+            expected = chain.expected()
+            merge(chain.top)
+            target = chain.images[1].path
+            assert read_all(target) == expected, (kind, ts, cs)
+            assert_clean(target)
+            n += 1
+    assert n == len(target_states) * len(child_states)
