@@ -288,3 +288,30 @@ def test_check_dry_run_needs_repair(tmp_path):
     p = tmp_path / "a.vhdx"
     run("create", p, "--size", "8M")
     run("check", p, "--dry-run", rc=1)
+
+
+def test_standalone_open_edits_metadata_but_refuses_parent_reads(tmp_path):
+    from builder import FULLY, PARTIAL, Block, ImageSpec, build_chain
+
+    specs = [ImageSpec(virtual_size=4 * MiB, block_size=MiB, name="base", seed=1,
+                       blocks={0: Block(FULLY), 1: Block(FULLY)}),
+             ImageSpec(virtual_size=4 * MiB, block_size=MiB, name="child", seed=2,
+                       blocks={0: Block(PARTIAL)})]
+    chain = build_chain(tmp_path, specs)
+    expected = chain.expected()
+    with vhdx.open(chain.top, "r+") as full:
+        assert len(full.chain) == 2
+    from vhdx.writer import WritableDisk
+
+    with WritableDisk(chain.top, standalone=True) as w:
+        assert len(w.chain) == 1
+        with pytest.raises(vhdx.InvalidArgumentError, match="without its parents"):
+            w.read_at(0, 512)
+        with pytest.raises(vhdx.InvalidArgumentError):
+            w.write_at(MiB + 1, b"x")  # a partial sector over NOT_PRESENT needs the parent's bytes
+        w.write_at(2 * MiB, bytes(range(256)) * 2)  # whole sectors need no parent
+        w.update_parent_locator({"volume_path": "\\\\?\\Volume{00000000-0000-0000-0000-000000000000}\\x"})
+    expected = expected[:2 * MiB] + bytes(range(256)) * 2 + expected[2 * MiB + 512:]
+    with vhdx.open(chain.top) as d:
+        assert d.read_at(0, d.size) == expected
+        assert d.parent_locator["volume_path"].endswith("\\x")

@@ -52,7 +52,12 @@ from .writer import WritableDisk
 ProgressFn = Callable[[int, int], object]
 """``progress(done_bytes, total_bytes)``; returning False cancels between batches."""
 
-BATCH_BYTES = 256 * S.MiB  # data moved per C call and per logged metadata commit
+# A batch (one C call per source file, one logged metadata commit, one progress
+# report) ends at this much data or after this long, whichever comes first, or
+# earlier when the metadata would outgrow one log entry. Clones are cheap per byte,
+# so the time bound is what keeps their fsyncs few.
+BATCH_BYTES = 1 << 30
+BATCH_SECONDS = 1.0
 _METHOD_NAMES = {native.CLONE: "clone", native.COPY_FILE_RANGE: "copy_file_range",
                  native.READ_WRITE: "read_write", native.FALLOCATE: "fallocate",
                  native.WRITE_ZEROS: "write_zeros", native.NONE: "none"}
@@ -425,13 +430,16 @@ def _execute(t: WritableDisk, upper_disk: VirtualDisk, upper: list[ImageFile], s
     total = sum(e - s for s, e in ranges)
     mover = None if dry_run else _Mover(t, upper, summary, allow_clone)
     done = pending = 0
+    started = time.monotonic()
     for p in plan_blocks(upper_disk, ranges, t.image.geometry.block_size):
         _apply_block(t, p, mover, summary)
         pending += p.length
-        if pending >= BATCH_BYTES or (mover is not None and t._commit_due()):
+        if pending >= BATCH_BYTES or (mover is not None and (
+                t._commit_due() or time.monotonic() - started >= BATCH_SECONDS)):
             done += pending
             pending = 0
             _commit_batch(t, mover)
+            started = time.monotonic()
             if progress is not None and progress(done, total) is False:
                 raise CancelledError("merge cancelled; run it again to complete it")
     _commit_batch(t, mover)
@@ -478,8 +486,8 @@ def _merge_into(chain: list[ImageFile], k: int, dry_run: bool, keep: bool, force
         summary.invalidated = [p for p, _ in dependents]
     summary.repointed = [p for p, _ in children]
 
-    upper_disk = VirtualDisk(upper)  # shares the ImageFiles, which ``chain`` owns
     if dry_run:
+        upper_disk = VirtualDisk(upper)  # shares the ImageFiles, which ``chain`` owns
         _execute(_PlanOnly(target), upper_disk, upper, summary, True, progress, allow_clone)
         summary.seconds = time.monotonic() - t0
         return summary
@@ -494,14 +502,20 @@ def _merge_into(chain: list[ImageFile], k: int, dry_run: bool, keep: bool, force
 
     previous = parse_linkage((above.parent_locator or {}).get("parent_linkage2"))
     new_guid = previous if previous == target.data_write_guid else uuid.uuid4()
-    ancestors = [f.path for f in chain[k + 1:]]
+    target_path = target.path
+    # Writable opens are standalone: metadata edits and whole-sector merges never
+    # read through parents, and each BAT is then held once (ref: bench/RESULTS.md).
     # 1. linkage2 = G' in the file directly above the target (its DataWriteGuid kept).
-    with WritableDisk(above.path, parents=[target.path, *ancestors], ignore_linkage=True,
-                      storage=mk(above.path)) as a:
+    with WritableDisk(above.path, standalone=True, storage=mk(above.path)) as a:
+        # The read plan uses this open's parse of ``above``; the read-only twin goes.
+        upper[-1] = a.image
+        above.close()
+        for f in chain[k:]:
+            f.close()  # the target is reopened writable; its ancestors are not needed
+        upper_disk = VirtualDisk(upper)
         a.update_parent_locator({"parent_linkage2": "{%s}" % new_guid})
         # 2. the target's header takes G'; 3. blocks and metadata through its log.
-        with WritableDisk(target.path, parents=ancestors, ignore_linkage=True,
-                          storage=mk(target.path)) as t:
+        with WritableDisk(target_path, standalone=True, storage=mk(target_path)) as t:
             t.log.mark_data_changed(new_guid)
             if t.size < top.virtual_size:
                 # The target takes the child's size (an IsVirtualDisk item); one logged
@@ -513,19 +527,18 @@ def _merge_into(chain: list[ImageFile], k: int, dry_run: bool, keep: bool, force
             t.flush()
     # 4. children of the merged child now hang directly off the target.
     for path in summary.repointed:
-        with WritableDisk(path, parents=[f.path for f in chain], ignore_linkage=True,
-                          storage=mk(path)) as c:
+        with WritableDisk(path, standalone=True, storage=mk(path)) as c:
             c.update_parent_locator({
                 "parent_linkage": "{%s}" % new_guid, "parent_linkage2": None,
-                "relative_path": _relative_locator_path(path, target.path),
-                "absolute_win32_path": "\\\\?\\" + os.path.abspath(target.path).replace("/", "\\"),
+                "relative_path": _relative_locator_path(path, target_path),
+                "absolute_win32_path": "\\\\?\\" + os.path.abspath(target_path).replace("/", "\\"),
                 "volume_path": None})
     # 5. the merged files go only now that the target is durable.
     if not keep:
         for f in upper:
             os.unlink(f.path)
             summary.deleted.append(f.path)
-        fsync_dir(target.path)
+        fsync_dir(target_path)
     summary.seconds = time.monotonic() - t0
     return summary
 

@@ -72,13 +72,18 @@ class WritableDisk(VirtualDisk):
     Reads see every write made so far. ``write_at``/``write_zeroes_at`` change the
     virtual disk; ``flush()`` makes everything durable; ``close()`` flushes and
     marks the log clean. Not thread-safe.
+
+    ``standalone=True`` opens the file without its parents, for work that never
+    reads through them (metadata edits, whole-sector merges): reads, and partial-
+    sector writes that would need the parent's data, then raise.
     """
 
     def __init__(self, path: str | os.PathLike[str], *,
                  parents: Sequence[str | os.PathLike[str]] | None = None,
                  search_dirs: Sequence[str | os.PathLike[str]] = (),
                  ignore_linkage: bool = False, storage: Storage | None = None,
-                 guid_factory: Callable[[], uuid.UUID] | None = None) -> None:
+                 guid_factory: Callable[[], uuid.UUID] | None = None,
+                 standalone: bool = False) -> None:
         path = os.fspath(path)
         own_storage = storage is None
         storage = storage if storage is not None else FileStorage.open(path, writable=True)
@@ -88,7 +93,8 @@ class WritableDisk(VirtualDisk):
             kwargs = {"guid_factory": guid_factory} if guid_factory else {}
             self.log = LogWriter.open(storage, **kwargs)  # replays a dirty log first (ref §6.4)
             img = ImageFile(path, fd=fd)
-            ancestors, warnings = open_parents(img, parents, search_dirs, ignore_linkage)
+            ancestors, warnings = ([], []) if standalone else open_parents(
+                img, parents, search_dirs, ignore_linkage)
         except BaseException:
             if own_storage:
                 storage.close()
@@ -97,6 +103,7 @@ class WritableDisk(VirtualDisk):
         self._own_storage = own_storage
         super().__init__([img, *ancestors], [f"{path}: {w}" for w in img.warnings] + warnings)
         self._parent = VirtualDisk(ancestors) if ancestors else None
+        self._standalone = standalone and img.has_parent
         bat_region = img.header_section.bat_region
         self._bat_offset = bat_region.file_offset
         self._bat_bytes = memoryview(img.bat).cast("B") if isinstance(img.bat, memoryview) else None
@@ -239,18 +246,26 @@ class WritableDisk(VirtualDisk):
             if state == S.PAYLOAD_BLOCK_FULLY_PRESENT or (
                     state == S.PAYLOAD_BLOCK_PARTIALLY_PRESENT and self._bit(block, (pos - bstart) // lss)):
                 out += self.storage.pread((e & S.BAT_OFFSET_MASK) + pos - bstart, n).ljust(n, b"\0")
-            elif state in (S.PAYLOAD_BLOCK_NOT_PRESENT, S.PAYLOAD_BLOCK_PARTIALLY_PRESENT) and self._parent:
+            elif state in (S.PAYLOAD_BLOCK_NOT_PRESENT, S.PAYLOAD_BLOCK_PARTIALLY_PRESENT) and (
+                    self._parent or self._standalone):
+                self._need_parents()
                 out += self._parent.read_at(pos, n).ljust(n, b"\0")
             else:
                 out += bytes(n)
             pos += n
         return bytes(out)
 
+    def _need_parents(self) -> None:
+        if self._standalone:
+            raise InvalidArgumentError(f"{self.image.path} was opened without its parents")
+
     def readinto_at(self, offset: int, buffer) -> int:  # noqa: ANN001
+        self._need_parents()
         self._commit()  # reads go through the committed on-disk state
         return super().readinto_at(offset, buffer)
 
     def read_at(self, offset: int, size: int) -> bytes:
+        self._need_parents()
         self._commit()
         return super().read_at(offset, size)
 
