@@ -13,7 +13,7 @@ and 64 TiB. Images by ``bench/bench_merge_images.py`` (vhdx.layout + raw writes)
 
 Every measured merge: a fresh byte copy of the pristine chain (``cp --reflink=never``),
 ``sync`` + drop page caches (root; cold run) unless ``--no-drop``, then
-``vhdx.merge.merge(child, keep=True, allow_clone=...)`` in a fresh subprocess that
+``vhdx.merge(child, keep=True, allow_clone=...)`` in a fresh subprocess that
 reports the MergeSummary, its own wall time and its ``VmHWM``. After it, SHA-256 of the
 merged parent through ``vhdx.open`` over the changed region is compared with the
 ground truth computed from the description (and, for 64 TiB, the extent map beyond
@@ -52,7 +52,7 @@ TiB = 1 << 40
 
 # --- worker (runs in a fresh process) ----------------------------------------------
 def worker(args: dict) -> None:
-    import vhdx.merge as M
+    import vhdx.merge_engine as M
     import vhdx.native as N
 
     if args["mode"] == "rw":

@@ -20,7 +20,7 @@ import pytest
 import vhdx
 from vhdx import structures as S
 from vhdx.check import check_chain
-from vhdx.merge import merge
+from vhdx.merge_engine import merge
 from vhdx.storage import FileStorage, JournalOp
 
 from builder import (FULLY, NOT_PRESENT, PARTIAL, UNDEFINED, UNMAPPED, ZERO, Block, ImageSpec,
@@ -183,7 +183,7 @@ def test_locks_keep_a_merge_off_a_chain_being_written(tmp_path):
 
 
 def test_progress_and_cancel(tmp_path, monkeypatch):
-    import vhdx.merge as M
+    import vhdx.merge_engine as M
 
     monkeypatch.setattr(M, "BATCH_BYTES", 1 * MiB)
     chain = random_chain(tmp_path, random.Random(21), 2, 512, size=16 * MiB)

@@ -341,7 +341,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .merge import merge
+    from .merge_engine import merge
 
     bar = Progress(0, "dry run" if args.dry_run else "merge")
     summary = merge(args.image, into=args.into, output=args.output, dry_run=args.dry_run,

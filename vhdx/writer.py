@@ -21,7 +21,6 @@ writes, never consistency.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import uuid
 from typing import Callable, Sequence
@@ -59,7 +58,15 @@ def storage_fd(storage: Storage) -> int:
 
 
 def lock_exclusive(fd: int, path: str) -> None:
-    """Non-blocking exclusive advisory lock; LockedError when another holder exists."""
+    """Non-blocking exclusive advisory lock; LockedError when another holder exists.
+
+    POSIX flock; where it does not exist (Windows), no lock is taken: Hyper-V itself
+    holds the files of a running VM open exclusively there.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -25,7 +25,6 @@ completes it. Files are deleted only after the target is durable.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import time
 import uuid
@@ -41,13 +40,12 @@ from .errors import (
     CancelledError,
     DependentDisksError,
     InvalidArgumentError,
-    LockedError,
     UnsupportedFeatureError,
     VhdxError,
 )
 from .image import ImageFile
 from .storage import DeferredSyncStorage, FileStorage, Storage, fsync_dir
-from .writer import WritableDisk
+from .writer import WritableDisk, lock_exclusive
 
 ProgressFn = Callable[[int, int], object]
 """``progress(done_bytes, total_bytes)``; returning False cancels between batches."""
@@ -351,13 +349,6 @@ def _apply_block(t: WritableDisk, p: BlockPlan, mover: _Mover | None, summary: M
         set_entry(S.PAYLOAD_BLOCK_FULLY_PRESENT, new)
 
 
-def _lock_readonly(img: ImageFile) -> None:
-    try:
-        fcntl.flock(img.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise LockedError(f"{img.path}: in use by another writer or merge") from None
-
-
 def _sync_virtual_disk_items(t: WritableDisk, top: ImageFile, summary: MergeSummary) -> None:
     """The target takes the child's IsVirtualDisk items (MS-VHDX 2.6.1.2)."""
     changes: dict[tuple[uuid.UUID, bool], bytes] = {}
@@ -493,7 +484,7 @@ def _merge_into(chain: list[ImageFile], k: int, dry_run: bool, keep: bool, force
         return summary
 
     for f in upper[:-1]:
-        _lock_readonly(f)
+        lock_exclusive(f.fd, f.path)
     mk = (lambda p: storage_factory(p)) if storage_factory else (lambda p: None)
     # Resuming an interrupted merge: if the target already carries the GUID the file
     # above names as linkage2, keep it. A fresh one would first replace linkage2 and a
