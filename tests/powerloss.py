@@ -434,6 +434,41 @@ def pending_subset(pending: list[JournalOp], mode: str, rng: random.Random) -> l
     return chosen
 
 
+def cut_states(base: bytes, ops: list[JournalOp], cuts) -> Iterator[tuple[int, int, bytearray, list[JournalOp]]]:  # noqa: ANN001
+    """For each cut (ascending): ``(cut, durable, image, pending)``.
+
+    ``image`` holds ``base`` with every op up to the last flush before the cut
+    applied (shared between cuts: copy it before changing it); ``pending`` are the
+    writes and truncates issued after that flush, which a power cut may or may not
+    have let reach the device.
+    """
+    image = bytearray(base)
+    applied = 0
+    last_flush = -1
+    scanned = 0
+    for cut in sorted(cuts):
+        for i in range(scanned, cut):
+            if ops[i].kind == "flush":
+                last_flush = i
+        scanned = max(scanned, cut)
+        durable = last_flush + 1
+        while applied < durable:
+            _apply_op(image, ops[applied])
+            applied += 1
+        yield cut, durable, image, [op for op in ops[durable:cut] if op.kind not in ("flush", "mark")]
+
+
+def crash_image(base: bytes, ops: list[JournalOp], mode: str, rng: random.Random) -> bytearray:
+    """One file after a power cut at the end of ``ops``, ``mode`` choosing which of
+    the writes after the last flush landed (see :func:`pending_subset`)."""
+    for _cut, _durable, image, pending in cut_states(base, ops, [len(ops)]):
+        img = bytearray(image)
+        for op in pending_subset(pending, mode, rng):
+            _apply_op(img, op)
+        return img
+    raise AssertionError("unreachable")
+
+
 @dataclass
 class Crash:
     cut: int          # ops [0, cut) were issued
@@ -468,15 +503,7 @@ def crashes(rec: Recording, rng: random.Random, max_cuts: int,
         rest = sorted(cuts - around)
         cuts = around | set(rng.sample(rest, min(len(rest), max_cuts - len(around))))
     states = [rec.initial] + [s.after for s in rec.steps]
-    durable_img = bytearray(rec.base)
-    applied = 0
-    for cut in sorted(cuts):
-        last_flush = max((i for i in range(cut) if ops[i].kind == "flush"), default=-1)
-        durable = last_flush + 1
-        while applied < durable:
-            _apply_op(durable_img, ops[applied])
-            applied += 1
-        pending = [op for op in ops[durable:cut] if op.kind != "flush"]
+    for cut, durable, durable_img, pending in cut_states(rec.base, ops, cuts):
         lo, hi = allowed_range(rec, cut, durable)
         allowed = states[lo:hi + 1]
         if not pending:

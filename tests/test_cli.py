@@ -166,3 +166,16 @@ def test_readme_first_command_flow(tmp_path):
     info = json.loads(run("info", child, "--json").stdout)
     assert info["chain"][0]["log"]["dirty"] is False and len(info["chain"]) == 2
     run("check", child)
+
+
+def test_bad_header_copy_falls_back_with_a_visible_warning(chain):
+    base = chain.images[1]
+    want = run("hash", base.path).stdout.split()[0]
+    poke(base.path, S.HEADER_OFFSETS[1] + 100, b"\xff")  # header 2 (the current one) corrupt
+    info = json.loads(run("info", base.path, "--json").stdout)
+    assert info["chain"][0]["current_header"] == 1
+    assert any("header 2 is invalid" in w for w in info["chain"][0]["warnings"])
+    assert "header 2 is invalid" in run("info", base.path).stdout
+    assert run("hash", base.path).stdout.split()[0] == want
+    p = run("check", base.path, check_rc=1)
+    assert "header 2 is invalid" in p.stdout

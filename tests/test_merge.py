@@ -23,6 +23,7 @@ from vhdx.check import check_chain
 from vhdx.merge_engine import merge
 from vhdx.storage import FileStorage, JournalOp
 
+from powerloss import MODES, crash_image
 from builder import (FULLY, NOT_PRESENT, PARTIAL, UNDEFINED, UNMAPPED, ZERO, Block, ImageSpec,
                      build_chain)
 
@@ -224,30 +225,12 @@ class _SharedRecorder(FileStorage):
 
 def _crash_state(originals: dict[str, bytes], journal: list, cut: int, rng: random.Random) -> dict[str, bytes]:
     """Files as a power cut after ``cut`` journal ops could leave them: per file, all
-    ops up to its last flush before the cut, plus a random subset of the later ones."""
-    out = {}
-    for name, data in originals.items():
-        ops = [op for p, op in journal[:cut] if p == name]
-        last_flush = max((i for i, op in enumerate(ops) if op.kind == "flush"), default=-1)
-        durable, pending = ops[:last_flush + 1], ops[last_flush + 1:]
-        mode = rng.choice(["none", "all", "prefix", "subset"])
-        if mode == "none":
-            pending = []
-        elif mode == "prefix":
-            pending = pending[:rng.randint(0, len(pending))]
-        elif mode == "subset":
-            pending = [op for op in pending if rng.random() < 0.5]
-        buf = bytearray(data)
-        for op in durable + pending:
-            if op.kind == "write":
-                if len(buf) < op.offset + len(op.data):
-                    buf.extend(bytes(op.offset + len(op.data) - len(buf)))
-                buf[op.offset:op.offset + len(op.data)] = op.data
-            elif op.kind == "truncate":
-                del buf[op.offset:]
-                buf.extend(bytes(op.offset - len(buf)))
-        out[name] = bytes(buf)
-    return out
+    its ops up to its own last flush before the cut, plus those of the later writes
+    that the drawn mode lets land (none, all, a prefix, a subset, torn or reordered
+    4 KiB pieces, torn 512-byte pieces)."""
+    return {name: bytes(crash_image(data, [op for p, op in journal[:cut] if p == name],
+                                    rng.choice(MODES), rng))
+            for name, data in originals.items()}
 
 
 def _power_cut_campaign(tmp_path: Path, seed: int, cuts: int, rerun_every: int) -> int:

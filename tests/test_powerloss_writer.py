@@ -37,7 +37,7 @@ from vhdx.check import check_chain
 from vhdx.storage import FileStorage, RecordingStorage
 from vhdx.writer import WritableDisk
 
-from powerloss import MODES, _apply_op, pending_subset
+from powerloss import MODES, _apply_op, cut_states, pending_subset
 
 MiB = S.MiB
 # tests/powerloss.py's modes, plus "suffix": only the last k unflushed ops landed
@@ -217,16 +217,8 @@ def simulate(wl: Workload, rng: random.Random, modes_per_cut: int, max_cuts: int
     if max_cuts is not None and len(cuts) > max_cuts:
         cuts = sorted(rng.sample(cuts, max_cuts))
     checker = Checker(wl)
-    durable_img = bytearray(wl.base)
-    applied = 0
     done = 0
-    for cut in cuts:
-        last_flush = max((i for i in range(cut) if ops[i].kind == "flush"), default=-1)
-        durable = last_flush + 1
-        while applied < durable:
-            _apply_op(durable_img, ops[applied])
-            applied += 1
-        pending = [op for op in ops[durable:cut] if op.kind != "flush"]
+    for cut, durable, durable_img, pending in cut_states(wl.base, ops, cuts):
         modes = ["none"] if not pending else rng.sample(ALL_MODES, min(modes_per_cut, len(ALL_MODES)))
         for mode in modes:
             img = bytearray(durable_img)

@@ -31,6 +31,7 @@ UNALLOCATED = -2  # segment source: nothing in the chain ever wrote here
 Segment = list  # [int, int, int, int]; a list so the last one can be extended in place
 
 _ZEROS = memoryview(bytes(1 << 20))  # sliced without copying
+_MAP_CACHE_BLOCKS = 64
 _OFFSET_MASK = S.BAT_OFFSET_MASK
 
 
@@ -86,6 +87,7 @@ class VirtualDisk(io.RawIOBase):
     def _refresh(self) -> None:
         """Recompute what the read paths cache (after the chain's geometry changed)."""
         self._size = self.chain[0].virtual_size
+        self._maps: dict[int, tuple[list[int], list[Segment]]] = {}
         # Per level, what the read fast path needs, without attribute lookups.
         self._levels = [(f.virtual_size, f.block_size, f.geometry.chunk_ratio,
                          f.logical_sector_size, f.bat, not f.overlay, f) for f in self.chain]
@@ -190,6 +192,40 @@ class VirtualDisk(io.RawIOBase):
             rel = run_end
             i += 1
 
+    def _block_map(self, block: int) -> tuple[list[int], list[Segment]]:
+        """The resolved segments of a whole top-level block, cached: sequential reads
+        through a block whose sector bitmaps fragment it share one resolution."""
+        cached = self._maps.get(block)
+        if cached is None:
+            bs = self._levels[0][1]
+            start = block * bs
+            segs: list[Segment] = []
+            self._resolve(0, start, min(bs, self._size - start), start, segs)
+            cached = ([seg[0] for seg in segs], segs)
+            if len(self._maps) >= _MAP_CACHE_BLOCKS:
+                self._maps.clear()  # bounded memory; a map is cheap to rebuild
+            self._maps[block] = cached
+        return cached
+
+    def _mapped_segments(self, offset: int, length: int) -> list[Segment]:
+        """Like :meth:`segments`, cut out of the cached block maps."""
+        bs = self._levels[0][1]
+        out: list[Segment] = []
+        pos, end = offset, offset + length
+        while pos < end:
+            block = pos // bs
+            bstart = block * bs
+            rel, rel_end = pos - bstart, min(end, bstart + bs) - bstart
+            starts, segs = self._block_map(block)
+            i = bisect.bisect_right(starts, rel) - 1
+            while i < len(segs) and segs[i][0] < rel_end:
+                s0, n, src, foff = segs[i]
+                a, b = max(s0, rel), min(s0 + n, rel_end)
+                _emit(out, bstart + a - offset, b - a, src, foff + (a - s0) if src >= 0 else 0)
+                i += 1
+            pos = bstart + rel_end
+        return out
+
     def segments(self, offset: int, length: int) -> list[Segment]:
         out: list[Segment] = []
         if length > 0:
@@ -258,7 +294,7 @@ class VirtualDisk(io.RawIOBase):
         if n == 0:
             return 0
         batches: dict[int, list[tuple[int, int, int]]] = {}
-        for pos, length, src, foff in self.segments(offset, n):
+        for pos, length, src, foff in self._mapped_segments(offset, n):
             if src < 0:
                 self._zero(mv, pos, length)
             else:

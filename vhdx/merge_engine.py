@@ -496,13 +496,15 @@ def _merge_into(chain: list[ImageFile], k: int, dry_run: bool, keep: bool, force
     target_path = target.path
     # Writable opens are standalone: metadata edits and whole-sector merges never
     # read through parents, and each BAT is then held once (ref: bench/RESULTS.md).
+    # The read plan will use the writable open's parse of ``above``, and the target
+    # is reopened writable; their read-only opens (and the ancestors, not needed any
+    # more) are closed first so that no BAT is ever held twice (peak memory).
+    above.close()
+    for f in chain[k:]:
+        f.close()
     # 1. linkage2 = G' in the file directly above the target (its DataWriteGuid kept).
     with WritableDisk(above.path, standalone=True, storage=mk(above.path)) as a:
-        # The read plan uses this open's parse of ``above``; the read-only twin goes.
         upper[-1] = a.image
-        above.close()
-        for f in chain[k:]:
-            f.close()  # the target is reopened writable; its ancestors are not needed
         upper_disk = VirtualDisk(upper)
         a.update_parent_locator({"parent_linkage2": "{%s}" % new_guid})
         # 2. the target's header takes G'; 3. blocks and metadata through its log.

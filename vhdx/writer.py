@@ -122,7 +122,7 @@ class WritableDisk(VirtualDisk):
         self._max_pending = max(1, self.log.max_entry_length // SECTOR - _PENDING_HEADROOM)
         self._pending_sb: dict[int, bytearray] = {}  # 4 KiB file offset -> sector image
         self._runs_stale: set[int] = set()
-        self._alloc_end = self._compute_alloc_end()
+        self._alloc_end = -1  # found on the first allocation: a metadata edit never scans the BAT
 
     # --- state ---------------------------------------------------------------------
     @property
@@ -147,6 +147,8 @@ class WritableDisk(VirtualDisk):
 
     def _allocate(self, size: int) -> int:
         """A fresh 1 MiB-aligned range at the end of the file, reading zeros (ref §7 rule 5a, 9)."""
+        if self._alloc_end < 0:
+            self._alloc_end = self._compute_alloc_end()
         off = self._alloc_end
         self._alloc_end = off + _align_up(size, MiB)
         if self.storage.size() < self._alloc_end:
@@ -182,7 +184,8 @@ class WritableDisk(VirtualDisk):
         self._pending_bat_sectors.clear()
         self._pending_sb.clear()
         self._runs_stale.clear()
-        self._alloc_end = max(self._alloc_end, self._compute_alloc_end())
+        if self._alloc_end >= 0:
+            self._alloc_end = max(self._alloc_end, self._compute_alloc_end())
 
     def _sb_sector(self, file_offset: int) -> bytearray:
         sec = self._pending_sb.get(file_offset)
@@ -479,6 +482,7 @@ class WritableDisk(VirtualDisk):
             for block in self._runs_stale:
                 img._runs.pop(block, None)
         self._runs_stale.clear()
+        self._maps.clear()  # resolved block maps describe the old state
 
     def resize(self, new_size: int) -> None:
         """Grow or shrink the virtual disk (see :mod:`vhdx.resize`); one logged change."""
