@@ -115,6 +115,15 @@ def _random_chain_specs(seed: int, lss: int, depth: int, peer_safe: bool) -> lis
     return specs
 
 
+def _assert_all_readers(vhdx_mod, chain, truth: bytes) -> None:
+    """vhdx, libvhdi and dissect (where installed) all read ``truth``."""
+    assert _vhdx_bytes(vhdx_mod, chain) == truth
+    if oracles.have_libvhdi():
+        assert oracles.libvhdi_bytes(chain.paths) == truth
+    if oracles.have_dissect():
+        assert oracles.dissect_bytes(chain.paths) == truth
+
+
 def _vhdx_bytes(vhdx_mod, chain) -> bytes:
     with vhdx_mod.open(chain.top, parents=chain.parents) as disk:
         assert disk.size == chain.images[0].spec.virtual_size
@@ -188,11 +197,7 @@ def test_block_sizes(tmp_path: Path, vhdx_mod, bs: int, lss: int) -> None:
                       blocks={0: Block(PARTIAL, bitmap=bytes(bits))})
     chain = build_chain(tmp_path, [base, child])
     truth = chain.expected()
-    assert _vhdx_bytes(vhdx_mod, chain) == truth
-    if oracles.have_libvhdi():
-        assert oracles.libvhdi_bytes(chain.paths) == truth
-    if oracles.have_dissect():
-        assert oracles.dissect_bytes(chain.paths) == truth
+    _assert_all_readers(vhdx_mod, chain, truth)
 
 
 @pytest.mark.parametrize("lss", [512, 4096])
@@ -203,11 +208,7 @@ def test_fixed_base_under_child(tmp_path: Path, vhdx_mod, lss: int) -> None:
                       blocks={0: Block(PARTIAL), 1: Block(PARTIAL), 2: Block(FULLY)})
     chain = build_chain(tmp_path, [base, child])
     truth = chain.expected()
-    assert _vhdx_bytes(vhdx_mod, chain) == truth
-    if oracles.have_libvhdi():
-        assert oracles.libvhdi_bytes(chain.paths) == truth
-    if oracles.have_dissect():
-        assert oracles.dissect_bytes(chain.paths) == truth
+    _assert_all_readers(vhdx_mod, chain, truth)
     if oracles.have_qemu() and lss == 512:  # the fixed base alone through qemu
         base_img = chain.images[-1]
         from builder import expected_image

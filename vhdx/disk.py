@@ -22,7 +22,7 @@ from typing import Sequence
 
 from . import structures as S
 from .errors import InvalidArgumentError, VhdxError
-from .image import ImageFile
+from .image import ImageFile, pread_into
 
 ZERO = -1  # segment source: reads zeros because the chain defines zeros
 UNALLOCATED = -2  # segment source: nothing in the chain ever wrote here
@@ -282,7 +282,7 @@ class VirtualDisk(io.RawIOBase):
                 except OSError as e:
                     self._raise_read_error(src, e)
                 if got < n:
-                    self._pread_into(self.chain[src], mv[got:], foff + got)
+                    pread_into(self._fds[src], mv[got:], foff + got, self.chain[src].path)
                 return n
             if src != -3:
                 self._zero(mv, 0, n)
@@ -308,7 +308,7 @@ class VirtualDisk(io.RawIOBase):
                     raise VhdxError(f"{img.path}: read failed: {e.strerror or e}") from None
             else:
                 for pos, foff, length in batch:
-                    self._pread_into(img, mv[pos:pos + length], foff)
+                    pread_into(img.fd, mv[pos:pos + length], foff, img.path)
             if img.overlay:
                 for pos, foff, length in batch:
                     if img.overlay.touches(foff, length):
@@ -322,22 +322,6 @@ class VirtualDisk(io.RawIOBase):
             k = min(len(_ZEROS), end - pos)
             mv[pos:pos + k] = _ZEROS[:k]
             pos += k
-
-    @staticmethod
-    def _pread_into(img: ImageFile, mv: memoryview, foff: int) -> int:
-        n = len(mv)
-        try:
-            got = os.preadv(img.fd, [mv], foff)
-            while 0 < got < n:  # short read: retry the rest, zeros past EOF
-                k = os.preadv(img.fd, [mv[got:]], foff + got)
-                if k == 0:
-                    break
-                got += k
-        except OSError as e:
-            raise VhdxError(f"{img.path}: read failed: {e.strerror}") from None
-        if got < n:
-            mv[got:] = bytes(n - got)
-        return n
 
     def read_at(self, offset: int, size: int) -> bytes:
         """``size`` bytes from virtual ``offset`` (fewer at the end of the disk)."""

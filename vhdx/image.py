@@ -57,6 +57,22 @@ def open_regular_file(path: str | os.PathLike[str]) -> int:
     return fd
 
 
+def pread_into(fd: int, mv: memoryview, offset: int, path: str) -> None:
+    """Fill ``mv`` from ``offset`` of ``fd``: short reads retried, zeros past EOF."""
+    n = len(mv)
+    try:
+        got = os.preadv(fd, [mv], offset)
+        while 0 < got < n:
+            k = os.preadv(fd, [mv[got:]], offset + got)
+            if k == 0:
+                break
+            got += k
+    except OSError as e:
+        raise VhdxError(f"{path}: read failed at {offset:#x}: {e.strerror}") from None
+    if got < n:
+        mv[got:] = bytes(n - got)
+
+
 @dataclass(frozen=True)
 class BlockInfo:
     state: int
@@ -152,16 +168,7 @@ class ImageFile:
     def read_file_into(self, offset: int, buf: bytearray) -> bytearray:
         """Like :meth:`read_file`, straight into ``buf`` (no second copy of large tables)."""
         mv = memoryview(buf)
-        done = 0
-        try:
-            while done < len(buf):
-                n = os.preadv(self.fd, [mv[done:]], offset + done)
-                if n == 0:
-                    break
-                done += n
-        except OSError as e:
-            raise VhdxError(f"{self.path}: read failed at {offset:#x}: {e.strerror}") from None
-        mv[done:] = bytes(len(buf) - done)
+        pread_into(self.fd, mv, offset, self.path)
         if self.overlay.touches(offset, len(buf)):
             self.overlay.patch(offset, mv)
         return buf
