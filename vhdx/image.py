@@ -268,6 +268,10 @@ class ImageFile:
         if self.fd >= 0 and self._owns_fd:
             os.close(self.fd)
         self.fd = -1
+        # Release the BAT and caches now, not when the last reference goes: a merge
+        # keeps closed ImageFiles in its lists while it parses the same files again.
+        self.bat = ()
+        self._runs = {}
 
     @property
     def closed(self) -> bool:
