@@ -179,3 +179,22 @@ def test_bad_header_copy_falls_back_with_a_visible_warning(chain):
     assert run("hash", base.path).stdout.split()[0] == want
     p = run("check", base.path, check_rc=1)
     assert "header 2 is invalid" in p.stdout
+
+
+def test_progress_bar_draws_on_a_terminal_only():
+    import io
+
+    from vhdx.progress import Progress
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    tty, pipe = Tty(), io.StringIO()
+    for stream in (tty, pipe):
+        bar = Progress(4 << 20, "hash", stream=stream)
+        bar(1 << 20)
+        bar(4 << 20)  # the last update is always drawn
+        bar.close()
+    assert "hash [" in tty.getvalue() and "100.0%" in tty.getvalue() and " 25.0%" in tty.getvalue()
+    assert pipe.getvalue() == ""

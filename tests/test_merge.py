@@ -486,3 +486,19 @@ def test_every_child_state_over_every_target_state(tmp_path, kind, lss):
             assert_clean(target)
             n += 1
     assert n == len(target_states) * len(child_states)
+
+
+def test_two_merges_are_kept_off_the_same_chain(tmp_path):
+    """A merge holds the file above the target writable for its whole run; a second
+    merge of the same chain finds it locked and changes nothing."""
+    chain = random_chain(tmp_path, random.Random(9), 2, 512)
+    expected = chain.expected()
+    from vhdx.writer import WritableDisk
+
+    with WritableDisk(chain.top, standalone=True):  # what a running merge holds
+        before = digests(tmp_path)
+        with pytest.raises(vhdx.LockedError):
+            merge(chain.top)
+        assert digests(tmp_path) == before
+    merge(chain.top)
+    assert read_all(chain.images[1].path) == expected

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 from . import structures as S
-from .chain import accepted_linkages, find_parent
+from .chain import check_parent, find_parent
 from .errors import VhdxError
 from .image import ImageFile
 
@@ -103,14 +103,12 @@ def check_chain(path: str | os.PathLike[str], parents: Sequence[str | os.PathLik
             except VhdxError as e:
                 report.findings.append(Finding(img.path, "error", f"parent: {e}"))
                 break
-            if parent.data_write_guid not in accepted_linkages(img.parent_locator or {}):
-                sev = "warning" if ignore_linkage else "error"
-                report.findings.append(Finding(img.path, sev,
-                    f"parent {parent.path} has DataWriteGuid {parent.data_write_guid}, which matches "
-                    "neither parent_linkage nor parent_linkage2"))
-            if parent.logical_sector_size != img.logical_sector_size:
-                report.findings.append(Finding(img.path, "error",
-                    "parent logical sector size differs from the child's"))
+            # The open path's own rules (sector size, then linkage), as findings.
+            try:
+                check_parent(img, parent, ignore_linkage, warnings)
+            except VhdxError as e:
+                report.findings.append(Finding(img.path, "error", str(e)))
+            report.findings += [Finding(img.path, "warning", w) for w in warnings]
             if any(os.path.samestat(os.fstat(parent.fd), os.fstat(o.fd)) for o in opened):
                 report.findings.append(Finding(img.path, "error", "parent chain loops back onto itself"))
                 parent.close()

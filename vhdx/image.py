@@ -156,14 +156,7 @@ class ImageFile:
 
     def read_file(self, offset: int, size: int) -> bytes:
         """``size`` bytes of the file as replayed (overlay applied; zeros past EOF)."""
-        data = self._pread(offset, size)
-        if len(data) < size:
-            data += bytes(size - len(data))
-        if self.overlay.touches(offset, size):
-            buf = bytearray(data)
-            self.overlay.patch(offset, memoryview(buf))
-            return bytes(buf)
-        return data
+        return bytes(self.read_file_into(offset, bytearray(size)))
 
     def read_file_into(self, offset: int, buf: bytearray) -> bytearray:
         """Like :meth:`read_file`, straight into ``buf`` (no second copy of large tables)."""

@@ -35,7 +35,7 @@ from . import native
 from . import structures as S
 from .bat import Geometry, iter_nonzero
 from .chain import IMAGE_SUFFIXES, accepted_linkages, open_chain
-from .disk import UNALLOCATED, ZERO, VirtualDisk
+from .disk import ZERO, VirtualDisk
 from .errors import (
     CancelledError,
     DependentDisksError,

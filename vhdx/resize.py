@@ -36,7 +36,6 @@ from typing import TYPE_CHECKING
 from . import structures as S
 from .bat import Geometry
 from .errors import InvalidArgumentError, VhdxError
-from .image import ImageFile
 from .layout import build_region_table
 
 if TYPE_CHECKING:  # pragma: no cover
