@@ -101,8 +101,32 @@ _ZERO_STRIDE = bytes(_SCAN_STRIDE * 8)
 _PLAIN_STATES = bytes((0, 1, 2, 3))  # no data in this file, offset 0: nothing to check
 
 
-def iter_nonzero(table: Table, chunk_ratio: int | None = None):  # noqa: ANN201
+Spans = list[tuple[int, int]]
+"""Entry index ranges [start, end) outside which a table is known to be all zero
+(the BAT's holes in the file, ``ImageFile.bat_spans``); None means "anywhere"."""
+
+
+def normalize_spans(spans: Spans, n: int) -> Spans:
+    """``spans`` clipped to [0, n), sorted, overlapping or touching ones merged."""
+    out: Spans = []
+    for s, e in sorted(spans):
+        s, e = max(0, s), min(n, e)
+        if s >= e:
+            continue
+        if out and s <= out[-1][1]:
+            if e > out[-1][1]:
+                out[-1] = (out[-1][0], e)
+        else:
+            out.append((s, e))
+    return out
+
+
+def iter_nonzero(table: Table, chunk_ratio: int | None = None,  # noqa: ANN201
+                 spans: Spans | None = None):
     """(index, entry) of every non-zero entry, skipping all-zero stretches fast.
+
+    With ``spans``, only those index ranges are examined (the rest is known to be
+    zero): a 64 TiB BAT whose file holds a few pages costs a few pages.
 
     With ``chunk_ratio``, payload entries holding a bare NOT_PRESENT, UNDEFINED,
     ZERO or UNMAPPED state (no offset, no reserved bits) are skipped as well,
@@ -110,10 +134,15 @@ def iter_nonzero(table: Table, chunk_ratio: int | None = None):  # noqa: ANN201
     since states 1-3 are invalid there. The comparisons run in C over strided
     views, so a huge unallocated BAT costs a few memcmp per 64 KiB.
     """
-    raw = memoryview(table).cast("B") if isinstance(table, memoryview) else None
     n = len(table)
-    for base in range(0, n, _SCAN_STRIDE):
-        end = min(base + _SCAN_STRIDE, n)
+    for lo, hi in ([(0, n)] if spans is None else normalize_spans(spans, n)):
+        yield from _iter_span(table, chunk_ratio, lo, hi)
+
+
+def _iter_span(table: Table, chunk_ratio: int | None, lo: int, hi: int):  # noqa: ANN202
+    raw = memoryview(table).cast("B") if isinstance(table, memoryview) else None
+    for base in range(lo, hi, _SCAN_STRIDE):
+        end = min(base + _SCAN_STRIDE, hi)
         if raw is not None:
             count = end - base
             seg = raw[base * 8:end * 8]
@@ -146,17 +175,19 @@ class BatProblem:
 
 
 def validate_table(table: Table, geo: Geometry, file_size: int,
-                   reserved_spans: list[tuple[int, int, str]]) -> list[BatProblem]:
+                   reserved_spans: list[tuple[int, int, str]],
+                   entry_spans: Spans | None = None) -> list[BatProblem]:
     """Every problem of the table (ref §10 rows 11-12), fatal or not.
 
     ``reserved_spans`` are the (start, end, name) file ranges of the header
-    section, log and regions, which no block may overlap.
+    section, log and regions, which no block may overlap; ``entry_spans`` are
+    the ``spans`` of :func:`iter_nonzero`.
     """
     problems: list[BatProblem] = []
     spans: list[tuple[int, int, int]] = []  # start, end, index
     cr1 = geo.chunk_ratio + 1
     bs = geo.block_size
-    for i, e in iter_nonzero(table, geo.chunk_ratio):
+    for i, e in iter_nonzero(table, geo.chunk_ratio, entry_spans):
         state = e & S.BAT_STATE_MASK
         off = e & S.BAT_OFFSET_MASK
         is_sb = i % cr1 == geo.chunk_ratio

@@ -8,6 +8,8 @@ are built in chain.py.
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
 import stat
 import threading
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from . import structures as S
-from .bat import Geometry, Table, decode_table, iter_nonzero, raise_fatal, validate_table
+from .bat import Geometry, Spans, Table, decode_table, iter_nonzero, raise_fatal, validate_table
 from .errors import CorruptImageError, InvalidArgumentError, VhdxError
 from .headers import HeaderSection, read_header_section
 from .log import Overlay, ReplayPlan, plan_replay
@@ -26,6 +28,7 @@ from .metadata import Metadata, parse_metadata
 Runs = list[tuple[int, int, bool]]
 
 _RUN_CACHE_BLOCKS = 4096
+_SPARSE_BAT_MIN = 1 << 20  # smaller BATs are read whole: one pread beats the seeks
 
 
 def open_regular_file(path: str | os.PathLike[str]) -> int:
@@ -71,6 +74,27 @@ def pread_into(fd: int, mv: memoryview, offset: int, path: str) -> None:
         raise VhdxError(f"{path}: read failed at {offset:#x}: {e.strerror}") from None
     if got < n:
         mv[got:] = bytes(n - got)
+
+
+def data_extents(fd: int, start: int, end: int) -> list[tuple[int, int]]:
+    """[start, end) ranges of ``fd`` between ``start`` and ``end`` that hold data
+    (SEEK_DATA / SEEK_HOLE); everything else reads zeros. OSError when the
+    platform or file system cannot tell."""
+    out: list[tuple[int, int]] = []
+    pos = start
+    while pos < end:
+        try:
+            s = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data after pos
+                break
+            raise
+        if s >= end:
+            break
+        h = min(os.lseek(fd, s, os.SEEK_HOLE), end)
+        out.append((s, h))
+        pos = h
+    return out
 
 
 @dataclass(frozen=True)
@@ -132,8 +156,11 @@ class ImageFile:
                 f"BAT region holds {bat_region.length // 8} entries, the disk needs {count}")
         if bat_region.file_offset + count * 8 > self.logical_size:
             raise CorruptImageError("the BAT lies past the end of the file")
-        self.bat: Table = decode_table(self.read_file_into(bat_region.file_offset, bytearray(count * 8)), count)
-        self.bat_problems = validate_table(self.bat, self.geometry, self.logical_size, self._reserved_spans())
+        self.bat: Table
+        self.bat_spans: Spans
+        self.bat, self.bat_spans = self._read_bat(bat_region.file_offset, count)
+        self.bat_problems = validate_table(self.bat, self.geometry, self.logical_size,
+                                           self._reserved_spans(), self.bat_spans)
         raise_fatal(self.bat_problems)
         self.warnings += [f"BAT entry {p.index}: {p.message}" for p in self.bat_problems]
         self._runs: dict[int, Runs] = {}
@@ -146,6 +173,44 @@ class ImageFile:
             spans.append((hs.header.log_offset, hs.header.log_offset + hs.header.log_length, "log"))
         spans += [(r.file_offset, r.file_offset + r.length, f"region {r.name}") for r in hs.regions]
         return spans
+
+    def _read_bat(self, offset: int, count: int) -> tuple[Table, Spans]:
+        """The BAT, reading only the parts of it the file holds.
+
+        A large BAT is mostly unwritten on a sparse file system (a 64 TiB disk with
+        1 MiB blocks has a 512 MiB BAT, a few pages of it used): it goes into an
+        anonymous mapping, whose untouched pages read zero and take no memory, and
+        only the file's data extents (SEEK_DATA / SEEK_HOLE) are read into it. The
+        returned spans (entry ranges) tell the scans where entries can be non-zero.
+        """
+        nbytes = count * 8
+        if nbytes < _SPARSE_BAT_MIN or not hasattr(os, "SEEK_DATA"):
+            buf = self.read_file_into(offset, bytearray(nbytes))
+            return decode_table(buf, count), [(0, count)]
+        end = min(offset + nbytes, self.file_size)
+        try:
+            extents = data_extents(self.fd, offset, end)
+        except OSError:  # the platform or file system refuses SEEK_DATA: read it all
+            extents = [(offset, end)] if offset < end else []
+        mem = mmap.mmap(-1, nbytes)
+        mv = memoryview(mem)
+        byte_spans: list[tuple[int, int]] = []
+        for start, stop in extents:
+            pread_into(self.fd, mv[start - offset:stop - offset], start, self.path)
+            byte_spans.append((start - offset, stop - offset))
+        for sec in self.overlay.data_sectors_in(offset, nbytes):
+            byte_spans.append((max(sec, offset) - offset, min(sec + S.LOG_SECTOR_SIZE, offset + nbytes) - offset))
+        if self.overlay.touches(offset, nbytes):
+            self.overlay.patch(offset, mv)
+        del mv
+        table = decode_table(mem, count)
+        return table, [(s // 8, -(-e // 8)) for s, e in byte_spans]
+
+    def note_bat_entry(self, index: int) -> None:
+        """A writer set entry ``index``: later scans must look at it."""
+        spans = self.bat_spans
+        if not spans or not (spans[-1][0] <= index < spans[-1][1]):
+            spans.append((index, index + 1))
 
     # --- raw file access ---------------------------------------------------------
     def _pread(self, offset: int, size: int) -> bytes:
@@ -250,7 +315,7 @@ class ImageFile:
     def allocated_blocks(self) -> Iterator[tuple[int, BlockInfo]]:
         """(block, info) for every payload block with a state other than NOT_PRESENT."""
         geo = self.geometry
-        for i, e in iter_nonzero(self.bat):
+        for i, e in iter_nonzero(self.bat, spans=self.bat_spans):
             if not geo.is_sb_index(i):
                 block = geo.block_of_index(i)
                 if block < geo.payload_blocks:
@@ -264,6 +329,7 @@ class ImageFile:
         # Release the BAT and caches now, not when the last reference goes: a merge
         # keeps closed ImageFiles in its lists while it parses the same files again.
         self.bat = ()
+        self.bat_spans = []
         self._runs = {}
 
     @property

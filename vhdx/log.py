@@ -261,6 +261,12 @@ class Overlay:
             buf[a - offset:b - offset] = data[a - k:b - k]
             i += 1
 
+    def data_sectors_in(self, offset: int, size: int) -> list[int]:
+        """File offsets of the overlay's data sectors that overlap [offset, offset + size)."""
+        i = bisect.bisect_left(self._sorted, offset - SECTOR + 1)
+        j = bisect.bisect_left(self._sorted, offset + size)
+        return self._sorted[i:j]
+
     def sectors(self) -> Iterator[tuple[int, bytes]]:
         for k in self._sorted:
             yield k, self._sectors[k]

@@ -103,7 +103,7 @@ def defined_ranges(upper: Sequence[ImageFile], size: int) -> list[tuple[int, int
         geo = img.geometry
         bs = geo.block_size
         # Every non-zero payload entry matters here: ZERO/UNDEFINED/UNMAPPED define zeros.
-        for i, e in iter_nonzero(img.bat):
+        for i, e in iter_nonzero(img.bat, spans=img.bat_spans):
             if geo.is_sb_index(i) or e & S.BAT_STATE_MASK == S.PAYLOAD_BLOCK_NOT_PRESENT:
                 continue
             block = geo.block_of_index(i)

@@ -138,7 +138,7 @@ class WritableDisk(VirtualDisk):
         for s, e, _ in img._reserved_spans():
             end = max(end, e)
         geo = img.geometry
-        for i, entry in iter_nonzero(img.bat):
+        for i, entry in iter_nonzero(img.bat, spans=img.bat_spans):
             off = entry & S.BAT_OFFSET_MASK
             if off:
                 size = S.SECTOR_BITMAP_BLOCK_SIZE if geo.is_sb_index(i) else geo.block_size
@@ -157,6 +157,7 @@ class WritableDisk(VirtualDisk):
 
     def _set_entry(self, index: int, value: int) -> None:
         self.image.bat[index] = value
+        self.image.note_bat_entry(index)
         self._pending_bat.add(index)
         self._pending_bat_sectors.add((self._bat_offset + 8 * index) // SECTOR)
 
