@@ -339,15 +339,27 @@ def test_transaction_write_ordering(image: Path, geom: PL.Geometry) -> None:
     assert seq == 11
     ops = rec.journal[start:]
     kinds = [op.kind for op in ops]
-    # truncate, data, FLUSH (5c), log entry, FLUSH, apply (zero range, BAT), FLUSH
-    assert kinds == ["truncate", "write", "flush", "write", "flush", "write", "write", "flush"]
+    # truncate, data, FLUSH (5c), log entry, FLUSH, apply (zero range, BAT); the
+    # apply's barrier is the next one (next entry or close), tested below
+    assert kinds == ["truncate", "write", "flush", "write", "flush", "write", "write"]
     assert ops[3].offset == geom.log_offset + SECTOR     # right after the initial entry
     h = S.LogEntryHeader.parse(ops[3].data)
     assert (h.sequence_number, h.tail, h.descriptor_count) == (11, SECTOR, 2)
     assert h.flushed_file_offset == end + MiB == h.last_file_offset  # durable size after 5c
     assert ops[5] == JournalOp("write", geom.scratch_offset, bytes(2 * SECTOR))
     assert ops[6] == JournalOp("write", geom.bat_offset, bytes(bat))
+    # The next entry is written only after a barrier that makes this apply durable.
+    mark = len(rec.journal)
+    bat[8:16] = bytes(8)
+    lw.transaction({geom.bat_offset: bytes(bat)})
+    kinds = [op.kind for op in rec.journal[mark:]]
+    assert kinds == ["flush", "write", "flush", "write"]
+    # Close: the last apply is durable before the header clears LogGuid.
+    mark = len(rec.journal)
     lw.close()
+    ops = rec.journal[mark:]
+    assert [op.kind for op in ops][:2] == ["flush", "write"]
+    assert ops[1].offset in S.HEADER_OFFSETS
     rec.close()
     r = PL.qemu_check(image)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -541,7 +553,7 @@ def _crash_after_commit(image: Path, geom: PL.Geometry) -> tuple[bytes, dict[int
     lw.transaction(ups, [(geom.scratch_offset + 10 * SECTOR, 8 * SECTOR)])
     rec.close()
     flushes = [i for i, op in enumerate(rec.journal) if op.kind == "flush"]
-    commit_flush = flushes[-2]            # the flush after the entry, before the apply
+    commit_flush = flushes[-1]            # the flush after the entry, before the apply
     img = bytearray(base)
     for op in rec.journal[:commit_flush + 1]:
         PL._apply_op(img, op)

@@ -250,8 +250,8 @@ def fast_dir():  # noqa: ANN201
 CUTS_SEEN: dict[str, int] = {}
 
 
-@pytest.mark.parametrize("kind,seed,n_ops", [("dynamic", 1, 44), ("differencing", 2, 46),
-                                             ("fixed", 3, 44), ("dynamic", 4, 44)])
+@pytest.mark.parametrize("kind,seed,n_ops", [("dynamic", 1, 48), ("differencing", 2, 50),
+                                             ("fixed", 3, 48), ("dynamic", 4, 48)])
 def test_power_loss_during_writer_workloads(fast_dir, kind, seed, n_ops):
     wl = record(fast_dir, kind, seed, n_ops)
     assert wl.stats["writes"] >= 3

@@ -12,8 +12,12 @@ Rules implemented here (ref §7 checklist):
 * a new non-zero LogGuid is made current (header update, flushed) before any log
   byte is written, followed by an empty entry at log offset 0 whose Tail points to
   itself (ref §6.5 step 1);
-* every metadata change is one log entry: write -> flush -> apply -> flush
-  (ref §6.5 step 2); the new entry never overwrites the previous head entry;
+* every metadata change is one log entry: write -> flush -> apply (ref §6.5
+  step 2); the apply is made durable by the next barrier, which always comes
+  before the next entry is written (that entry's pre-write flush) and before
+  LogGuid is cleared (close), so Tail = own offset stays true for every entry
+  while one fsync per transaction is saved; the new entry never overwrites the
+  previous head entry;
 * DataWriteGuid changes only through :meth:`LogWriter.mark_data_changed`, at most
   once per session, and never on replay (ref §2.2, §6.4 step 11);
 * a clean close sets LogGuid = 0 (ref §6.5 step 3);
@@ -418,7 +422,10 @@ class LogWriter:
         ``zeros`` are (offset, length) ranges (4 KiB multiples) to zero. On replay
         the zero ranges apply first, then the data sectors. Order of work:
         flush pending writes (payload must be durable before the entry that
-        references it, ref §7 rule 5c) -> write entry -> flush -> apply -> flush.
+        references it, ref §7 rule 5c; this also makes the previous entry's apply
+        durable) -> write entry -> flush -> apply. The entry is committed when this
+        returns; its apply becomes durable at the next barrier (the next entry,
+        :meth:`close`, or the storage's flush). A crash before then replays it.
 
         ``last_file_offset`` defaults to the file size (or the end of the highest
         update) rounded up to 1 MiB; the file is extended to it on apply exactly as
@@ -485,7 +492,8 @@ class LogWriter:
         self.storage.flush()                              # entry durable: committed
         self._head_pos, self._head_len, self._seq = pos, need, seq
         self._apply([(o, None, n) for o, n in zlist] + [(o, b, SECTOR) for o, b in data], last)
-        self.storage.flush()                              # applied in place
+        # No barrier here: the next entry's pre-write flush (or close's) covers the
+        # apply, so the entry stays replayable until then (module docstring).
         return seq
 
     def _write_ring(self, pos: int, entry: bytes | bytearray) -> None:

@@ -122,6 +122,11 @@ class FileStorage:
             mv = mv[n:]
             offset += n
 
+    def note_external_write(self) -> None:
+        """Something wrote through :attr:`fd` directly (the C copy engine): the
+        next barrier must not be skipped as clean."""
+        self._dirty = True
+
     def flush(self) -> None:
         _fsync(self.fd)
         self._dirty = False

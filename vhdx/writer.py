@@ -496,7 +496,8 @@ class WritableDisk(VirtualDisk):
         if self.closed or self.chain[0].closed:
             return
         self._commit()
-        self.storage.flush()
+        if self.storage.dirty:  # nothing written since the last barrier: no fsync
+            self.storage.flush()
 
     def close(self) -> None:
         if self.closed or self.chain[0].closed:
