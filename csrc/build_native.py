@@ -7,8 +7,12 @@ Two ways to use it:
 * setuptools: ``setup(cffi_modules=["csrc/build_native.py:ffibuilder"])``.
   setuptools runs from the project root, so the paths below are relative.
 * development: ``python3 csrc/build_native.py`` compiles in a temporary
-  directory and drops ``vhdx/_native<EXT_SUFFIX>`` into the source tree, so
-  ``from vhdx import _native`` works from the project root.
+  directory and drops ``vhdx/_native<EXT_SUFFIX>`` and
+  ``vhdx/_fastread<EXT_SUFFIX>`` into the source tree, so both import from
+  the project root.
+
+It also defines :func:`fastread_extension`, the plain CPython extension
+``vhdx._fastread`` (the chain reader's per-call entry), for setup.py.
 
 Out-of-line API mode releases the GIL around every C call by default; the
 wrapper in ``vhdx/native.py`` relies on that for its batch I/O calls.
@@ -23,6 +27,7 @@ from cffi import FFI
 
 CDEF = """
 #define VHDX_EARG ...
+#define VHDX_EFALLBACK ...
 #define VHDX_M_NONE ...
 #define VHDX_M_CLONE ...
 #define VHDX_M_COPY_FILE_RANGE ...
@@ -44,6 +49,23 @@ int vhdx_zero_ranges(int fd, const int64_t *ranges, size_t n,
                      int32_t *methods, size_t *failed);
 int vhdx_fiemap_shared(int fd, int64_t offset, int64_t length,
                        uint64_t *shared, uint64_t *mapped);
+
+typedef struct vhdx_rlevel {
+    int fd;
+    int cache_bitmaps;
+    const uint64_t *bat;
+    uint64_t bat_entries;
+    uint64_t virtual_size;
+    uint64_t block_size;
+    uint64_t chunk_ratio;
+    uint32_t sector_size;
+} vhdx_rlevel;
+typedef struct vhdx_reader vhdx_reader;
+int vhdx_reader_new(const vhdx_rlevel *levels, size_t nlevels, vhdx_reader **out);
+void vhdx_reader_free(vhdx_reader *r);
+void vhdx_reader_invalidate(vhdx_reader *r);
+int64_t vhdx_reader_read(vhdx_reader *r, uint64_t offset, uint8_t *buf, size_t len,
+                         int *err);
 """
 
 
@@ -57,8 +79,25 @@ def make_ffibuilder(root: str = "") -> FFI:
         '#include "vhdx_native.h"',
         sources=[os.path.join(csrc, "vhdx_native.c")],
         include_dirs=[csrc],
+        libraries=_LIBS,
     )
     return builder
+
+
+# The chain reader's lock (older glibc keeps pthread out of libc).
+_LIBS = ["pthread"] if os.name == "posix" else []
+
+
+def fastread_extension(root: str = ""):  # noqa: ANN201 - setuptools.Extension
+    """``vhdx._fastread``: the chain reader's per-call entry as a CPython type
+    (csrc/vhdx_fastread.c; see there for why not cffi). Optional: without it
+    ``vhdx.native`` calls the same C function through cffi, a little slower."""
+    from setuptools import Extension
+
+    csrc = os.path.join(root, "csrc")
+    return Extension("vhdx._fastread",
+                     sources=[os.path.join(csrc, "vhdx_fastread.c"), os.path.join(csrc, "vhdx_native.c")],
+                     include_dirs=[csrc], libraries=_LIBS, optional=True)
 
 
 # What setuptools' cffi_modules hook picks up.
@@ -75,7 +114,27 @@ def _build_in_place() -> str:
     with tempfile.TemporaryDirectory(prefix="vhdx-native-build-") as tmp:
         # cffi chdirs into tmpdir, hence absolute source paths here.
         out = make_ffibuilder(root).compile(tmpdir=tmp, target=target, verbose=True)
-    return out
+    return out + "\n" + _build_fastread_in_place(root)
+
+
+def _build_fastread_in_place(root: str) -> str:
+    import tempfile
+
+    from setuptools import Distribution
+
+    cwd = os.getcwd()
+    os.chdir(root)  # build_ext --inplace writes next to the package
+    try:
+        with tempfile.TemporaryDirectory(prefix="vhdx-fastread-build-") as tmp:
+            dist = Distribution({"ext_modules": [fastread_extension()], "script_name": "build_native.py"})
+            cmd = dist.get_command_obj("build_ext")
+            cmd.inplace = True
+            cmd.build_temp = tmp
+            cmd.ensure_finalized()
+            cmd.run()
+            return os.path.join(root, cmd.get_ext_filename("vhdx._fastread"))
+    finally:
+        os.chdir(cwd)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ wrap="-Wl,--wrap=pread64,--wrap=pwrite64,--wrap=copy_file_range,--wrap=fallocate
 
 "$CC" -std=c99 -g -O1 -Wall -Wextra -Werror \
     -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer \
-    -I"$here" "$here/vhdx_native.c" "$here/test_native.c" $wrap \
+    -I"$here" "$here/vhdx_native.c" "$here/test_native.c" $wrap -pthread \
     -o "$work/test_native"
 
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1

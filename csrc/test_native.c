@@ -23,6 +23,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -457,6 +458,321 @@ static void test_gather_read(void)
 }
 
 /* ------------------------------------------------------------------------ */
+/* chain reader                                                             */
+/* ------------------------------------------------------------------------ */
+
+#define TR_MIB ((uint64_t)1 << 20)
+#define TR_MAXL 3
+#define TR_OFFSET_MASK UINT64_C(0xFFFFFFFFFFF00000)
+
+/* One model level: the file's bytes (also written to fd), its BAT, geometry. */
+struct tr_level {
+    int fd;
+    uint8_t *file;
+    size_t flen;
+    uint64_t *bat;
+    uint64_t nbat, vsize, bs, cr;
+    uint32_t lss;
+};
+
+/* Byte at virtual `off` by the ref §8.1 rules, straight from the model. */
+static uint8_t tr_expect(const struct tr_level *lv, int n, uint64_t off)
+{
+    int L;
+    for (L = 0; L < n; L++) {
+        const struct tr_level *l = &lv[L];
+        uint64_t block, e, fo;
+        unsigned st;
+        if (off >= l->vsize)
+            return 0;
+        block = off / l->bs;
+        e = l->bat[block + block / l->cr];
+        st = (unsigned)(e & 7);
+        fo = (e & TR_OFFSET_MASK) + off % l->bs;
+        if (st == 7) {
+            uint64_t sb = l->bat[(block / l->cr) * (l->cr + 1) + l->cr] & TR_OFFSET_MASK;
+            uint64_t bit = (off % l->bs) / l->lss;
+            uint64_t byte = sb + (block % l->cr) * (l->bs / l->lss / 8) + bit / 8;
+            int v = byte < l->flen ? (l->file[byte] >> (bit & 7)) & 1 : 0;
+            if (!v)
+                continue;
+            st = 6;
+        }
+        if (st == 6)
+            return fo < l->flen ? l->file[fo] : 0;
+        if (st != 0)
+            return 0;
+    }
+    return 0;
+}
+
+/* A random level: 1 MiB blocks (lss 512 -> chunk ratio 4096, so one sector
+ * bitmap block covers everything), `nblocks` blocks, data blocks at 1 MiB
+ * steps after a 1 MiB header area, the SB block last; the last data block may
+ * be cut short by EOF. */
+static void tr_make(struct tr_level *l, uint64_t vsize)
+{
+    uint64_t nblocks = (vsize + TR_MIB - 1) / TR_MIB, b, next = 1, sb_off;
+    char path[512];
+    l->lss = 512;
+    l->bs = TR_MIB;
+    l->cr = ((uint64_t)1 << 23) * l->lss / l->bs;
+    l->vsize = vsize;
+    l->nbat = l->cr + 1; /* blocks < chunk ratio: payload entries, then chunk 0's SB entry */
+    l->bat = (uint64_t *)calloc((size_t)l->nbat, sizeof *l->bat);
+    for (b = 0; b < nblocks; b++) {
+        static const unsigned states[] = {0, 0, 1, 2, 3, 6, 6, 7, 7, 7};
+        unsigned st = states[rnd_below(10)];
+        uint64_t off = 0;
+        if (st == 6 || st == 7)
+            off = (next++) * TR_MIB;
+        else if ((st == 1 || st == 3) && rnd_below(2))
+            off = (next++) * TR_MIB; /* UNDEFINED/UNMAPPED may keep an offset */
+        l->bat[b] = off | st;
+    }
+    sb_off = (next++) * TR_MIB;
+    l->bat[l->cr] = sb_off | 6;
+    l->flen = (size_t)(next * TR_MIB - (rnd_below(3) == 0 ? rnd_below(TR_MIB + 1) : 0));
+    l->file = random_bytes(l->flen);
+    /* bitmaps with runs of every length, including whole 0x00/0xFF stretches */
+    if (sb_off < l->flen) {
+        size_t i, end = l->flen < sb_off + TR_MIB ? l->flen : (size_t)(sb_off + TR_MIB);
+        for (i = (size_t)sb_off; i < end; i++) {
+            uint64_t k = rnd_below(4);
+            l->file[i] = k == 0 ? 0x00 : k == 1 ? 0xFF : (uint8_t)rnd();
+        }
+    }
+    l->fd = make_file(g_tmpdir, path, sizeof path);
+    write_all(l->fd, l->file, l->flen, 0);
+}
+
+static void tr_free(struct tr_level *l)
+{
+    close(l->fd);
+    free(l->file);
+    free(l->bat);
+}
+
+static vhdx_reader *tr_reader(const struct tr_level *lv, int n, int cache)
+{
+    vhdx_rlevel d[TR_MAXL];
+    vhdx_reader *r = NULL;
+    int i, rc;
+    for (i = 0; i < n; i++) {
+        d[i].fd = lv[i].fd;
+        d[i].cache_bitmaps = cache;
+        d[i].bat = lv[i].bat;
+        d[i].bat_entries = lv[i].nbat;
+        d[i].virtual_size = lv[i].vsize;
+        d[i].block_size = lv[i].bs;
+        d[i].chunk_ratio = lv[i].cr;
+        d[i].sector_size = lv[i].lss;
+    }
+    rc = vhdx_reader_new(d, (size_t)n, &r);
+    CHECK(rc == 0 && r != NULL);
+    return r;
+}
+
+/* Random reads (unaligned, crossing blocks and levels, past the end) against
+ * the model, with short reads and EINTR injected on some rounds. */
+static void tr_check_reads(vhdx_reader *r, const struct tr_level *lv, int n, int iters)
+{
+    const uint64_t vsize = lv[0].vsize;
+    int it;
+    for (it = 0; it < iters; it++) {
+        uint64_t k = rnd_below(4);
+        size_t len = k == 0 ? (size_t)rnd_below(600) : k == 1 ? 4096
+                   : k == 2 ? (size_t)rnd_below(3 * TR_MIB) : (size_t)rnd_below(70000);
+        uint64_t off = rnd_below(2) ? rnd_below(vsize + 5000) : rnd_below(vsize / 512 + 2) * 512;
+        uint8_t *buf = (uint8_t *)malloc(len ? len : 1);
+        uint64_t want = off >= vsize ? 0 : (len < vsize - off ? len : vsize - off), i;
+        int err = 12345;
+        int64_t got;
+        memset(buf, 0xA5, len);
+        inj_reset();
+        inj.on = 1;
+        inj.short_max = (it % 4 == 1) ? 1 + (size_t)rnd_below(5000) : 0;
+        inj.eintr_every = (it % 4 == 2) ? 2 : 0;
+        got = vhdx_reader_read(r, off, buf, len, &err);
+        inj_reset();
+        CHECK(got == (int64_t)want);
+        CHECK(err == 12345); /* untouched on success */
+        for (i = 0; i < want; i++)
+            if (buf[i] != tr_expect(lv, n, off + i)) {
+                fprintf(stderr, "reader mismatch: levels=%d off=%llu len=%zu at +%llu\n", n,
+                        (unsigned long long)off, len, (unsigned long long)i);
+                CHECK(!"reader byte mismatch");
+                break;
+            }
+        for (; i < len; i++)
+            if (buf[i] != 0xA5) {
+                CHECK(!"reader wrote past the virtual size");
+                break;
+            }
+        free(buf);
+    }
+}
+
+struct tr_thread_arg {
+    vhdx_reader *r;
+    const struct tr_level *lv;
+    int n, bad;
+    uint64_t seed;
+};
+
+static void *tr_thread(void *p)
+{
+    struct tr_thread_arg *a = (struct tr_thread_arg *)p;
+    uint64_t s = a->seed;
+    uint8_t *buf = (uint8_t *)malloc(300000);
+    int it;
+    for (it = 0; it < 200; it++) {
+        uint64_t off, len, i;
+        s ^= s << 13; s ^= s >> 7; s ^= s << 17; /* own xorshift: rnd() is not thread-safe */
+        off = s % a->lv[0].vsize;
+        len = (s >> 32) % 300000;
+        if (vhdx_reader_read(a->r, off, buf, (size_t)len, NULL) < 0)
+            a->bad++;
+        for (i = 0; i < len && off + i < a->lv[0].vsize; i += 97)
+            if (buf[i] != tr_expect(a->lv, a->n, off + i)) {
+                a->bad++;
+                break;
+            }
+    }
+    free(buf);
+    return NULL;
+}
+
+static void test_reader(void)
+{
+    struct tr_level lv[TR_MAXL];
+    int n, round;
+
+    for (round = 0; round < 12; round++) {
+        vhdx_reader *r, *ru;
+        int i;
+        n = 1 + (int)rnd_below(TR_MAXL);
+        for (i = 0; i < n; i++) /* parents may be smaller or larger than the child */
+            tr_make(&lv[i], (1 + rnd_below(6)) * TR_MIB - 512 * rnd_below(3));
+        r = tr_reader(lv, n, 1);
+        ru = tr_reader(lv, n, 0);
+        tr_check_reads(r, lv, n, 60);
+        tr_check_reads(ru, lv, n, 30);
+        if (round < 3) { /* concurrent readers share one bitmap cache */
+            pthread_t t[4];
+            struct tr_thread_arg a[4];
+            for (i = 0; i < 4; i++) {
+                a[i].r = r; a[i].lv = lv; a[i].n = n; a[i].bad = 0;
+                a[i].seed = rnd() | 1;
+                pthread_create(&t[i], NULL, tr_thread, &a[i]);
+            }
+            for (i = 0; i < 4; i++) {
+                pthread_join(t[i], NULL);
+                CHECK(a[i].bad == 0);
+            }
+        }
+        /* Flip the top level's bitmap bytes on disk: the caching reader keeps
+         * its view until invalidated; the uncached one sees the change. */
+        {
+            uint64_t sb = lv[0].bat[lv[0].cr] & TR_OFFSET_MASK;
+            if (sb + 256 * 6 <= lv[0].flen) {
+                size_t j;
+                for (j = 0; j < 256 * 6; j++)
+                    lv[0].file[sb + j] = (uint8_t)~lv[0].file[sb + j];
+                write_all(lv[0].fd, lv[0].file + sb, 256 * 6, (off_t)sb);
+                tr_check_reads(ru, lv, n, 20);
+                vhdx_reader_invalidate(r);
+                tr_check_reads(r, lv, n, 20);
+            }
+        }
+        vhdx_reader_free(r);
+        vhdx_reader_free(ru);
+        for (i = 0; i < n; i++)
+            tr_free(&lv[i]);
+    }
+
+    /* argument and geometry checks, corrupt entries, I/O errors */
+    {
+        vhdx_rlevel d;
+        vhdx_reader *r = (vhdx_reader *)1;
+        uint8_t buf[4096];
+        int err = 0;
+
+        tr_make(&lv[0], 4 * TR_MIB);
+        d.fd = lv[0].fd; d.cache_bitmaps = 1; d.bat = lv[0].bat; d.bat_entries = lv[0].nbat;
+        d.virtual_size = lv[0].vsize; d.block_size = lv[0].bs; d.chunk_ratio = lv[0].cr;
+        d.sector_size = lv[0].lss;
+
+        CHECK(vhdx_reader_new(NULL, 1, &r) == VHDX_EARG && r == NULL);
+        CHECK(vhdx_reader_new(&d, 0, &r) == VHDX_EARG && r == NULL);
+        {
+            vhdx_rlevel bad[7];
+            int k;
+            for (k = 0; k < 7; k++)
+                bad[k] = d;
+            bad[0].block_size = 3 * TR_MIB;        /* not a power of two */
+            bad[1].sector_size = 1000;             /* not a power of two */
+            bad[2].sector_size = 256;              /* too small */
+            bad[3].chunk_ratio = 0;
+            bad[4].chunk_ratio = 2048;             /* inconsistent with the geometry */
+            bad[5].bat = NULL;                     /* entries without a table */
+            bad[6].virtual_size = (uint64_t)INT64_MAX + 1;
+            for (k = 0; k < 7; k++) {
+                r = (vhdx_reader *)1;
+                CHECK(vhdx_reader_new(&bad[k], 1, &r) == VHDX_EARG && r == NULL);
+            }
+        }
+        CHECK(vhdx_reader_new(&d, 1, &r) == 0);
+        CHECK(vhdx_reader_read(NULL, 0, buf, 10, &err) == -1 && err == VHDX_EARG);
+        CHECK(vhdx_reader_read(r, 0, NULL, 10, &err) == -1 && err == VHDX_EARG);
+        CHECK(vhdx_reader_read(r, 0, NULL, 0, &err) == 0);
+        CHECK(vhdx_reader_read(r, (uint64_t)INT64_MAX + 1, buf, 1, &err) == -1 && err == VHDX_EARG);
+        CHECK(vhdx_reader_read(r, (uint64_t)INT64_MAX - 5, buf, 10, &err) == -1 && err == VHDX_EARG);
+        CHECK(vhdx_reader_read(r, lv[0].vsize, buf, 10, &err) == 0);
+        CHECK(vhdx_reader_read(r, lv[0].vsize - 3, buf, 10, NULL) == 3);
+        vhdx_reader_free(r);
+        vhdx_reader_free(NULL);
+        vhdx_reader_invalidate(NULL);
+
+        /* a PARTIALLY_PRESENT block whose sector bitmap is not present */
+        lv[0].bat[0] = (1 * TR_MIB) | 7;
+        lv[0].bat[1] = (2 * TR_MIB) | 6;
+        lv[0].bat[lv[0].cr] = 0;
+        CHECK(vhdx_reader_new(&d, 1, &r) == 0);
+        err = 0;
+        CHECK(vhdx_reader_read(r, 100, buf, 10, &err) == -1 && err == VHDX_EFALLBACK);
+        CHECK(vhdx_reader_read(r, TR_MIB, buf, 10, NULL) == 10); /* other blocks still read */
+        vhdx_reader_free(r);
+        /* a BAT shorter than the geometry needs */
+        d.bat_entries = 2;
+        lv[0].bat[3] = 6 | (2 * TR_MIB);
+        CHECK(vhdx_reader_new(&d, 1, &r) == 0);
+        CHECK(vhdx_reader_read(r, 3 * TR_MIB, buf, 10, &err) == -1 && err == VHDX_EFALLBACK);
+        vhdx_reader_free(r);
+        d.bat_entries = lv[0].nbat;
+        /* a file offset near 2^64: no wrap-around, the caller takes over */
+        lv[0].bat[1] = TR_OFFSET_MASK | 6;
+        CHECK(vhdx_reader_new(&d, 1, &r) == 0);
+        CHECK(vhdx_reader_read(r, TR_MIB + 5, buf, 10, &err) == -1 && err == VHDX_EFALLBACK);
+        vhdx_reader_free(r);
+        /* a failed pread reports its errno; so does a failed bitmap read */
+        lv[0].bat[1] = (2 * TR_MIB) | 6;
+        lv[0].bat[0] = (1 * TR_MIB) | 7;
+        lv[0].bat[lv[0].cr] = (3 * TR_MIB) | 6;
+        d.fd = -1;
+        CHECK(vhdx_reader_new(&d, 1, &r) == 0);
+        CHECK(vhdx_reader_read(r, TR_MIB, buf, 10, &err) == -1 && err == EBADF);
+        CHECK(vhdx_reader_read(r, 0, buf, 10, &err) == -1 && err == EBADF);
+        vhdx_reader_free(r);
+        d.cache_bitmaps = 0;
+        CHECK(vhdx_reader_new(&d, 1, &r) == 0);
+        CHECK(vhdx_reader_read(r, 0, buf, 10, &err) == -1 && err == EBADF);
+        vhdx_reader_free(r);
+        tr_free(&lv[0]);
+    }
+}
+
+/* ------------------------------------------------------------------------ */
 /* copy_ranges                                                              */
 /* ------------------------------------------------------------------------ */
 
@@ -825,6 +1141,7 @@ int main(int argc, char **argv)
     CHECK(vhdx_native_io_supported() == 1);
     test_bitmap_runs();
     test_gather_read();
+    test_reader();
     test_copy_ranges();
     test_zero_ranges();
     test_fiemap();

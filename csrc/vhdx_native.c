@@ -27,6 +27,7 @@
 #if defined(__unix__) || defined(__unix) || (defined(__APPLE__) && defined(__MACH__))
 #define VHDX_POSIX 1
 #include <fcntl.h>
+#include <pthread.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <unistd.h>
@@ -294,6 +295,383 @@ int vhdx_gather_read(int fd, uint8_t *buf, size_t buf_len,
             memset(buf + bo + got, 0, (size_t)len - got);
     }
     return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* chain reader                                                              */
+/* ------------------------------------------------------------------------ */
+
+#define VHDX_STATE_MASK 7u
+#define VHDX_OFFSET_MASK UINT64_C(0xFFFFFFFFFFF00000)
+#define VHDX_FULLY_PRESENT 6u
+#define VHDX_PARTIALLY_PRESENT 7u
+#define VHDX_NOT_PRESENT 0u
+#define VHDX_SB_PRESENT 6u
+#define VHDX_SRC_ZERO (-1)
+/* Bitmap bytes cached per level (direct-mapped by block number), and the
+ * slot-count bounds: 1 MiB holds the bits of 2048 blocks of 2 MiB (4 GiB of
+ * disk at 512-byte sectors) or 128 of 32 MiB; 256 MiB blocks (64 KiB of bits
+ * each) still get 16 slots. Bits are allocated per slot on first use. */
+#define VHDX_BM_CACHE_BYTES ((uint64_t)1 << 20)
+#define VHDX_BM_SLOTS_MIN 16u
+#define VHDX_BM_SLOTS_MAX 4096u
+/* Segments resolved without touching the heap (a 1 MiB read of a chain with
+ * 4 KiB bitmap runs needs more, then the array grows). */
+#define VHDX_STACK_SEGS 32
+
+struct bm_slot {
+    uint64_t block;
+    uint8_t *bits; /* bm_bytes, allocated on first use */
+    int valid;
+};
+
+struct rlevel {
+    vhdx_rlevel d;
+    unsigned bs_shift;   /* log2(block_size) */
+    uint64_t bm_bytes;   /* sector-bitmap bytes per block */
+    uint64_t nslots;     /* 0 when bitmaps are not cached */
+    struct bm_slot *slots;
+};
+
+struct vhdx_reader {
+    size_t nlevels;
+    pthread_mutex_t lock; /* guards every level's slots */
+    struct rlevel *lv;
+};
+
+/* One piece of the caller's buffer: zeros (src < 0) or bytes of a file. */
+struct rseg {
+    uint64_t bo, len, fo;
+    int64_t src;
+};
+
+struct rctx {
+    struct vhdx_reader *r;
+    uint64_t base; /* virtual offset of buf[0] */
+    struct rseg *segs;
+    size_t n, cap;
+    int locked;
+    struct rseg stack[VHDX_STACK_SEGS];
+};
+
+static int is_pow2(uint64_t x) { return x && !(x & (x - 1)); }
+
+int vhdx_reader_new(const vhdx_rlevel *levels, size_t nlevels,
+                    vhdx_reader **out)
+{
+    struct vhdx_reader *r;
+    size_t i;
+
+    *out = NULL;
+    if (!levels || nlevels == 0 || nlevels > (size_t)1 << 20)
+        return VHDX_EARG;
+    for (i = 0; i < nlevels; i++) {
+        const vhdx_rlevel *d = &levels[i];
+        if (!is_pow2(d->block_size) || !is_pow2(d->sector_size) ||
+            d->sector_size < 512 || d->sector_size > 4096 ||
+            d->block_size < (uint64_t)d->sector_size * 8 ||
+            d->chunk_ratio == 0 || d->virtual_size > (uint64_t)INT64_MAX ||
+            (d->bat == NULL && d->bat_entries))
+            return VHDX_EARG;
+        /* The bits of one chunk's blocks fill one 1 MiB sector-bitmap block. */
+        if (d->chunk_ratio > ((uint64_t)1 << 23) ||
+            d->chunk_ratio * (d->block_size / d->sector_size / 8) != ((uint64_t)1 << 20))
+            return VHDX_EARG;
+    }
+    r = (struct vhdx_reader *)calloc(1, sizeof *r);
+    if (!r)
+        return ENOMEM;
+    r->lv = (struct rlevel *)calloc(nlevels, sizeof *r->lv);
+    if (!r->lv || pthread_mutex_init(&r->lock, NULL) != 0) {
+        free(r->lv);
+        free(r);
+        return ENOMEM;
+    }
+    r->nlevels = nlevels;
+    for (i = 0; i < nlevels; i++) {
+        struct rlevel *lv = &r->lv[i];
+        lv->d = levels[i];
+        while (((uint64_t)1 << lv->bs_shift) < lv->d.block_size)
+            lv->bs_shift++;
+        lv->bm_bytes = lv->d.block_size / lv->d.sector_size / 8;
+        if (lv->d.cache_bitmaps) {
+            uint64_t k = VHDX_BM_CACHE_BYTES / lv->bm_bytes;
+            if (k < VHDX_BM_SLOTS_MIN)
+                k = VHDX_BM_SLOTS_MIN;
+            if (k > VHDX_BM_SLOTS_MAX)
+                k = VHDX_BM_SLOTS_MAX;
+            lv->slots = (struct bm_slot *)calloc((size_t)k, sizeof *lv->slots);
+            if (!lv->slots) {
+                vhdx_reader_free(r);
+                return ENOMEM;
+            }
+            lv->nslots = k;
+        }
+    }
+    *out = r;
+    return 0;
+}
+
+void vhdx_reader_free(vhdx_reader *r)
+{
+    size_t i;
+    uint64_t k;
+    if (!r)
+        return;
+    for (i = 0; i < r->nlevels; i++) {
+        for (k = 0; k < r->lv[i].nslots; k++)
+            free(r->lv[i].slots[k].bits);
+        free(r->lv[i].slots);
+    }
+    pthread_mutex_destroy(&r->lock);
+    free(r->lv);
+    free(r);
+}
+
+void vhdx_reader_invalidate(vhdx_reader *r)
+{
+    size_t i;
+    uint64_t k;
+    if (!r)
+        return;
+    pthread_mutex_lock(&r->lock);
+    for (i = 0; i < r->nlevels; i++)
+        for (k = 0; k < r->lv[i].nslots; k++)
+            r->lv[i].slots[k].valid = 0;
+    pthread_mutex_unlock(&r->lock);
+}
+
+/* Append a segment, merging it into the previous one when it continues it
+ * in the buffer and (for file bytes) in the same file. */
+static int emit(struct rctx *c, uint64_t pos, uint64_t len, int64_t src, uint64_t fo)
+{
+    uint64_t bo = pos - c->base;
+    if (c->n) {
+        struct rseg *last = &c->segs[c->n - 1];
+        if (last->src == src && last->bo + last->len == bo &&
+            (src < 0 || last->fo + last->len == fo)) {
+            last->len += len;
+            return 0;
+        }
+    }
+    if (c->n == c->cap) {
+        size_t cap = c->cap * 2;
+        struct rseg *s;
+        if (c->segs == c->stack) {
+            s = (struct rseg *)malloc(cap * sizeof *s);
+            if (s)
+                memcpy(s, c->stack, c->n * sizeof *s);
+        } else {
+            s = (struct rseg *)realloc(c->segs, cap * sizeof *s);
+        }
+        if (!s)
+            return ENOMEM;
+        c->segs = s;
+        c->cap = cap;
+    }
+    c->segs[c->n].bo = bo;
+    c->segs[c->n].len = len;
+    c->segs[c->n].src = src;
+    c->segs[c->n].fo = fo;
+    c->n++;
+    return 0;
+}
+
+/* Read `len` bitmap bytes at `off`; zeros past EOF. */
+static int read_bits(int fd, uint8_t *p, uint64_t len, uint64_t off)
+{
+    size_t got;
+    int err;
+    if (off > (uint64_t)INT64_MAX || !range_ok((int64_t)off, (int64_t)len))
+        return VHDX_EFALLBACK;
+    err = pread_upto(fd, p, (size_t)len, (int64_t)off, &got);
+    if (err)
+        return err;
+    if (got < len)
+        memset(p + got, 0, (size_t)(len - got));
+    return 0;
+}
+
+/* The whole bitmap of `block` at level `lv` from the cache (loaded on a
+ * miss). Takes the reader's lock on first use; resolve() releases it. The
+ * pointer stays valid until the lock is released: only this level's lookups
+ * could evict the slot, and the caller makes none while it uses the bits. */
+static int cached_bits(struct rctx *c, struct rlevel *lv, uint64_t block,
+                       uint64_t bm_off, const uint8_t **bits)
+{
+    struct bm_slot *s;
+    int err;
+    if (!c->locked) {
+        pthread_mutex_lock(&c->r->lock);
+        c->locked = 1;
+    }
+    s = &lv->slots[block % lv->nslots];
+    if (!(s->valid && s->block == block)) {
+        s->valid = 0;
+        if (!s->bits) {
+            s->bits = (uint8_t *)malloc((size_t)lv->bm_bytes);
+            if (!s->bits)
+                return ENOMEM;
+        }
+        err = read_bits(lv->d.fd, s->bits, lv->bm_bytes, bm_off);
+        if (err)
+            return err;
+        s->block = block;
+        s->valid = 1;
+    }
+    *bits = s->bits;
+    return 0;
+}
+
+static int resolve(struct rctx *c, size_t level, uint64_t off, uint64_t len);
+
+/* [pos, pos+n) inside PARTIALLY_PRESENT `block` (data at foff) of `level`. */
+static int resolve_partial(struct rctx *c, size_t level, uint64_t block,
+                           uint64_t bstart, uint64_t foff, uint64_t pos, uint64_t n)
+{
+    struct rlevel *lv = &c->r->lv[level];
+    const uint64_t lss = lv->d.sector_size, cr = lv->d.chunk_ratio;
+    const uint64_t sbi = (block / cr) * (cr + 1) + cr;
+    uint64_t rel = pos - bstart, rel_end = rel + n, s1, bitbase = 0, sb, bm_off;
+    const uint8_t *bits;
+    uint8_t *own = NULL;
+    int err = 0;
+
+    if (sbi >= lv->d.bat_entries)
+        return VHDX_EFALLBACK;
+    sb = lv->d.bat[sbi];
+    if ((sb & VHDX_STATE_MASK) != VHDX_SB_PRESENT)
+        return VHDX_EFALLBACK; /* corrupt: the Python path names it */
+    bm_off = (sb & VHDX_OFFSET_MASK) + (block % cr) * lv->bm_bytes;
+    s1 = (rel_end + lss - 1) / lss; /* sectors [rel/lss, s1) are touched */
+    if (lv->nslots) {
+        err = cached_bits(c, lv, block, bm_off, &bits);
+    } else {
+        /* Uncached: only the bytes holding the touched sectors' bits. */
+        uint64_t b0 = rel / lss / 8, b1 = (s1 + 7) / 8;
+        own = (uint8_t *)malloc((size_t)(b1 - b0));
+        if (!own)
+            return ENOMEM;
+        err = read_bits(lv->d.fd, own, b1 - b0, bm_off + b0);
+        bits = own;
+        bitbase = b0 * 8;
+    }
+    while (!err && rel < rel_end) {
+        uint64_t s = rel / lss - bitbase, nx, run_end;
+        int v = (bits[s >> 3] >> (s & 7)) & 1;
+        nx = next_diff(bits, s + 1, s1 - bitbase, v) + bitbase;
+        run_end = nx * lss < rel_end ? nx * lss : rel_end;
+        if (v)
+            err = emit(c, bstart + rel, run_end - rel, (int64_t)level, foff + rel);
+        else if (level + 1 < c->r->nlevels)
+            err = resolve(c, level + 1, bstart + rel, run_end - rel);
+        else
+            err = emit(c, bstart + rel, run_end - rel, VHDX_SRC_ZERO, 0);
+        rel = run_end;
+    }
+    free(own);
+    return err;
+}
+
+/* Append the segments of virtual [off, off+len) as `level` sees it. */
+static int resolve(struct rctx *c, size_t level, uint64_t off, uint64_t len)
+{
+    struct rlevel *lv = &c->r->lv[level];
+    const uint64_t end = off + len, vsize = lv->d.virtual_size;
+    const uint64_t bs = lv->d.block_size, cr = lv->d.chunk_ratio;
+    uint64_t tail = end, pos = off;
+    int err = 0;
+
+    if (end > vsize) {
+        if (off >= vsize)
+            return emit(c, off, len, VHDX_SRC_ZERO, 0);
+        tail = vsize;
+    }
+    while (!err && pos < tail) {
+        const uint64_t block = pos >> lv->bs_shift, bstart = block << lv->bs_shift;
+        const uint64_t idx = block + block / cr;
+        const uint64_t n = (tail < bstart + bs ? tail : bstart + bs) - pos;
+        uint64_t e;
+        unsigned state;
+        if (idx >= lv->d.bat_entries)
+            return VHDX_EFALLBACK;
+        e = lv->d.bat[idx];
+        state = (unsigned)(e & VHDX_STATE_MASK);
+        /* Keep every file offset below INT64_MAX without overflow checks
+         * further down (validated BATs never come near it). */
+        if ((state == VHDX_FULLY_PRESENT || state == VHDX_PARTIALLY_PRESENT) &&
+            (e & VHDX_OFFSET_MASK) > (uint64_t)INT64_MAX - bs)
+            return VHDX_EFALLBACK;
+        if (state == VHDX_FULLY_PRESENT)
+            err = emit(c, pos, n, (int64_t)level, (e & VHDX_OFFSET_MASK) + (pos - bstart));
+        else if (state == VHDX_PARTIALLY_PRESENT)
+            err = resolve_partial(c, level, block, bstart, e & VHDX_OFFSET_MASK, pos, n);
+        else if (state == VHDX_NOT_PRESENT && level + 1 < c->r->nlevels)
+            err = resolve(c, level + 1, pos, n);
+        else /* NOT_PRESENT at the end of the chain, ZERO, UNDEFINED, UNMAPPED */
+            err = emit(c, pos, n, VHDX_SRC_ZERO, 0);
+        pos += n;
+    }
+    if (!err && tail < end)
+        err = emit(c, tail, end - tail, VHDX_SRC_ZERO, 0);
+    return err;
+}
+
+static int reader_fill(vhdx_reader *r, uint64_t offset, uint8_t *buf, uint64_t len)
+{
+    struct rctx c;
+    size_t i;
+    int err;
+
+    c.r = r;
+    c.base = offset;
+    c.segs = c.stack;
+    c.n = 0;
+    c.cap = VHDX_STACK_SEGS;
+    c.locked = 0;
+    err = resolve(&c, 0, offset, len);
+    if (c.locked)
+        pthread_mutex_unlock(&r->lock);
+    /* The I/O runs unlocked: concurrent reads overlap their syscalls. */
+    for (i = 0; !err && i < c.n; i++) {
+        const struct rseg *s = &c.segs[i];
+        size_t got;
+        if (s->src < 0) {
+            memset(buf + s->bo, 0, (size_t)s->len);
+            continue;
+        }
+        err = pread_upto(r->lv[s->src].d.fd, buf + s->bo, (size_t)s->len, (int64_t)s->fo, &got);
+        if (!err && got < s->len) /* past EOF reads as zeros */
+            memset(buf + s->bo + got, 0, (size_t)(s->len - got));
+    }
+    if (c.segs != c.stack)
+        free(c.segs);
+    return err;
+}
+
+int64_t vhdx_reader_read(vhdx_reader *r, uint64_t offset, uint8_t *buf,
+                         size_t len, int *err)
+{
+    uint64_t n = len, vsize;
+    int e;
+
+    if (!r || (!buf && len) || offset > (uint64_t)INT64_MAX ||
+        (uint64_t)len > (uint64_t)INT64_MAX - offset) {
+        e = VHDX_EARG;
+        goto fail;
+    }
+    vsize = r->lv[0].d.virtual_size;
+    if (offset >= vsize)
+        return 0;
+    if (n > vsize - offset)
+        n = vsize - offset;
+    e = reader_fill(r, offset, buf, n);
+    if (!e)
+        return (int64_t)n;
+fail:
+    if (err)
+        *err = e;
+    return -1;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -672,6 +1050,27 @@ int vhdx_gather_read(int fd, uint8_t *buf, size_t buf_len,
     (void)fd; (void)buf; (void)buf_len; (void)segs; (void)nsegs;
     *failed = 0;
     return ENOSYS;
+}
+
+int vhdx_reader_new(const vhdx_rlevel *levels, size_t nlevels,
+                    vhdx_reader **out)
+{
+    (void)levels; (void)nlevels;
+    *out = NULL;
+    return ENOSYS;
+}
+
+void vhdx_reader_free(vhdx_reader *r) { (void)r; }
+
+void vhdx_reader_invalidate(vhdx_reader *r) { (void)r; }
+
+int64_t vhdx_reader_read(vhdx_reader *r, uint64_t offset, uint8_t *buf,
+                         size_t len, int *err)
+{
+    (void)r; (void)offset; (void)buf; (void)len;
+    if (err)
+        *err = ENOSYS;
+    return -1;
 }
 
 int vhdx_copy_ranges(int src_fd, int dst_fd, const int64_t *ranges, size_t n,

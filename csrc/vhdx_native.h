@@ -25,6 +25,10 @@
 #include <stdint.h>
 
 #define VHDX_EARG (-1)
+/* vhdx_reader_read: the read needs something only the Python path does
+ * (a corrupt BAT/bitmap entry to report, an offset past int64). Nothing
+ * useful is in the buffer; the caller must redo the read its own way. */
+#define VHDX_EFALLBACK (-2)
 
 /* Method codes reported per range by vhdx_copy_ranges / vhdx_zero_ranges. */
 #define VHDX_M_NONE 0            /* zero-length range: nothing to do */
@@ -73,6 +77,51 @@ int vhdx_copy_ranges(int src_fd, int dst_fd, const int64_t *ranges, size_t n,
  * VHDX_M_WRITE_ZEROS or VHDX_M_NONE. */
 int vhdx_zero_ranges(int fd, const int64_t *ranges, size_t n,
                      int32_t *methods, size_t *failed);
+
+/*
+ * Chain reader: the whole read path of a virtual disk (MS-VHDX 2.5.1.1) over
+ * a chain of files, child first. One call resolves a virtual range through
+ * the BATs and sector bitmaps and fills the caller's buffer with pread and
+ * memset, no Python involved, so it can run with the GIL released.
+ *
+ * Semantics (identical to vhdx/disk.py's resolver): FULLY_PRESENT reads the
+ * file; PARTIALLY_PRESENT reads bitmap-1 sectors from this file and defers
+ * bitmap-0 sectors to the parent; NOT_PRESENT defers to the parent (zeros at
+ * the end of the chain); every other state reads zeros; a level's virtual
+ * size ends it (zeros past it). File bytes past EOF read as zeros.
+ *
+ * The reader keeps pointers to the BATs (not copies): they must stay alive
+ * and may be updated in place between reads. Sector-bitmap bytes are cached
+ * per level when cache_bitmaps is set; vhdx_reader_invalidate drops them.
+ * Reads may run concurrently from several threads (the cache is locked).
+ */
+typedef struct vhdx_rlevel {
+    int fd;
+    int cache_bitmaps;     /* 0: this file may change; read its bits each time */
+    const uint64_t *bat;   /* decoded BAT entries, host byte order */
+    uint64_t bat_entries;
+    uint64_t virtual_size;
+    uint64_t block_size;   /* power of two, >= 8 sectors */
+    uint64_t chunk_ratio;  /* 2^23 * sector_size / block_size, >= 1 */
+    uint32_t sector_size;  /* logical sector size, a power of two >= 512 */
+} vhdx_rlevel;
+
+typedef struct vhdx_reader vhdx_reader;
+
+/* Copies the level descriptions. Returns 0, VHDX_EARG (bad geometry; *out
+ * NULL), ENOMEM or ENOSYS (no POSIX I/O here). */
+int vhdx_reader_new(const vhdx_rlevel *levels, size_t nlevels,
+                    vhdx_reader **out);
+void vhdx_reader_free(vhdx_reader *r);
+/* Forget every cached sector bitmap (after the files' bitmaps changed). */
+void vhdx_reader_invalidate(vhdx_reader *r);
+/* Fill buf with the virtual bytes at offset: min(len, virtual size - offset)
+ * bytes (0 at or past the end; the rest of buf is left alone). Returns that
+ * count, or -1 with *err (if err is not NULL) set to an errno from a failed
+ * read, VHDX_EARG (NULL reader or buffer, offset + len past INT64_MAX) or
+ * VHDX_EFALLBACK; *err is left alone on success. */
+int64_t vhdx_reader_read(vhdx_reader *r, uint64_t offset, uint8_t *buf,
+                         size_t len, int *err);
 
 /* Bytes of [offset, offset+length) that are mapped, and of those, shared
  * (FIEMAP_EXTENT_SHARED). Linux only; ENOSYS elsewhere. */

@@ -6,9 +6,12 @@ parent), NOT_PRESENT defers to the parent (zeros at the end of the chain),
 ZERO / UNDEFINED / UNMAPPED read zeros (the spec's reading; libvhdi differs, ref
 §5.2 footnote 2), and past a parent's end the disk reads zeros.
 
-Reads are resolved into segments first, coalescing neighbours that are
-contiguous in one file, then filled with one gather call per file straight into
-the caller's buffer.
+With the C extension built, ``readinto_at`` runs the whole read in one call of
+:class:`vhdx.native.ChainReader` (same rules, GIL released, sector bitmaps
+cached per level). The Python path below stays the reference and the fallback
+(no extension, a replayed log's in-memory overlay, odd buffers, errors to
+report): reads are resolved into segments first, coalescing neighbours that are
+contiguous in one file, then filled straight into the caller's buffer.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import io
 import os
 import uuid
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 from . import structures as S
 from .errors import InvalidArgumentError, VhdxError
@@ -92,6 +95,26 @@ class VirtualDisk(io.RawIOBase):
         self._levels = [(f.virtual_size, f.block_size, f.geometry.chunk_ratio,
                          f.logical_sector_size, f.bat, not f.overlay, f) for f in self.chain]
         self._fds = [f.fd for f in self.chain]
+        self._native = self._make_native()
+
+    def _make_native(self) -> Callable[[int, object], int | None] | None:
+        """The C read path's hot call (:attr:`vhdx.native.ChainReader.fast`), or None:
+        no extension, or a file with a replayed log (its overlay patches reads, which
+        only the Python path does)."""
+        from .native import HAVE_CHAIN_READER, ChainLevel, ChainReader
+
+        if not HAVE_CHAIN_READER or any(f.overlay or f.closed for f in self.chain):
+            return None
+        # A writable disk changes its top file's sector bitmaps between reads.
+        cache_top = not self.writable()
+        try:
+            reader = ChainReader([ChainLevel(f.fd, f.bat, f.virtual_size, f.block_size,
+                                             f.geometry.chunk_ratio, f.logical_sector_size,
+                                             cache_top or i > 0)
+                                  for i, f in enumerate(self.chain)])
+        except (ValueError, OSError, TypeError, BufferError):
+            return None  # unusual geometry: the Python path handles it
+        return reader.fast
 
     # --- properties of the top file ----------------------------------------------
     @property
@@ -266,6 +289,12 @@ class VirtualDisk(io.RawIOBase):
 
     def readinto_at(self, offset: int, buffer) -> int:  # noqa: ANN001 - any writable buffer
         """Fill ``buffer`` from virtual ``offset``; returns bytes read (short at the end)."""
+        fast = self._native
+        # One C call resolves and reads the whole range (GIL released). Anything
+        # unusual (a non-contiguous or read-only buffer, a negative offset, an I/O
+        # error, a corrupt entry) gives None: the Python path below validates and raises.
+        if fast is not None and (n := fast(offset, buffer)) is not None:
+            return n
         mv = memoryview(buffer)
         if mv.format != "B" or mv.ndim != 1:
             mv = mv.cast("B")
@@ -284,7 +313,7 @@ class VirtualDisk(io.RawIOBase):
                 if got < n:
                     pread_into(self._fds[src], mv[got:], foff + got, self.chain[src].path)
                 return n
-            if src != -3:
+            if src != -3 and not self.closed:
                 self._zero(mv, 0, n)
                 return n
         if self.closed:
@@ -338,8 +367,10 @@ class VirtualDisk(io.RawIOBase):
                 except OSError as e:
                     self._raise_read_error(src, e)
                 return data if len(data) == n else data + bytes(n - len(data))
-            if src != -3:
+            if src != -3 and not self.closed:
                 return bytes(n)
+        if self.closed:
+            raise ValueError("I/O operation on closed disk")
         if size < 0:
             raise InvalidArgumentError(f"negative size {size}")
         if offset < 0:
@@ -385,6 +416,7 @@ class VirtualDisk(io.RawIOBase):
 
     def close(self) -> None:
         if not self.closed:
+            self._native = None
             for f in self.chain:
                 f.close()
             self._fds = [-1] * len(self.chain)
