@@ -151,3 +151,23 @@ def test_dirty_log_entry_in_a_bat_hole(tmp_path):
     with vhdx.open(path) as d:
         assert d.read_at(block * MiB, 4096) == b"\xab" * 4096
     assert open(path, "rb").read() == before  # read-only: not one byte changed
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_chains_through_the_sparse_path(tmp_path, monkeypatch, seed):
+    """Every BAT through the sparse loader (threshold 0): random chains read their
+    ground truth, merge into their parent, and check clean."""
+    from test_merge import assert_clean, random_chain, read_all
+
+    from vhdx.merge_engine import merge
+
+    monkeypatch.setattr(image_mod, "_SPARSE_BAT_MIN", 0)
+    rng = random.Random(seed)
+    chain = random_chain(tmp_path, rng, rng.randint(2, 3), rng.choice([512, 4096]))
+    expected = chain.expected()
+    with ImageFile(chain.top) as img:
+        assert isinstance(img.bat.obj, image_mod.mmap.mmap)  # the sparse loader ran
+    assert read_all(chain.top) == expected
+    merge(chain.top)
+    assert read_all(chain.images[1].path) == expected
+    assert_clean(chain.images[1].path)

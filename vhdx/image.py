@@ -192,7 +192,10 @@ class ImageFile:
             extents = data_extents(self.fd, offset, end)
         except OSError:  # the platform or file system refuses SEEK_DATA: read it all
             extents = [(offset, end)] if offset < end else []
-        mem = mmap.mmap(-1, nbytes)
+        try:
+            mem = mmap.mmap(-1, nbytes)
+        except (OSError, ValueError, OverflowError) as e:  # address space or overcommit limits
+            raise VhdxError(f"{self.path}: cannot map a {nbytes} byte BAT: {e}") from None
         mv = memoryview(mem)
         byte_spans: list[tuple[int, int]] = []
         for start, stop in extents:
