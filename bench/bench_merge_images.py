@@ -35,6 +35,9 @@ class Recipe:
     child_partial: int = 256  # PARTIALLY_PRESENT child blocks (about half their sectors defined)
     seed: int = 7
     lss: int = 512
+    # Write only the defined runs of partially-present blocks (the rest of the block
+    # stays a hole, as this project's writer leaves it) instead of whole blocks.
+    sparse_partial: bool = False
 
     def layout(self) -> "Layout":
         rng = random.Random(self.seed)
@@ -134,7 +137,12 @@ class Layout:
         try:
             full = set(self.child_full)
             for b in sorted(self.child_full + self.child_partial):
-                os.pwrite(fd, self.block_data(2, b, r.child_bs), off)
+                data = self.block_data(2, b, r.child_bs)
+                if r.sparse_partial and b not in full:
+                    for ro, n in self.bitmaps[b]:
+                        os.pwrite(fd, data[ro:ro + n], off + ro)
+                else:
+                    os.pwrite(fd, data, off)
                 c, j = divmod(b, cr)
                 sl = sb[c]
                 if b in full:
@@ -149,6 +157,8 @@ class Layout:
                         sl[base:base + count // 8] = b"\xff" * (count // 8)
                 entries[geo.payload_index(b)] = S.bat_entry(state, off)
                 off += r.child_bs
+            if os.fstat(fd).st_size < off:
+                os.ftruncate(fd, off)  # the last block's unwritten tail
             for c in chunks:
                 os.pwrite(fd, bytes(sb[c]), sb_off[c])
             _write_bat(fd, cplan.bat_offset, entries)

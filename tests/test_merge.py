@@ -349,43 +349,6 @@ def test_clone_extents_shared_while_child_kept(xfs_dir):  # noqa: F811
     assert shared == mapped == 3 * 2 * MiB  # every merged byte shares its extent with the child
 
 
-def test_clone_spans_holes_of_a_sparse_child(xfs_dir):  # noqa: F811
-    """A child written by this project's writer leaves the unwritten sectors of its
-    partially-present blocks as holes: after the first clone shows the path works,
-    runs separated only by holes go as one clone into a fresh target block (fewer
-    calls, a hole in the target), and the result reads exactly as before."""
-    d = xfs_dir / "merge-holes"
-    d.mkdir()
-    base, child = str(d / "base.vhdx"), str(d / "child.avhdx")
-    vhdx.create(base, 64 * MiB, block_size=2 * MiB)
-    with vhdx.open(base, "r+") as w:
-        w.write_at(40 * MiB, os.urandom(2 * MiB))  # one block the target already has
-    vhdx.create(child, parent=base)
-    rng = random.Random(7)
-    runs = 0
-    with vhdx.open(child, "r+") as w:
-        w.write_at(0, os.urandom(2 * MiB))  # a full block first: clones proven to work
-        for blk in (3, 9, 14, 20):  # fresh target blocks, then one the target holds
-            for k in range(0, 2 * MiB, 64 * 1024):
-                if rng.random() < 0.5:
-                    w.write_at(blk * 2 * MiB + k, os.urandom(16 * 1024))
-                    runs += 1
-    with vhdx.open(child) as disk:
-        expected = disk.read_at(0, disk.size)
-    dry = merge(child, dry_run=True)
-    s = merge(child, keep=True)
-    assert s.bytes_cloned == dry.bytes_copied + dry.bytes_cloned == 2 * MiB + runs * 16 * 1024
-    # Fresh blocks: at most one clone each (one may join block 0's, which precedes it
-    # in both files); the held block 20: one per run, its gaps keep the target's data.
-    with vhdx.open(child) as disk:
-        held = sum(1 for e in disk.extents(40 * MiB, 2 * MiB) if e.kind == "data" and e.source == 0)
-    assert set(s.ranges_by_method) == {"clone"}
-    assert held + 1 <= s.ranges_by_method["clone"] <= held + 4 < runs, (s.ranges_by_method, held, runs)
-    with vhdx.open(base) as disk:
-        assert disk.read_at(0, disk.size) == expected
-    assert_clean(Path(base))
-
-
 @pytest.mark.parametrize("depth", [2, 3])
 def test_child_larger_than_target_grows_it(tmp_path, depth):
     """The target takes the child's virtual size; the grown area reads what the chain

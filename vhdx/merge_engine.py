@@ -25,7 +25,6 @@ completes it. Files are deleted only after the target is durable.
 
 from __future__ import annotations
 
-import errno
 import os
 import time
 import uuid
@@ -60,7 +59,6 @@ ProgressFn = Callable[[int, int], object]
 CHUNK_BYTES = 64 << 20
 BATCH_SECONDS = 1.0
 PLAN_REPORT_BYTES = 1 << 30  # dry run: progress every this much planned
-_CLONE_PROBES = 8  # aligned ranges per source moved one by one until one is cloned
 _METHOD_NAMES = {native.CLONE: "clone", native.COPY_FILE_RANGE: "copy_file_range",
                  native.READ_WRITE: "read_write", native.FALLOCATE: "fallocate",
                  native.WRITE_ZEROS: "write_zeros", native.NONE: "none"}
@@ -230,50 +228,17 @@ class _Mover:
         # Exactly a plain file (subclasses, such as the tests' recorders, see every write).
         self.native = type(target.storage) in (FileStorage, DeferredSyncStorage)
         self.copies: dict[int, list[tuple[int, int, int]]] = {}
-        self.data: dict[int, list[int]] = {}  # per range: bytes of it that are data
         self.zeros: list[tuple[int, int]] = []
         self.queued = 0  # bytes waiting in copies + zeros
-        self._last_src = -1
-        # Sources whose ranges have been block-cloned into the target (seen in results),
-        # and how many aligned ranges were moved at once to find out.
-        self._cloning: set[int] = set()
-        self._probes: dict[int, int] = {}
 
-    def copy(self, src: int, src_off: int, dst_off: int, length: int, zeros_from: int = -1) -> None:
-        """Queue a copy. ``zeros_from`` (>= 0): the target bytes from there up to
-        ``dst_off`` must read zeros or do not matter (a fresh block), so a gap back
-        to the previous range that lies there and is a hole in the source may be
-        cloned across."""
+    def copy(self, src: int, src_off: int, dst_off: int, length: int) -> None:
         self.queued += length
         batch = self.copies.setdefault(src, [])
-        data = self.data.setdefault(src, [])
-        if batch:
+        if batch and batch[-1][0] + batch[-1][2] == src_off and batch[-1][1] + batch[-1][2] == dst_off:
             s, d, n = batch[-1]
-            gap = src_off - (s + n)
-            if gap == 0 and d + n == dst_off or (
-                    0 <= zeros_from <= d + n and gap > 0 and src == self._last_src and d + n + gap == dst_off
-                    and src in self._cloning and self._is_hole(src, s + n, gap)):
-                batch[-1] = (s, d, n + gap + length)
-                data[-1] += length
-                self._last_src = src
-                return
-        batch.append((src_off, dst_off, length))
-        data.append(length)
-        self._last_src = src
-        if (self.native and self.allow_clone and src not in self._cloning
-                and self._probes.get(src, 0) < _CLONE_PROBES and not (src_off | dst_off | length) & 4095):
-            # Move it now: whether it was cloned decides if later gaps may be spanned.
-            self._probes[src] = self._probes.get(src, 0) + 1
-            self.run()
-
-    def _is_hole(self, src: int, offset: int, length: int) -> bool:
-        """True when [offset, offset + length) of the source reads zeros because the
-        file holds no data there (SEEK_DATA): one clone then covers the runs on both
-        sides and leaves a hole in the target, instead of one clone per run."""
-        try:
-            return os.lseek(self.upper[src].fd, offset, os.SEEK_DATA) >= offset + length
-        except OSError as e:
-            return e.errno == errno.ENXIO  # no data up to the end of the file
+            batch[-1] = (s, d, n + length)
+        else:
+            batch.append((src_off, dst_off, length))
 
     def zero(self, dst_off: int, length: int) -> None:
         self.queued += length
@@ -294,13 +259,11 @@ class _Mover:
                 for s, d, n in ranges:
                     st.pwrite(d, img.read_file(s, n))
                     methods.append(native.READ_WRITE)
-            for n, m in zip(self.data[src], methods):
+            for (_, _, n), m in zip(ranges, methods):
                 name = _METHOD_NAMES.get(m, str(m))
                 sm.ranges_by_method[name] = sm.ranges_by_method.get(name, 0) + 1
                 if m == native.CLONE:
                     sm.bytes_cloned += n
-                    if hasattr(os, "SEEK_DATA"):
-                        self._cloning.add(src)
                 else:
                     sm.bytes_copied += n
         if self.zeros:
@@ -317,10 +280,8 @@ class _Mover:
                 sm.ranges_by_method[name] = sm.ranges_by_method.get(name, 0) + 1
                 sm.bytes_zeroed += n
         self.copies.clear()
-        self.data.clear()
         self.zeros.clear()
         self.queued = 0
-        self._last_src = -1
 
 
 def _start_writeback(fd: int, ranges: list[tuple[int, int, int]], methods: list[int]) -> None:
@@ -363,11 +324,9 @@ def _apply_block(t: WritableDisk, p: BlockPlan, mover: _Mover | None, summary: M
     summary.blocks_changed += 1
 
     def fill(base: int, zero_existing: bool) -> None:
-        # A fresh block (not zero_existing) reads zeros wherever nothing is written.
-        zeros_from = -1 if zero_existing else base
         for v, n, src, soff in p.data:
             if mover:
-                mover.copy(src, soff, base + v - p.start, n, zeros_from)
+                mover.copy(src, soff, base + v - p.start, n)
             else:
                 summary.bytes_copied += n
         if zero_existing:
