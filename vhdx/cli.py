@@ -432,7 +432,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="merge even though other disks depend on the target (they become invalid)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_merge)
+    _register_extra_commands(sub)
     return p
+
+
+# Commands that live in their own modules: each module has
+# ``register(subparsers, chain_options)`` adding its subcommands, whose ``func``
+# takes the parsed arguments and returns the exit code.
+_COMMAND_MODULES = (
+    "vhdx.nbd",          # serve
+    "vhdx.mount",        # mount, umount
+    "vhdx.hyperv.cli",   # vm show/scan/clean, config dump
+    "vhdx.relink",       # relink
+    "vhdx.compact",      # compact
+)
+
+
+def _register_extra_commands(sub: Any) -> None:
+    import importlib
+
+    for name in _COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name is not None and (name == e.name or name.startswith(e.name + ".")):
+                continue  # that command is not part of this build
+            raise
+        mod.register(sub, _chain_options)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
