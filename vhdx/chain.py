@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import ntpath
 import os
+import posixpath
 import stat
 import uuid
-from typing import Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from . import structures as S
 from .errors import ParentMismatchError, ParentNotFoundError, VhdxError
@@ -25,6 +26,9 @@ MAX_CHAIN_DEPTH = 256
 IMAGE_SUFFIXES = (".vhdx", ".avhdx")
 
 PathLike = str | os.PathLike[str]
+Opener = Callable[[str], Any]
+"""``opener(name) -> file object | path | None``: how parents of images opened
+from file objects are found (``name`` is a candidate from the parent locator)."""
 
 
 def parse_linkage(value: str | None) -> uuid.UUID | None:
@@ -151,9 +155,57 @@ def find_parent(child: ImageFile, search_dirs: Sequence[PathLike], ignore_linkag
                               "give it with --parent or --search-dir")
 
 
+def opener_candidates(child_name: str, locator: dict[str, str]) -> list[str]:
+    """Names to ask an opener for, in the locator's order: ``relative_path``
+    resolved against the child's name (``/`` separators), then the file names of
+    the absolute paths beside the child, then those names alone."""
+    base = posixpath.dirname(child_name.replace("\\", "/"))
+    out: list[str] = []
+    names: list[str] = []
+    rel = locator.get("relative_path")
+    if rel:
+        out.append(posixpath.normpath(posixpath.join(base, rel.replace("\\", "/"))))
+        names.append(ntpath.basename(rel))
+    for key in ("volume_path", "absolute_win32_path"):
+        if locator.get(key):
+            names.append(ntpath.basename(_strip_win32_prefix(locator[key])))
+    for name in dict.fromkeys(n for n in names if n):
+        out.append(posixpath.join(base, name) if base else name)
+        out.append(name)
+    return list(dict.fromkeys(out))
+
+
+def find_parent_with_opener(child: ImageFile, opener: Opener, ignore_linkage: bool) -> ImageFile:
+    """Locate the parent of ``child`` through a caller's ``opener``."""
+    locator = child.parent_locator or {}
+    linkages = accepted_linkages(locator)
+    tried: list[str] = []
+    for name in opener_candidates(child.path, locator):
+        try:
+            obj = opener(name)
+        except (OSError, KeyError, ValueError) as e:
+            tried.append(f"{name} ({e.__class__.__name__})")
+            continue
+        if obj is None:
+            tried.append(name)
+            continue
+        try:
+            parent = ImageFile(obj)
+        except VhdxError as e:
+            tried.append(f"{name} ({e})")
+            continue
+        if parent.data_write_guid in linkages or ignore_linkage:
+            return parent
+        tried.append(f"{name} (DataWriteGuid {parent.data_write_guid} does not match)")
+        parent.close()
+    where = "; ".join(tried) if tried else "no usable path in the parent locator"
+    raise ParentNotFoundError(f"{child.path}: parent not found through the opener (tried: {where})")
+
+
 def open_parents(child: ImageFile, parents: Sequence[PathLike] | None = None,
                  search_dirs: Sequence[PathLike] = (), ignore_linkage: bool = False,
-                 max_depth: int = MAX_CHAIN_DEPTH) -> tuple[list[ImageFile], list[str]]:
+                 max_depth: int = MAX_CHAIN_DEPTH, opener: Opener | None = None,
+                 ) -> tuple[list[ImageFile], list[str]]:
     """Open every ancestor of ``child`` (immediate parent first); returns (ancestors, warnings).
 
     ``parents`` (immediate parent first) are used before any lookup; ancestors
@@ -171,6 +223,8 @@ def open_parents(child: ImageFile, parents: Sequence[PathLike] | None = None,
                 raise ParentMismatchError(f"chain is deeper than {max_depth} files; refusing")
             if explicit:
                 parent = ImageFile(explicit.pop(0))
+            elif opener is not None:
+                parent = find_parent_with_opener(current, opener, ignore_linkage)
             else:
                 parent = find_parent(current, search_dirs, ignore_linkage, warnings)
             try:
@@ -195,19 +249,21 @@ def open_parents(child: ImageFile, parents: Sequence[PathLike] | None = None,
         raise
 
 
-def open_chain(path: PathLike, parents: Sequence[PathLike] | None = None,
+def open_chain(path: PathLike | Any, parents: Sequence[PathLike | Any] | None = None,
                search_dirs: Sequence[PathLike] = (), ignore_linkage: bool = False,
-               max_depth: int = MAX_CHAIN_DEPTH) -> tuple[list[ImageFile], list[str]]:
-    """Open ``path`` and all its ancestors, child first; returns (chain, warnings)."""
+               max_depth: int = MAX_CHAIN_DEPTH, opener: Opener | None = None,
+               ) -> tuple[list[ImageFile], list[str]]:
+    """Open ``path`` (or a binary file object) and all its ancestors, child
+    first; returns (chain, warnings)."""
     top = ImageFile(path)
     try:
-        ancestors, warnings = open_parents(top, parents, search_dirs, ignore_linkage, max_depth)
+        ancestors, warnings = open_parents(top, parents, search_dirs, ignore_linkage, max_depth,
+                                           opener=opener)
     except BaseException:
         top.close()
         raise
     return [top, *ancestors], [f"{top.path}: {w}" for w in top.warnings] + warnings
 
 
-def _identity(f: ImageFile) -> tuple[int, int]:
-    st = os.fstat(f.fd)
-    return st.st_dev, st.st_ino
+def _identity(f: ImageFile) -> tuple[object, ...]:
+    return f.identity()

@@ -20,7 +20,8 @@ from . import structures as S
 from .check import check_chain
 from .create import parse_size
 from .disk import VirtualDisk, open as open_disk
-from .errors import VhdxError
+from .errors import ParentNotFoundError, VhdxError
+from .image import ImageFile
 from .progress import Progress
 
 CHUNK = 4 << 20
@@ -100,12 +101,41 @@ def _human(n: int) -> str:
     return str(n)
 
 
+class _LoneImage:
+    """An image whose parent is absent, shown alone (its own headers, locator
+    and ranges): what `info` and `map --own` can still say of a seized checkpoint."""
+
+    def __init__(self, img: ImageFile, missing: str) -> None:
+        self.chain = [img]
+        self.size = img.virtual_size
+        self.missing = missing
+        self.warnings = [f"{img.path}: {w}" for w in img.warnings] + [
+            f"{missing}; shown alone: content reads need the parent"]
+
+    def __enter__(self) -> "_LoneImage":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.chain[0].close()
+
+
+def _open_or_alone(args: argparse.Namespace) -> "VirtualDisk | _LoneImage":
+    try:
+        return _open(args)
+    except ParentNotFoundError as e:
+        if args.parent:
+            raise
+        return _LoneImage(ImageFile(args.image), str(e))
+
+
 def cmd_info(args: argparse.Namespace) -> int:
-    with _open(args) as disk:
+    with _open_or_alone(args) as disk:
         chain = [image_info(img) for img in disk.chain]
         if args.json:
-            json.dump({"virtual_size": disk.size, "chain": chain, "warnings": disk.warnings},
-                      sys.stdout, indent=1)
+            out = {"virtual_size": disk.size, "chain": chain, "warnings": disk.warnings}
+            if isinstance(disk, _LoneImage):
+                out["parent_missing"] = disk.missing
+            json.dump(out, sys.stdout, indent=1)
             print()
             return 0
         for depth, f in enumerate(chain):
@@ -134,6 +164,19 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_map(args: argparse.Namespace) -> int:
+    if args.own:  # only what the top file holds itself: needs no parent
+        with ImageFile(args.image) as img:
+            extents = img.extents()
+            if args.json:
+                json.dump({"virtual_size": img.virtual_size, "file": img.path, "own": True,
+                           "extents": [e.to_dict([img]) for e in extents]}, sys.stdout, indent=1)
+                print()
+                return 0
+            print(f"{'offset':>18} {'length':>18}  kind         file offset")
+            for e in extents:
+                where = f"@{e.file_offset:#x}" if e.file_offset is not None else ""
+                print(f"{e.offset:#18x} {e.length:#18x}  {e.kind:<12} {where}")
+        return 0
     with _open(args) as disk:
         extents = disk.extents()
         if args.json:
@@ -381,7 +424,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("map", help="extent map: where every virtual byte comes from")
     _chain_options(s)
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print the map as JSON")
+    s.add_argument("--own", action="store_true",
+                   help="only the ranges IMAGE holds itself, with their file offsets (the changed-block "
+                        "map of a checkpoint); needs no parent")
     s.set_defaults(func=cmd_map)
 
     s = sub.add_parser("hash", help="hash the virtual disk")

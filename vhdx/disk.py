@@ -21,11 +21,14 @@ import io
 import os
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from . import structures as S
 from .errors import InvalidArgumentError, VhdxError
-from .image import ImageFile, pread_into
+from .image import Extent, ImageFile, ReadableObject, pread_into
+
+if TYPE_CHECKING:
+    from .native import ChainReader
 
 ZERO = -1  # segment source: reads zeros because the chain defines zeros
 UNALLOCATED = -2  # segment source: nothing in the chain ever wrote here
@@ -36,26 +39,6 @@ Segment = list  # [int, int, int, int]; a list so the last one can be extended i
 _ZEROS = memoryview(bytes(1 << 20))  # sliced without copying
 _MAP_CACHE_BLOCKS = 64
 _OFFSET_MASK = S.BAT_OFFSET_MASK
-
-
-@dataclass(frozen=True)
-class Extent:
-    """A run of the virtual disk with one origin."""
-
-    offset: int
-    length: int
-    kind: str  # "data" | "zero" | "unallocated"
-    source: int | None  # index into VirtualDisk.chain for data, else None
-    file_offset: int | None = None  # where the data lies in that file
-
-    def to_dict(self, chain: Sequence[ImageFile] | None = None) -> dict:
-        d = {"offset": self.offset, "length": self.length, "kind": self.kind}
-        if self.source is not None:
-            d["source"] = self.source
-            d["file_offset"] = self.file_offset
-            if chain is not None:
-                d["file"] = chain[self.source].path
-        return d
 
 
 def _emit(out: list[Segment], pos: int, length: int, source: int, file_offset: int) -> None:
@@ -95,16 +78,18 @@ class VirtualDisk(io.RawIOBase):
         self._levels = [(f.virtual_size, f.block_size, f.geometry.chunk_ratio,
                          f.logical_sector_size, f.bat, not f.overlay, f) for f in self.chain]
         self._fds = [f.fd for f in self.chain]
-        self._native = self._make_native()
+        reader = self._make_native()
+        self._native = reader.fast if reader is not None else None
+        self._native_read = reader.read if reader is not None else None
 
-    def _make_native(self) -> Callable[[int, object], int | None] | None:
-        """The C read path's hot call (:attr:`vhdx.native.ChainReader.fast`), or None:
-        no extension, or a file with a replayed log (its overlay patches reads, which
+    def _make_native(self) -> ChainReader | None:
+        """The C read path (:class:`vhdx.native.ChainReader`), or None: no
+        extension, or a file with a replayed log (its overlay patches reads, which
         only the Python path does)."""
         from .native import HAVE_CHAIN_READER, ChainLevel, ChainReader
 
-        if not HAVE_CHAIN_READER or any(f.overlay or f.closed for f in self.chain):
-            return None
+        if not HAVE_CHAIN_READER or any(f.overlay or f.closed or f.fd < 0 for f in self.chain):
+            return None  # (fd < 0: a file object without a descriptor, read in Python)
         # A writable disk changes its top file's sector bitmaps between reads.
         cache_top = not self.writable()
         try:
@@ -114,7 +99,7 @@ class VirtualDisk(io.RawIOBase):
                                   for i, f in enumerate(self.chain)])
         except (ValueError, OSError, TypeError, BufferError):
             return None  # unusual geometry: the Python path handles it
-        return reader.fast
+        return reader
 
     # --- properties of the top file ----------------------------------------------
     @property
@@ -306,6 +291,9 @@ class VirtualDisk(io.RawIOBase):
             src, foff = self._locate(offset, n)
             if src >= 0:
                 fd = self._fds[src]
+                if fd < 0:
+                    self._pread_level(src, mv, foff)
+                    return n
                 try:
                     got = os.preadv(fd, [mv], foff)
                 except OSError as e:
@@ -330,14 +318,14 @@ class VirtualDisk(io.RawIOBase):
                 batches.setdefault(src, []).append((pos, foff, length))
         for src, batch in batches.items():
             img = self.chain[src]
-            if len(batch) >= 4:  # many runs (sector bitmaps): one C call, GIL released
+            if len(batch) >= 4 and img.fd >= 0:  # many runs (sector bitmaps): one C call, GIL released
                 try:
                     self._gather(img.fd, mv, batch)
                 except OSError as e:
                     raise VhdxError(f"{img.path}: read failed: {e.strerror or e}") from None
             else:
                 for pos, foff, length in batch:
-                    pread_into(img.fd, mv[pos:pos + length], foff, img.path)
+                    img.pread_into(mv[pos:pos + length], foff)
             if img.overlay:
                 for pos, foff, length in batch:
                     if img.overlay.touches(foff, length):
@@ -354,6 +342,11 @@ class VirtualDisk(io.RawIOBase):
 
     def read_at(self, offset: int, size: int) -> bytes:
         """``size`` bytes from virtual ``offset`` (fewer at the end of the disk)."""
+        # One C call builds the result at its final length and reads straight
+        # into it (GIL released); None sends the read to the checks below.
+        native = self._native_read
+        if native is not None and (data := native(offset, size)) is not None:
+            return data
         n = self._size - offset
         if size < n:
             n = size
@@ -361,13 +354,13 @@ class VirtualDisk(io.RawIOBase):
             # Fast path first: most small reads have one source; the checks below
             # cost as much as the lookup, so they run only when it fails.
             src, foff = self._locate(offset, n)
-            if src >= 0:
+            if src >= 0 and self._fds[src] >= 0:
                 try:
                     data = os.pread(self._fds[src], n, foff)
                 except OSError as e:
                     self._raise_read_error(src, e)
                 return data if len(data) == n else data + bytes(n - len(data))
-            if src != -3 and not self.closed:
+            if src < 0 and src != -3 and not self.closed:
                 return bytes(n)
         if self.closed:
             raise ValueError("I/O operation on closed disk")
@@ -379,6 +372,11 @@ class VirtualDisk(io.RawIOBase):
         buf = bytearray(n)
         got = self.readinto_at(offset, buf)
         return bytes(buf) if got == n else bytes(buf[:got])
+
+    def _pread_level(self, src: int, mv: memoryview, foff: int) -> None:
+        if self.closed:
+            raise ValueError("I/O operation on closed disk")
+        self.chain[src].pread_into(mv, foff)
 
     def _raise_read_error(self, src: int, e: OSError) -> None:
         if self.closed:
@@ -396,6 +394,22 @@ class VirtualDisk(io.RawIOBase):
         got = self.readinto_at(self._pos, buffer)
         self._pos += got
         return got
+
+    def read(self, size: int | None = -1) -> bytes:
+        """Up to ``size`` bytes from the current position (all the rest for -1 or
+        None). Overrides ``RawIOBase.read``, which would read into a temporary
+        buffer and copy it: here the result is built once and filled in place."""
+        if size is None or size < 0:
+            return self.readall()
+        data = self.read_at(self._pos, size)
+        self._pos += len(data)
+        return data
+
+    def readall(self) -> bytes:
+        """Everything from the current position to the end of the disk."""
+        data = self.read_at(self._pos, max(0, self._size - self._pos))
+        self._pos += len(data)
+        return data
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         if whence == io.SEEK_SET:
@@ -416,7 +430,7 @@ class VirtualDisk(io.RawIOBase):
 
     def close(self) -> None:
         if not self.closed:
-            self._native = None
+            self._native = self._native_read = None
             for f in self.chain:
                 f.close()
             self._fds = [-1] * len(self.chain)
@@ -451,18 +465,26 @@ class VirtualDisk(io.RawIOBase):
         return f"<VirtualDisk {self.path!r} size={self.size} chain={len(self.chain)}>"
 
 
-def open(path: str | os.PathLike[str], mode: str = "r", *,  # noqa: A001 - mirrors io.open
-         parents: Sequence[str | os.PathLike[str]] | None = None,
+def open(path: str | os.PathLike[str] | ReadableObject, mode: str = "r", *,  # noqa: A001 - mirrors io.open
+         parents: Sequence[str | os.PathLike[str] | ReadableObject] | None = None,
          search_dirs: Sequence[str | os.PathLike[str]] = (),
-         ignore_linkage: bool = False) -> VirtualDisk:
+         ignore_linkage: bool = False,
+         opener: Callable[[str], object] | None = None) -> VirtualDisk:
     """Open a VHDX/AVHDX file and its whole parent chain; ``mode`` "r" (default,
     read-only) or "r+" (writable top file; parents stay read-only).
 
-    ``parents`` lists parent files explicitly (immediate parent first);
-    otherwise parents are found through the parent locator and ``search_dirs``.
+    ``path`` may be an open binary file object (a regular file behind it is read
+    through its descriptor, anything else through ``readinto``/``seek``; such
+    opens are read-only). ``parents`` lists parent files or file objects
+    explicitly (immediate parent first); otherwise parents are found through
+    ``opener(name)`` when given (it returns a file object, a path, or None for
+    each candidate name from the parent locator), else through the parent
+    locator on the file system and ``search_dirs``.
     A dirty log is replayed in memory; no byte of any file is ever written.
     """
     if mode in ("r+", "r+b", "rb+"):
+        if not isinstance(path, (str, os.PathLike)):
+            raise InvalidArgumentError("file objects open read-only; give a path for mode 'r+'")
         from .writer import WritableDisk
 
         return WritableDisk(path, parents=parents, search_dirs=search_dirs,
@@ -471,5 +493,5 @@ def open(path: str | os.PathLike[str], mode: str = "r", *,  # noqa: A001 - mirro
         raise InvalidArgumentError(f"mode {mode!r} is not supported (use 'r' or 'r+')")
     from .chain import open_chain
 
-    chain, warnings = open_chain(path, parents, search_dirs, ignore_linkage)
+    chain, warnings = open_chain(path, parents, search_dirs, ignore_linkage, opener=opener)
     return VirtualDisk(chain, warnings)

@@ -15,7 +15,7 @@ import stat
 import threading
 import uuid
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator, Protocol, Sequence
 
 from . import structures as S
 from .bat import Geometry, Spans, Table, decode_table, iter_nonzero, raise_fatal, validate_table
@@ -97,6 +97,86 @@ def data_extents(fd: int, start: int, end: int) -> list[tuple[int, int]]:
     return out
 
 
+class ReadableObject(Protocol):
+    """What an image can be read from besides a path: ``readinto`` and ``seek``."""
+
+    def readinto(self, buffer: Any) -> int | None: ...
+
+    def seek(self, offset: int, whence: int = ...) -> int: ...
+
+
+class ObjectSource:
+    """Positional reads over a file-like object that has no usable descriptor
+    (a member of a zip, a file inside an E01 through pyewf, a file of a file
+    system exposed by pytsk3 or dissect). The object's position is shared
+    state, so reads are serialised by a lock; the caller keeps owning it."""
+
+    def __init__(self, obj: ReadableObject) -> None:
+        self.obj = obj
+        self._lock = threading.Lock()
+        with self._lock:
+            self.size = obj.seek(0, os.SEEK_END)
+
+    def pread_into(self, mv: memoryview, offset: int) -> int:
+        """Fill ``mv`` from ``offset``; returns the bytes read (short at EOF)."""
+        n = len(mv)
+        got = 0
+        with self._lock:
+            self.obj.seek(offset)
+            readinto = getattr(self.obj, "readinto", None)
+            while got < n:
+                if readinto is not None:
+                    k = readinto(mv[got:])
+                else:  # read-only objects such as pytsk3's expose read(n) only
+                    b = self.obj.read(n - got)  # type: ignore[attr-defined]
+                    k = len(b)
+                    mv[got:got + k] = b
+                if not k:
+                    break
+                got += k
+        return got
+
+
+def object_name(obj: object) -> str:
+    """A readable name for a file object: its ``name`` when that is a path."""
+    name = getattr(obj, "name", None)
+    if isinstance(name, (str, os.PathLike)):
+        return os.fspath(name)
+    return f"<{type(obj).__name__} object>"
+
+
+def _descriptor_of(obj: object) -> int | None:
+    """A private duplicate of ``obj``'s descriptor when it is a regular file (so
+    the C read path serves it and its own position is never moved), else None."""
+    try:
+        fd = obj.fileno()  # type: ignore[attr-defined]
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return os.dup(fd)
+    except (AttributeError, OSError, ValueError, TypeError):  # io.UnsupportedOperation is an OSError
+        return None
+
+
+@dataclass(frozen=True)
+class Extent:
+    """A run of the virtual disk with one origin."""
+
+    offset: int
+    length: int
+    kind: str  # "data" | "zero" | "unallocated"
+    source: int | None  # index into VirtualDisk.chain for data, else None
+    file_offset: int | None = None  # where the data lies in that file
+
+    def to_dict(self, chain: Sequence[ImageFile] | None = None) -> dict:
+        d = {"offset": self.offset, "length": self.length, "kind": self.kind}
+        if self.source is not None:
+            d["source"] = self.source
+            d["file_offset"] = self.file_offset
+            if chain is not None:
+                d["file"] = chain[self.source].path
+        return d
+
+
 @dataclass(frozen=True)
 class BlockInfo:
     state: int
@@ -106,12 +186,36 @@ class BlockInfo:
 class ImageFile:
     """A single VHDX or AVHDX file, read-only. Thread-safe for reads."""
 
-    def __init__(self, path: str | os.PathLike[str], fd: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str] | ReadableObject, fd: int | None = None) -> None:
         """Open ``path``; with ``fd``, parse through that descriptor instead (the
-        writer passes its read-write one) and leave closing it to the caller."""
-        self.path = os.fspath(path)
-        self._owns_fd = fd is None
-        self.fd = open_regular_file(path) if fd is None else fd
+        writer passes its read-write one) and leave closing it to the caller.
+
+        ``path`` may also be an open binary file object: a regular file behind it
+        is read through a duplicate of its descriptor (its position untouched),
+        anything else with ``readinto``/``seek`` through those (read-only, and
+        the caller keeps owning and closing the object).
+        """
+        self.source: ObjectSource | None = None
+        self._closed = False
+        if isinstance(path, (str, os.PathLike)):
+            self.path = os.fspath(path)
+            self._owns_fd = fd is None
+            self.fd = open_regular_file(path) if fd is None else fd
+        else:
+            self.path = object_name(path)
+            dup = _descriptor_of(path)
+            self._owns_fd = dup is not None
+            if dup is not None:
+                self.fd = dup
+            else:
+                if not (hasattr(path, "seek") and (hasattr(path, "readinto") or hasattr(path, "read"))):
+                    raise InvalidArgumentError(
+                        f"{self.path}: not a path or a binary file object (needs readinto or read, and seek)")
+                try:
+                    self.source = ObjectSource(path)
+                except (OSError, ValueError) as e:
+                    raise VhdxError(f"{self.path}: cannot seek: {e}") from None
+                self.fd = -1  # no descriptor: every read goes through self.source
         try:
             self._load()
         except BaseException:
@@ -120,7 +224,7 @@ class ImageFile:
 
     # --- opening ---------------------------------------------------------------
     def _load(self) -> None:
-        self.file_size = os.fstat(self.fd).st_size
+        self.file_size = self.source.size if self.source is not None else os.fstat(self.fd).st_size
         self.warnings: list[str] = []
         self.overlay = Overlay()
         self.replay: ReplayPlan | None = None
@@ -184,7 +288,7 @@ class ImageFile:
         returned spans (entry ranges) tell the scans where entries can be non-zero.
         """
         nbytes = count * 8
-        if nbytes < _SPARSE_BAT_MIN or not hasattr(os, "SEEK_DATA"):
+        if nbytes < _SPARSE_BAT_MIN or not hasattr(os, "SEEK_DATA") or self.source is not None:
             buf = self.read_file_into(offset, bytearray(nbytes))
             return decode_table(buf, count), [(0, count)]
         end = min(offset + nbytes, self.file_size)
@@ -199,7 +303,7 @@ class ImageFile:
         mv = memoryview(mem)
         byte_spans: list[tuple[int, int]] = []
         for start, stop in extents:
-            pread_into(self.fd, mv[start - offset:stop - offset], start, self.path)
+            self.pread_into(mv[start - offset:stop - offset], start)
             byte_spans.append((start - offset, stop - offset))
         for sec in self.overlay.data_sectors_in(offset, nbytes):
             byte_spans.append((max(sec, offset) - offset, min(sec + S.LOG_SECTOR_SIZE, offset + nbytes) - offset))
@@ -216,7 +320,33 @@ class ImageFile:
             spans.append((index, index + 1))
 
     # --- raw file access ---------------------------------------------------------
+    def pread_into(self, mv: memoryview, offset: int) -> None:
+        """Fill ``mv`` with the file's raw bytes at ``offset`` (zeros past EOF; no overlay)."""
+        src = self.source
+        if src is None:
+            pread_into(self.fd, mv, offset, self.path)
+            return
+        if self._closed:
+            raise ValueError("I/O operation on a closed image")
+        try:
+            got = src.pread_into(mv, offset)
+        except (OSError, ValueError) as e:
+            raise VhdxError(f"{self.path}: read failed at {offset:#x}: {e}") from None
+        if got < len(mv):
+            mv[got:] = bytes(len(mv) - got)
+
+    def identity(self) -> tuple[object, ...]:
+        """What tells two opened files apart (device and inode, or the object)."""
+        if self.source is not None:
+            return ("object", id(self.source.obj))
+        st = os.fstat(self.fd)
+        return st.st_dev, st.st_ino
+
     def _pread(self, offset: int, size: int) -> bytes:
+        if self.source is not None:
+            buf = bytearray(size)
+            got = self.source.pread_into(memoryview(buf), offset) if not self._closed else 0
+            return bytes(buf[:got])
         try:
             return os.pread(self.fd, size, offset)
         except OSError as e:
@@ -229,7 +359,7 @@ class ImageFile:
     def read_file_into(self, offset: int, buf: bytearray) -> bytearray:
         """Like :meth:`read_file`, straight into ``buf`` (no second copy of large tables)."""
         mv = memoryview(buf)
-        pread_into(self.fd, mv, offset, self.path)
+        self.pread_into(mv, offset)
         if self.overlay.touches(offset, len(buf)):
             self.overlay.patch(offset, mv)
         return buf
@@ -324,11 +454,62 @@ class ImageFile:
                 if block < geo.payload_blocks:
                     yield block, BlockInfo(e & S.BAT_STATE_MASK, e & S.BAT_OFFSET_MASK)
 
+    def extents(self) -> list[Extent]:
+        """What this file holds by itself, over the whole virtual disk: "data"
+        (with its file offset; ``source`` 0 is this file), "zero" (ZERO, UNMAPPED
+        or UNDEFINED blocks: zeros that hide any parent) and "unallocated" (not
+        held here: a parent's bytes, or zeros at the end of a chain).
+
+        Needs no parent, so it works on a lone checkpoint file: the changed-block
+        map of a differencing disk. Costs time in proportion to the entries the
+        file holds, not to the virtual size.
+        """
+        geo = self.geometry
+        size, bs, lss = self.virtual_size, self.block_size, self.logical_sector_size
+        out: list[Extent] = []
+
+        def emit(off: int, length: int, kind: str, foff: int | None) -> None:
+            if length <= 0:
+                return
+            if out:
+                last = out[-1]
+                if last.kind == kind and last.offset + last.length == off and (
+                        foff is None or last.file_offset + last.length == foff):
+                    out[-1] = Extent(last.offset, last.length + length, kind, last.source, last.file_offset)
+                    return
+            out.append(Extent(off, length, kind, 0 if foff is not None else None, foff))
+
+        pos = 0
+        for block, info in sorted(self.allocated_blocks(), key=lambda t: t[0]):
+            start = block * bs
+            end = min(start + bs, size)
+            emit(pos, start - pos, "unallocated", None)
+            st = info.state
+            if st == S.PAYLOAD_BLOCK_FULLY_PRESENT:
+                emit(start, end - start, "data", info.file_offset)
+            elif st == S.PAYLOAD_BLOCK_PARTIALLY_PRESENT:
+                for first, count, present in self.block_runs(block):
+                    lo = start + first * lss
+                    hi = min(lo + count * lss, end)
+                    if present:
+                        emit(lo, hi - lo, "data", info.file_offset + first * lss)
+                    else:
+                        emit(lo, hi - lo, "unallocated", None)
+            elif st == S.PAYLOAD_BLOCK_NOT_PRESENT:
+                emit(start, end - start, "unallocated", None)
+            else:
+                emit(start, end - start, "zero", None)
+            pos = end
+        emit(pos, size - pos, "unallocated", None)
+        return out
+
     # --- lifetime ------------------------------------------------------------------
     def close(self) -> None:
         if self.fd >= 0 and self._owns_fd:
             os.close(self.fd)
         self.fd = -1
+        self._closed = True
+        self.source = None  # the caller owns the object; only our reference goes
         # Release the BAT and caches now, not when the last reference goes: a merge
         # keeps closed ImageFiles in its lists while it parses the same files again.
         self.bat = ()
@@ -337,7 +518,7 @@ class ImageFile:
 
     @property
     def closed(self) -> bool:
-        return self.fd < 0
+        return self._closed or (self.fd < 0 and self.source is None)
 
     def __enter__(self) -> "ImageFile":
         return self
