@@ -20,13 +20,10 @@ import struct
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import pytest
-
-from builder import FULLY, PARTIAL, Block, ImageSpec, build_chain, random_spec
+from builder import FULLY, PARTIAL, Block, build_chain, random_spec
 
 import vhdx
 from vhdx import nbd as N
@@ -50,12 +47,12 @@ def cli(*args: str, check_rc: int | None = 0, timeout: float = 120) -> subproces
     return p
 
 
-def digests(paths) -> dict[str, str]:  # noqa: ANN001
+def digests(paths) -> dict[str, str]:
     return {str(p): hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths}
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory):  # noqa: ANN001, ANN201
+def chain(tmp_path_factory):
     """base (4 MiB blocks) <- mid <- top (2 MiB blocks, partial blocks included)."""
     d = tmp_path_factory.mktemp("nbdchain")
     rng = random.Random(81)
@@ -73,14 +70,14 @@ def chain(tmp_path_factory):  # noqa: ANN001, ANN201
 
 
 @pytest.fixture
-def sockdir():  # noqa: ANN201
+def sockdir():
     d = tempfile.mkdtemp(prefix="vnbd")
     yield Path(d)
     shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture
-def served(chain, sockdir):  # noqa: ANN001, ANN201
+def served(chain, sockdir):
     """The chain served read-only on a Unix socket; the files are hashed around it."""
     before = digests(chain.paths)
     disk = vhdx.open(chain.top)
@@ -202,7 +199,7 @@ def test_qemu_img_convert_equals_vhdx_hash(chain, served, tmp_path):
     assert got == line == hashlib.sha256(chain.truth).hexdigest()
 
 
-def _runs(pairs) -> list[tuple[int, int, bool]]:  # noqa: ANN001 - (start, length, is_data)
+def _runs(pairs) -> list[tuple[int, int, bool]]:  # (start, length, is_data)
     out: list[list] = []
     for start, length, data in pairs:
         if out and out[-1][2] == data and out[-1][0] + out[-1][1] == start:
@@ -378,7 +375,7 @@ def test_export_name_option_and_oldstyle_zero_padding(chain, served):
 def test_bad_requests_get_the_protocols_errors_and_nothing_is_written(chain, served, structured):
     c = Client(served.socket_path)
     try:
-        size, tflags = c.go(structured=structured, meta=structured)
+        _, tflags = c.go(structured=structured, meta=structured)
         assert tflags & N.TF_READ_ONLY and not tflags & N.TF_SEND_WRITE_ZEROES
         cases = [
             (N.CMD_READ, SIZE - 4096, 8192, 0, b"", N.EINVAL),  # past the end
@@ -485,7 +482,7 @@ def test_writable_api_write_flush_trim_and_errors(chain, sockdir, tmp_path):
     server = N.NbdServer(disk, socket_path=sockdir / "s").start()
     c = Client(server.socket_path)
     try:
-        size, tflags = c.go()
+        _, tflags = c.go()
         assert not tflags & N.TF_READ_ONLY
         assert tflags & N.TF_SEND_WRITE_ZEROES and tflags & N.TF_SEND_TRIM and tflags & N.TF_SEND_FUA
         cookie = c.send(N.CMD_WRITE, 3 * MiB + 7, 5, N.CMD_FLAG_FUA, b"hello")

@@ -27,7 +27,8 @@ import stat
 import struct
 import sys
 import threading
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from .disk import VirtualDisk
 from .errors import InvalidArgumentError, ReadOnlyError, VhdxError
@@ -182,7 +183,7 @@ def _errno_of(exc: BaseException) -> int:
 class _Connection:
     """One client: handshake, then requests answered in order."""
 
-    def __init__(self, server: "NbdServer", sock: socket.socket) -> None:
+    def __init__(self, server: NbdServer, sock: socket.socket) -> None:
         self.server = server
         self.export = server._export
         self.sock = sock
@@ -280,8 +281,8 @@ class _Connection:
                 if data:
                     self._error(opt, REP_ERR_INVALID, "NBD_OPT_LIST takes no data")
                     continue
-                name = self.export.name.encode()
-                self._reply(opt, REP_SERVER, struct.pack(">I", len(name)) + name
+                raw = self.export.name.encode()
+                self._reply(opt, REP_SERVER, struct.pack(">I", len(raw)) + raw
                             + self.export.description.encode())
                 self._reply(opt, REP_ACK)
             elif opt in (OPT_INFO, OPT_GO):
@@ -352,11 +353,11 @@ class _Connection:
             if not self.structured:
                 self._error(opt, REP_ERR_INVALID, "negotiate structured replies first")
                 return
-        queries = self._parse_meta(data)
-        if queries is None:
+        parsed = self._parse_meta(data)
+        if parsed is None:
             self._error(opt, REP_ERR_INVALID, "malformed metadata context request")
             return
-        name, queries = queries
+        name, queries = parsed
         if not self.export.matches(name):
             self._error(opt, REP_ERR_UNKNOWN, f"no export named {name!r}")
             return
@@ -775,7 +776,7 @@ class NbdServer:
         except OSError:
             pass
 
-    def start(self) -> "NbdServer":
+    def start(self) -> NbdServer:
         """Serve in a background thread; returns self."""
         self._thread = threading.Thread(target=self.serve_forever, daemon=True, name="vhdx-nbd-server")
         self._thread.start()
@@ -789,7 +790,7 @@ class NbdServer:
         elif not self._done.is_set():
             self._shutdown()
 
-    def __enter__(self) -> "NbdServer":
+    def __enter__(self) -> NbdServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -844,7 +845,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         server = NbdServer(disk, socket_path=args.socket, host=args.bind or "127.0.0.1", port=port,
                            export_name=args.export_name)
-        handler = lambda _sig, _frame: server.request_stop()  # noqa: E731
+
+        def handler(_sig: int, _frame: object) -> None:
+            server.request_stop()
+
         old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             print(server.uri, flush=True)
@@ -874,4 +878,4 @@ def register(subparsers: Any, chain_options: Callable[[argparse.ArgumentParser],
     p.set_defaults(func=cmd_serve)
 
 
-__all__ = ["NbdServer", "serve", "open_for_serving", "DEFAULT_PORT"]
+__all__ = ["DEFAULT_PORT", "NbdServer", "open_for_serving", "serve"]
