@@ -199,6 +199,28 @@ def test_qemu_img_convert_equals_vhdx_hash(chain, served, tmp_path):
     assert got == line == hashlib.sha256(chain.truth).hexdigest()
 
 
+def test_forensics_recipe_qcow2_over_nbd(chain, sockdir, tmp_path):
+    """docs/forensics.md, section NBD: serve, convert to qcow2, stop with SIGTERM."""
+    need("qemu-img")
+    sock = sockdir / "s"
+    p, uri = _start_cli(str(chain.top), "--socket", str(sock))
+    try:
+        out = tmp_path / "out.qcow2"
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", uri, str(out)],
+                       check=True, capture_output=True, timeout=120)
+    finally:
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(60) == 0
+    back = tmp_path / "back.raw"
+    subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(out), str(back)],
+                   check=True, capture_output=True, timeout=120)
+    assert back.read_bytes() == chain.truth
+    # the holes the server reported stayed holes: the qcow2 holds no more than the data
+    with vhdx.open(chain.top) as disk:
+        data = sum(e.length for e in disk.extents() if e.kind == "data")
+    assert out.stat().st_size < data + 4 * MiB
+
+
 def _runs(pairs) -> list[tuple[int, int, bool]]:  # (start, length, is_data)
     out: list[list] = []
     for start, length, data in pairs:
