@@ -20,6 +20,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -363,6 +364,27 @@ def test_unknown_and_invalid_options_get_error_replies(chain, served):
         assert c.read(5 * MiB, 4096) == chain.truth[5 * MiB:5 * MiB + 4096]
     finally:
         c.close()
+
+
+def test_stalled_handshakes_time_out_and_connections_are_bounded(chain, sockdir):
+    with vhdx.open(chain.top) as disk:
+        server = N.NbdServer(disk, socket_path=sockdir / "s", handshake_timeout=1.5,
+                             max_connections=2, log=lambda _msg: None).start()
+        try:
+            stalled = Client(server.socket_path)
+            stalled.greet()  # and then nothing
+            busy = Client(server.socket_path)
+            busy.go()
+            extra = Client(server.socket_path)  # a third one: refused at once
+            assert extra.closed_by_server()
+            extra.close()
+            assert stalled.closed_by_server()  # after the handshake timeout
+            stalled.close()
+            time.sleep(1.6)  # the transmitting client is never timed out
+            assert busy.read(0, 4096) == chain.truth[:4096]
+            busy.close()
+        finally:
+            server.stop()
 
 
 def test_abort_is_acknowledged(served):

@@ -228,7 +228,11 @@ class _Connection:
     # --- main ----------------------------------------------------------------------
     def run(self) -> None:
         try:
+            # A client that never completes the handshake must not hold a slot forever;
+            # once transmitting, an idle client is normal (no timeout).
+            self.sock.settimeout(self.server.handshake_timeout)
             if self._handshake():
+                self.sock.settimeout(None)
                 self._transmission()
         except (_Disconnect, ConnectionError, TimeoutError):
             pass
@@ -599,12 +603,15 @@ class NbdServer:
     :meth:`request_stop` (safe from a signal handler); :meth:`start` runs it in a
     thread and :meth:`stop` ends it. Neither closes the disk: its owner does.
     Serving a :class:`~vhdx.writer.WritableDisk` makes the export writable unless
-    ``read_only`` says otherwise.
+    ``read_only`` says otherwise. At most ``max_connections`` clients at once (each
+    may hold a buffer of up to 32 MiB); one that has not finished its handshake
+    after ``handshake_timeout`` seconds is dropped.
     """
 
     def __init__(self, disk: VirtualDisk, *, socket_path: str | os.PathLike[str] | None = None,
                  host: str = "127.0.0.1", port: int = DEFAULT_PORT, export_name: str | None = None,
                  read_only: bool | None = None, max_connections: int = 16,
+                 handshake_timeout: float | None = 60.0,
                  log: Callable[[str], None] | None = None) -> None:
         writable = bool(disk.writable())
         ro = (not writable) if read_only is None else (read_only or not writable)
@@ -613,6 +620,7 @@ class NbdServer:
                 + ("read-only" if ro else "writable"))
         self._export = _Export(disk, name, ro, desc)
         self.max_connections = max_connections
+        self.handshake_timeout = handshake_timeout
         self._log = log
         self._stopping = False
         self._done = threading.Event()
