@@ -559,6 +559,16 @@ def test_writable_api_write_flush_trim_and_errors(chain, sockdir, tmp_path):
         assert d.read_at(0, 3 * MiB) == chain.truth[:3 * MiB]
 
 
+def test_writable_extents_see_pending_sector_bitmaps(chain, tmp_path):
+    """WritableDisk.extents (block status of a writable export) before any flush."""
+    new = tmp_path / "p.avhdx"
+    vhdx.create(new, parent=chain.top)
+    with vhdx.open(new, "r+") as disk:
+        disk.write_at(6 * MiB + 1024, b"\x01" * 512)  # one sector of a fresh partial block
+        (e,) = [x for x in disk.extents(6 * MiB + 1024, 512)]
+        assert (e.kind, e.source) == ("data", 0)
+
+
 # --- the command ---------------------------------------------------------------------
 def _start_cli(*args: str) -> tuple[subprocess.Popen, str]:
     p = subprocess.Popen([sys.executable, "-m", "vhdx", "serve", *args], cwd=REPO_ROOT,

@@ -615,8 +615,9 @@ class NbdServer:
                  log: Callable[[str], None] | None = None) -> None:
         writable = bool(disk.writable())
         ro = (not writable) if read_only is None else (read_only or not writable)
-        name = export_name if export_name is not None else os.path.basename(disk.path)
-        desc = (f"vhdx: {os.path.basename(disk.path)} ({len(disk.chain)} file(s) in the chain), "
+        base = os.path.basename(str(getattr(disk, "path", "") or "")) or "disk"
+        name = export_name if export_name is not None else base
+        desc = (f"vhdx: {base} ({len(disk.chain)} file(s) in the chain), "
                 + ("read-only" if ro else "writable"))
         self._export = _Export(disk, name, ro, desc)
         self.max_connections = max_connections
