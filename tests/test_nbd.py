@@ -20,6 +20,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -557,6 +558,50 @@ def test_writable_api_write_flush_trim_and_errors(chain, sockdir, tmp_path):
         assert d.read_at(3 * MiB + 7, 5) == b"hello"
         assert d.read_at(20 * MiB, 2 * MiB) == bytes(2 * MiB)
         assert d.read_at(0, 3 * MiB) == chain.truth[:3 * MiB]
+
+
+def test_writable_export_serializes_concurrent_writers(chain, sockdir, tmp_path):
+    new = tmp_path / "cw.avhdx"
+    disk = N.open_for_serving(chain.top, write_to=new)
+    server = N.NbdServer(disk, socket_path=sockdir / "s").start()
+    want = bytearray(chain.truth)
+    rng = random.Random(5)
+    plans = []
+    for k in range(2):  # disjoint halves, unaligned pieces crossing block edges
+        plan = []
+        for _ in range(40):
+            off = k * (SIZE // 2) + rng.randrange(0, SIZE // 2 - 70000)
+            data = bytes([rng.randrange(1, 256)]) * rng.randrange(1, 70000)
+            plan.append((off, data))
+            want[off:off + len(data)] = data
+        plans.append(plan)
+    errors: list[BaseException] = []
+
+    def writer(plan) -> None:
+        c = Client(server.socket_path)
+        try:
+            c.go()
+            for off, data in plan:
+                cookie = c.send(N.CMD_WRITE, off, len(data), 0, data)
+                assert c.reply()[:2] == (cookie, 0)
+                assert c.read(off, len(data)) == data
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+        finally:
+            c.close()
+
+    threads = [threading.Thread(target=writer, args=(p,)) for p in plans]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        server.stop()
+        disk.close()
+    assert not errors, errors
+    with vhdx.open(new) as d:
+        assert d.read_at(0, SIZE) == bytes(want)
 
 
 def test_writable_extents_see_pending_sector_bitmaps(chain, tmp_path):
