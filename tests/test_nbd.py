@@ -260,6 +260,22 @@ def test_nbdinfo_reports_size_and_export(chain, served):
     (ex,) = listing["exports"]
     assert ex["export-name"] == chain.top.name == served.export_name
     assert ex["export-size"] == SIZE
+    assert "read-only" in ex["description"] and chain.top.name in ex["description"]
+
+
+def test_export_name_option_names_the_export(chain, sockdir):
+    need("nbdinfo")
+    p, uri = _start_cli(str(chain.top), "--socket", str(sockdir / "n"), "--export-name", "evidence1")
+    try:
+        named = uri.replace("nbd+unix:///?", "nbd+unix:///evidence1?")
+        for u, ok in ((named, True), (uri, True), (uri.replace("///?", "///other?"), False)):
+            r = subprocess.run(["nbdinfo", "--size", u], capture_output=True, text=True, timeout=60)
+            assert (r.returncode == 0) == ok, (u, r.stderr)
+            if ok:
+                assert r.stdout.strip() == str(SIZE)
+    finally:
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(60) == 0
 
 
 def test_two_clients_read_at_once(chain, served, tmp_path):

@@ -219,8 +219,7 @@ class _Connection:
             n -= k
 
     def _buffer(self, size: int) -> memoryview:
-        if len(self._buf) < size:
-            self._mv.release()
+        if len(self._buf) < size:  # the old buffer goes with its last view
             self._buf = bytearray(max(size, min(2 * len(self._buf), _DATA_AT + MAX_PAYLOAD)))
             self._mv = memoryview(self._buf)
         return self._mv
