@@ -282,7 +282,6 @@ class WritableDisk(VirtualDisk):
 
     def extents(self, offset: int = 0, length: int | None = None) -> list[Extent]:
         # Pending sector bitmaps live in memory only; the map reads them from the file.
-        self._need_parents()
         self._commit()
         return super().extents(offset, length)
 
