@@ -622,6 +622,56 @@ def test_writable_export_serializes_concurrent_writers(chain, sockdir, tmp_path)
         assert d.read_at(0, SIZE) == bytes(want)
 
 
+def test_random_requests_on_a_writable_export_match_a_model(chain, sockdir, tmp_path):
+    """Seeded random writes, zeroes (with and without NO_HOLE), reads, block status and
+    flushes over one connection, against a bytearray model of the disk."""
+    new = tmp_path / "m.avhdx"
+    disk = N.open_for_serving(chain.top, write_to=new)
+    server = N.NbdServer(disk, socket_path=sockdir / "s").start()
+    model = bytearray(chain.truth)
+    rng = random.Random(1234)
+    c = Client(server.socket_path)
+    try:
+        c.go()
+        for _ in range(300):
+            op = rng.random()
+            off = rng.randrange(SIZE)
+            n = min(rng.choice((1, 511, 512, 4096, 65536, 3 * MiB)), SIZE - off) or 1
+            off = min(off, SIZE - n)
+            if op < 0.4:
+                data = rng.randbytes(n)
+                cookie = c.send(N.CMD_WRITE, off, n, rng.choice((0, N.CMD_FLAG_FUA)), data)
+                assert c.reply()[:2] == (cookie, 0)
+                model[off:off + n] = data
+            elif op < 0.55:
+                cookie = c.send(N.CMD_WRITE_ZEROES, off, n, rng.choice((0, N.CMD_FLAG_NO_HOLE)))
+                assert c.reply()[:2] == (cookie, 0)
+                model[off:off + n] = bytes(n)
+            elif op < 0.65:
+                cookie = c.send(N.CMD_BLOCK_STATUS, off, n)
+                _, err, _, chunks = c.reply()
+                assert err == 0
+                body, pos = chunks[0][1], off
+                for i in range(4, len(body), 8):  # a hole must read zeros
+                    length, st = struct.unpack(">II", body[i:i + 8])
+                    end = min(pos + length, off + n)
+                    if st & N.STATE_ZERO:
+                        assert model[pos:end].count(0) == end - pos
+                    pos += length
+            elif op < 0.7:
+                cookie = c.send(N.CMD_FLUSH)
+                assert c.reply()[:2] == (cookie, 0)
+            else:
+                assert c.read(off, n) == model[off:off + n]
+    finally:
+        c.close()
+        server.stop()
+        disk.close()
+    with vhdx.open(new) as d:
+        assert d.read_at(0, SIZE) == bytes(model)
+    cli("check", new)
+
+
 def test_writable_extents_see_pending_sector_bitmaps(chain, tmp_path):
     """WritableDisk.extents (block status of a writable export) before any flush."""
     new = tmp_path / "p.avhdx"
