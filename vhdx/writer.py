@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 from . import structures as S
 from .bat import iter_nonzero
 from .chain import open_parents
-from .disk import VirtualDisk
+from .disk import Extent, VirtualDisk
 from .errors import InvalidArgumentError, LockedError, ReadOnlyError, VhdxError
 from .image import ImageFile
 from .log_writer import LogWriter
@@ -279,6 +279,11 @@ class WritableDisk(VirtualDisk):
         self._need_parents()
         self._commit()
         return super().read_at(offset, size)
+
+    def extents(self, offset: int = 0, length: int | None = None) -> list[Extent]:
+        # Pending sector bitmaps live in memory only; the map reads them from the file.
+        self._commit()
+        return super().extents(offset, length)
 
     # --- writing -------------------------------------------------------------------
     def _check_range(self, offset: int, length: int) -> None:
