@@ -44,12 +44,27 @@ sys.path.insert(1, str(ROOT))
 
 MiB = 1 << 20
 ROWS = ["readinto1m", "read1m", "read64k", "copyfileobj", "file_digest", "buffered64k",
-        "read_at4k", "readinto_at4k", "threads2"]
+        "read_at4k", "readinto_at4k", "threads2", "read_at4k_cold", "threads2_cold"]
 TITLES = {"readinto1m": "readinto 1 MiB", "read1m": "read 1 MiB", "read64k": "read 64 KiB",
           "copyfileobj": "shutil.copyfileobj", "file_digest": "hashlib.file_digest",
           "buffered64k": "BufferedReader 64 KiB", "read_at4k": "random read_at 4 KiB",
-          "readinto_at4k": "random readinto_at 4 KiB", "threads2": "2 threads read_at 4 KiB"}
-RANDOM_ROWS = {"read_at4k", "readinto_at4k", "threads2"}
+          "readinto_at4k": "random readinto_at 4 KiB", "threads2": "2 threads read_at 4 KiB",
+          "read_at4k_cold": "random read_at 4 KiB, cold cache",
+          "threads2_cold": "2 threads read_at 4 KiB, cold cache"}
+RANDOM_ROWS = {"read_at4k", "readinto_at4k", "threads2", "read_at4k_cold", "threads2_cold"}
+COLD_OPS = 20_000  # cold reads go to the device: fewer of them
+
+
+def drop_cache(chain: list[str]) -> None:
+    """Evict the chain's files from the page cache (they are clean: read-only)."""
+    import os
+
+    for p in chain:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 class _Null:
@@ -86,6 +101,9 @@ def _seq(read, size: int, n: int) -> int:
 
 def one_pass(reader: str, row: str, chain: list[str], rand_ops: int) -> tuple[float, int]:
     """(seconds, units): units are bytes for sequential rows, reads for random ones."""
+    if row.endswith("_cold"):
+        row, rand_ops = row[:-5], COLD_OPS
+        drop_cache(chain)
     if reader == "vhdx":
         import vhdx
 
@@ -225,14 +243,16 @@ def main() -> int:
                     results.setdefault(name, {}).setdefault(row, {})[reader] = None
                     continue
                 results.setdefault(name, {}).setdefault(row, {})[reader] = json.loads(out.stdout)
-    if "threads2" in a.rows:  # the 1-thread vhdx rate the 2-thread row is compared with
+    for two, one in (("threads2", "read_at4k"), ("threads2_cold", "read_at4k_cold")):
+        if two not in a.rows.split(","):
+            continue  # else: the 1-thread vhdx rate the 2-thread row is compared with
         for name in a.only.split(","):
             r = results[name]
-            if "read_at4k" not in r:
-                cfg = dict(reader="vhdx", row="read_at4k", chain=imgs[name], reps=a.reps, rand_ops=a.rand_ops)
+            if one not in r:
+                cfg = dict(reader="vhdx", row=one, chain=imgs[name], reps=a.reps, rand_ops=a.rand_ops)
                 out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)],
                                      capture_output=True, text=True, check=True)
-                r["read_at4k"] = {"vhdx": json.loads(out.stdout)}
+                r[one] = {"vhdx": json.loads(out.stdout)}
     print("| image | row | vhdx | libvhdi | vhdx/libvhdi |")
     print("|---|---|---|---|---|")
     for name, rows in results.items():
@@ -240,8 +260,9 @@ def main() -> int:
             v, lib = res.get("vhdx"), res.get("libvhdi")
             unit = "k/s" if row in RANDOM_ROWS else "GB/s"
             fv = f"{rate(v, row):.2f} {unit}" if v else "error"
-            if row == "threads2" and v and rows.get("read_at4k", {}).get("vhdx"):
-                fv += f" ({rate(v, row) / rate(rows['read_at4k']['vhdx'], 'read_at4k'):.2f}x 1 thread)"
+            one = row.replace("threads2", "read_at4k")
+            if row.startswith("threads2") and v and rows.get(one, {}).get("vhdx"):
+                fv += f" ({rate(v, row) / rate(rows[one]['vhdx'], one):.2f}x 1 thread)"
             fl = f"{rate(lib, row):.2f} {unit}" if lib else ("-" if lib is None and "libvhdi" not in res else "error")
             ratio = f"{rate(v, row) / rate(lib, row):.2f}x" if v and lib else "-"
             print(f"| {name} | {TITLES[row]} | {fv} | {fl} | {ratio} |")
