@@ -103,9 +103,14 @@ def _human(n: int) -> str:
 def cmd_info(args: argparse.Namespace) -> int:
     with _open(args) as disk:
         chain = [image_info(img) for img in disk.chain]
+        try:
+            parts = [p.to_dict() for p in disk.partitions()]
+        except VhdxError as e:  # an unreadable table must not hide the rest of the report
+            parts = []
+            disk.warnings.append(f"partition table: {e}")
         if args.json:
-            json.dump({"virtual_size": disk.size, "chain": chain, "warnings": disk.warnings},
-                      sys.stdout, indent=1)
+            json.dump({"virtual_size": disk.size, "chain": chain, "partitions": parts,
+                       "warnings": disk.warnings}, sys.stdout, indent=1)
             print()
             return 0
         for depth, f in enumerate(chain):
@@ -128,6 +133,13 @@ def cmd_info(args: argparse.Namespace) -> int:
             if f["parent_locator"]:
                 for k, v in f["parent_locator"].items():
                     print(f"{ind}parent {k}: {v}")
+        if parts:
+            print(f"partitions ({parts[0]['scheme']}):")
+        for p in parts:
+            extra = "".join((f" {p['name']!r}" if p["name"] else "", " bootable" if p["bootable"] else "",
+                             " extended" if p["container"] else ""))
+            print(f"  {p['number']:>3}: @{p['offset']:#x}+{p['length']:#x} ({_human(p['length'])}) "
+                  f"type {p['type']}{extra}")
         for w in disk.warnings:
             print(f"warning: {w}")
     return 0
