@@ -30,8 +30,17 @@ from construct import Array, Bytes, Const, Int8ul, Int32ul, Int64ul, Struct
 from .errors import PartitionTableError
 from .structures import Guid
 
-__all__ = ["Partition", "read_partitions", "MbrEntry", "Mbr", "GptHeader", "GptEntry",
-           "GPT_SIGNATURE", "MAX_GPT_ARRAY", "MAX_LOGICAL"]
+__all__ = [
+    "GPT_SIGNATURE",
+    "MAX_GPT_ARRAY",
+    "MAX_LOGICAL",
+    "GptEntry",
+    "GptHeader",
+    "Mbr",
+    "MbrEntry",
+    "Partition",
+    "read_partitions",
+]
 
 MBR_SIGNATURE = b"\x55\xaa"
 GPT_SIGNATURE = b"EFI PART"
