@@ -323,11 +323,11 @@ def serve(disk: Any, mountpoint: str, stem: str, *, writable: bool = False, allo
     try:
         _fuse_class(mfusepy)(fs, mountpoint, foreground=True, raw_fi=True, **opts)
     except RuntimeError as e:
-        # fuse_main_real returns 7 when its loop ended with an error, which is how
-        # a stop by SIGINT/SIGTERM/SIGHUP ends it too (libfuse handles those):
-        # once serving, that is a clean stop.
-        status = e.args[0] if e.args else None
-        if not (started.is_set() and status == 7):
+        # fuse_main_real reports a loop that ended with an error as non-zero (7 or
+        # 8 by version), which is how a stop by SIGINT/SIGTERM/SIGHUP (handled by
+        # libfuse) ends it too: once serving, that is a stop, not a failure.
+        if not started.is_set():
+            status = e.args[0] if e.args else None
             raise VhdxError(f"{mountpoint}: FUSE mount failed (libfuse status {status})") from None
 
 

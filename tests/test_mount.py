@@ -1,0 +1,304 @@
+"""``vhdx mount`` for real: FUSE, loop devices and ext4, on a 3-deep chain.
+
+The disk is made by sgdisk (GPT, two partitions) and mkfs.ext4 (partition 1,
+known files) as a raw file, the ground truth, then written into a chain of three
+files through the project's writer. Needs root, /dev/fuse, fusermount3, mfusepy
+and the tools; skips cleanly otherwise.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from diskimg import have, make_ext4_gpt, raw_to_chain
+
+ROOT = Path(__file__).resolve().parent.parent
+FILES = {"hello.txt": b"hello from a checkpoint chain\n",
+         "dir/data.bin": random.Random(8).randbytes(300_000),
+         "dir/empty": b""}
+
+
+def _fuse_usable() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (loop mounts)"
+    if not os.path.exists("/dev/fuse") or not have("fusermount3"):
+        return "needs /dev/fuse and fusermount3 (apt install fuse3)"
+    if not have("sgdisk", "mkfs.ext4", "mount", "umount", "losetup"):
+        return "needs sgdisk, mkfs.ext4, mount, losetup"
+    if not os.path.exists("/dev/loop-control"):
+        return "needs loop devices"
+    try:
+        import mfusepy  # noqa: F401
+    except (ImportError, OSError) as e:
+        return f"needs mfusepy ({e})"
+    return None
+
+
+needs_fuse = pytest.mark.skipif(_fuse_usable() is not None, reason=str(_fuse_usable()))
+
+
+def vhdx_cli(*args: str | Path, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, "-m", "vhdx", *map(str, args)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=timeout, check=False)
+    if check:
+        assert p.returncode == 0, (args, p.returncode, p.stdout, p.stderr)
+    return p
+
+
+def _sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _mounted(mp: Path) -> bool:
+    real = os.path.realpath(mp)
+    with open("/proc/self/mountinfo") as fh:
+        return any(line.split()[4] == real for line in fh)
+
+
+class Mounts:
+    """Every mount a test makes, undone in reverse order at teardown."""
+
+    def __init__(self) -> None:
+        self.stack: list[tuple[str, Path]] = []
+
+    def fuse(self, *args: str | Path, mp: Path) -> subprocess.CompletedProcess:
+        p = vhdx_cli("mount", *args, mp)
+        self.stack.append(("fuse", mp))
+        return p
+
+    def loop(self, image: Path, mp: Path, opts: str) -> None:
+        subprocess.run(["mount", "-o", opts, str(image), str(mp)], check=True, capture_output=True)
+        self.stack.append(("loop", mp))
+
+    def umount(self, mp: Path) -> None:
+        kind = next(k for k, m in self.stack if m == mp)
+        self.stack.remove((kind, mp))
+        if kind == "loop":
+            subprocess.run(["umount", str(mp)], check=True, capture_output=True)
+        else:
+            vhdx_cli("umount", mp)
+
+    def cleanup(self) -> None:
+        for kind, mp in reversed(self.stack):
+            if _mounted(mp):
+                if kind == "loop":
+                    subprocess.run(["umount", "-l", str(mp)], check=False)
+                else:
+                    subprocess.run(["fusermount3", "-u", "-z", str(mp)], check=False)
+
+
+@pytest.fixture
+def mounts():
+    m = Mounts()
+    yield m
+    m.cleanup()
+
+
+@pytest.fixture(scope="module")
+def disk(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    d = tmp_path_factory.mktemp("mountdisk")
+    raw = d / "truth.raw"
+    make_ext4_gpt(raw, FILES)
+    chain = raw_to_chain(raw, d, stem="disk", depth=3)
+    return {"raw": raw, "chain": chain, "top": chain[0], "dir": d}
+
+
+def _digests(paths: list[Path]) -> dict[str, str]:
+    return {p.name: _sha(p) for p in paths}
+
+
+def _check_files(root: Path) -> None:
+    for name, data in FILES.items():
+        assert (root / name).read_bytes() == data, name
+
+
+@needs_fuse
+def test_readonly_mount_shows_disk_and_partitions(disk: dict, mounts: Mounts, tmp_path: Path) -> None:
+    import vhdx
+
+    before = _digests(disk["chain"])
+    mp, fs = tmp_path / "mp", tmp_path / "fs"
+    mp.mkdir()
+    fs.mkdir()
+    mounts.fuse(disk["top"], mp=mp)
+    assert sorted(os.listdir(mp)) == ["disk.p1.raw", "disk.p2.raw", "disk.raw"]
+    with vhdx.open(disk["top"]) as d:
+        parts = d.partitions()
+        extents = d.extents()
+        size = d.size
+    whole = mp / "disk.raw"
+    assert whole.stat().st_size == size == disk["raw"].stat().st_size
+    # The whole disk hashes as `vhdx hash` says, and as the raw ground truth.
+    want = vhdx_cli("hash", disk["top"]).stdout.split()[0]
+    assert _sha(whole) == want == _sha(disk["raw"])
+    # st_blocks (and so du) counts what the chain holds, not the virtual size.
+    data = sum(e.length for e in extents if e.kind == "data")
+    assert whole.stat().st_blocks == -(-data // 512) and data < size // 2
+    du = int(subprocess.run(["du", "-B1", str(whole)], capture_output=True, text=True,
+                            check=True).stdout.split()[0])
+    assert du == whole.stat().st_blocks * 512
+    # Each partition file is its window of the disk.
+    raw = disk["raw"].read_bytes()
+    for p in parts:
+        f = mp / f"disk.p{p.number}.raw"
+        assert f.stat().st_size == p.length
+        assert f.read_bytes() == raw[p.offset:p.offset + p.length]
+    # Read-only: opening for writing fails, nothing changes.
+    with pytest.raises(OSError) as ei:
+        os.close(os.open(whole, os.O_RDWR))
+    assert ei.value.errno == errno.EROFS
+    mounts.loop(mp / "disk.p1.raw", fs, "ro,loop")
+    _check_files(fs)
+    mounts.umount(fs)
+    mounts.umount(mp)
+    assert not _mounted(mp)
+    assert _digests(disk["chain"]) == before
+
+
+@needs_fuse
+def test_write_to_lands_in_the_new_child_only(disk: dict, mounts: Mounts, tmp_path: Path) -> None:
+    before = _digests(disk["chain"])
+    mp, fs = tmp_path / "mp", tmp_path / "fs"
+    mp.mkdir()
+    fs.mkdir()
+    new = tmp_path / "exam.avhdx"
+    mounts.fuse(disk["top"], "--write-to", new, mp=mp)
+    assert new.exists()
+    assert os.access(mp / "disk.p1.raw", os.W_OK)
+    mounts.loop(mp / "disk.p1.raw", fs, "loop")
+    note = random.Random(5).randbytes(2 << 20)
+    (fs / "written.bin").write_bytes(note)
+    (fs / "hello.txt").write_bytes(b"changed\n")
+    mounts.umount(fs)
+    mounts.umount(mp)
+    assert _digests(disk["chain"]) == before  # the chain's files are byte-identical
+    check = json.loads(vhdx_cli("check", new, "--json").stdout)
+    assert check["clean"], check
+    info = json.loads(vhdx_cli("info", new, "--json").stdout)
+    assert [c["path"] for c in info["chain"]][1:] == [str(p) for p in disk["chain"]]
+    assert info["chain"][0]["log"]["dirty"] is False  # closed cleanly by the unmount
+    # Mounted again (read-only, the new chain): the written files are there.
+    mounts.fuse(new, mp=mp)
+    assert sorted(os.listdir(mp)) == ["exam.p1.raw", "exam.p2.raw", "exam.raw"]
+    mounts.loop(mp / "exam.p1.raw", fs, "ro,loop")
+    assert (fs / "written.bin").read_bytes() == note
+    assert (fs / "hello.txt").read_bytes() == b"changed\n"
+    assert (fs / "dir/data.bin").read_bytes() == FILES["dir/data.bin"]
+    mounts.umount(fs)
+    mounts.umount(mp)
+    # And the old chain still shows the old contents.
+    mounts.fuse(disk["top"], mp=mp)
+    mounts.loop(mp / "disk.p1.raw", fs, "ro,loop")
+    _check_files(fs)
+    assert not (fs / "written.bin").exists()
+    mounts.umount(fs)
+    mounts.umount(mp)
+    assert _digests(disk["chain"]) == before
+
+
+@needs_fuse
+def test_concurrent_reads_and_allow_other(disk: dict, mounts: Mounts, tmp_path: Path) -> None:
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    mounts.fuse(disk["top"], "--allow-other", mp=mp)
+    with open("/proc/self/mountinfo") as fh:
+        line = next(x for x in fh if x.split()[4] == os.path.realpath(mp))
+    assert "allow_other" in line and "fuse.vhdx" in line
+    raw = disk["raw"].read_bytes()
+    errors: list[str] = []
+
+    def reader(seed: int) -> None:
+        rng = random.Random(seed)
+        # O_DIRECT-free but uncached reads: each thread opens its own descriptor.
+        fd = os.open(mp / "disk.raw", os.O_RDONLY)
+        try:
+            for _ in range(60):
+                off = rng.randrange(0, len(raw) - 1)
+                n = rng.choice([512, 4096, 65536, 1 << 20])
+                if os.pread(fd, n, off) != raw[off:off + n]:
+                    errors.append(f"{off}+{n}")
+        finally:
+            os.close(fd)
+
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors
+    mounts.umount(mp)
+
+
+@needs_fuse
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_unmounts_and_closes_a_written_child(disk: dict, tmp_path: Path, sig: int) -> None:
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    new = tmp_path / "sig.avhdx"
+    p = subprocess.Popen([sys.executable, "-m", "vhdx", "mount", "-f", str(disk["top"]), str(mp),
+                          "--write-to", str(new)], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not _mounted(mp):
+            assert p.poll() is None and time.monotonic() < deadline, p.stderr.read() if p.stderr else ""
+            time.sleep(0.05)
+        with open(mp / "disk.raw", "r+b") as f:
+            f.seek(5 << 20)
+            f.write(b"signal-test" * 100)
+        p.send_signal(sig)
+        assert p.wait(30) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        if _mounted(mp):
+            subprocess.run(["fusermount3", "-u", "-z", str(mp)], check=False)
+    assert not _mounted(mp)
+    info = json.loads(vhdx_cli("info", new, "--json").stdout)
+    assert info["chain"][0]["log"]["dirty"] is False
+    import vhdx
+
+    with vhdx.open(new) as d:
+        assert d.read_at(5 << 20, 1100) == b"signal-test" * 100
+
+
+@needs_fuse
+def test_mount_errors_are_one_line(disk: dict, tmp_path: Path) -> None:
+    p = vhdx_cli("mount", disk["top"], tmp_path / "missing", check=False)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and "not a directory" in p.stderr
+    p = vhdx_cli("umount", tmp_path, check=False)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and "not a FUSE mount point" in p.stderr
+    existing = tmp_path / "exists.avhdx"
+    existing.write_bytes(b"x")
+    (tmp_path / "mp").mkdir()
+    p = vhdx_cli("mount", disk["top"], tmp_path / "mp", "--write-to", existing, check=False)
+    assert p.returncode == 1 and "already exists" in p.stderr and existing.read_bytes() == b"x"
+    assert not _mounted(tmp_path / "mp")
+
+
+def test_missing_fuse_binding_names_what_to_install(tmp_path: Path) -> None:
+    import vhdx
+
+    img = vhdx.create(tmp_path / "d.vhdx", 8 << 20)
+    code = ("import sys; sys.modules['mfusepy'] = None; from vhdx.cli import main; "
+            f"sys.exit(main(['mount', {str(img)!r}, {str(tmp_path)!r}]))")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60, check=False)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
+    assert p.stderr.startswith("vhdx: error: ") and "pip install 'vhdx[mount]'" in p.stderr
+    assert "apt install fuse3" in p.stderr
