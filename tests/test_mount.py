@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import mmap
 import os
 import random
 import signal
@@ -302,3 +303,64 @@ def test_missing_fuse_binding_names_what_to_install(tmp_path: Path) -> None:
     assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
     assert p.stderr.startswith("vhdx: error: ") and "pip install 'vhdx[mount]'" in p.stderr
     assert "apt install fuse3" in p.stderr
+
+
+FLAKY_SERVER = """
+import sys
+import vhdx
+from vhdx.errors import CorruptImageError
+from vhdx.mount import serve
+
+top, mp, bad = sys.argv[1], sys.argv[2], int(sys.argv[3])
+
+
+class Flaky:
+    \"\"\"A real disk whose MiB at ``bad`` fails to read, as a damaged block would.\"\"\"
+
+    def __init__(self, disk):
+        self.disk = disk
+
+    def __getattr__(self, name):
+        return getattr(self.disk, name)
+
+    def readinto_at(self, offset, buf):
+        if offset < bad + (1 << 20) and offset + len(buf) > bad:
+            raise CorruptImageError(f"{top}: simulated damaged block")
+        return self.disk.readinto_at(offset, buf)
+
+
+with vhdx.open(top) as d:
+    serve(Flaky(d), mp, "disk", on_ready=lambda: print("ready", flush=True))
+print("stopped", flush=True)
+"""
+
+
+@needs_fuse
+def test_a_failing_read_is_eio_and_the_server_keeps_serving(disk: dict, tmp_path: Path) -> None:
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    bad = 8 << 20
+    p = subprocess.Popen([sys.executable, "-c", FLAKY_SERVER, str(disk["top"]), str(mp), str(bad)],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline() == "ready\n"
+        raw = disk["raw"].read_bytes()
+        fd = os.open(mp / "disk.raw", os.O_RDONLY | os.O_DIRECT)
+        try:
+            with pytest.raises(OSError) as ei:
+                os.preadv(fd, [mmap.mmap(-1, 4096)], bad)
+            assert ei.value.errno == errno.EIO
+            buf = mmap.mmap(-1, 1 << 20)
+            assert os.preadv(fd, [buf], 0) == 1 << 20 and buf[:] == raw[:1 << 20]  # still serving
+        finally:
+            os.close(fd)
+        subprocess.run(["fusermount3", "-u", str(mp)], check=True)
+        out, err = p.communicate(timeout=30)
+        assert p.returncode == 0 and out == "stopped\n", err
+        assert "Traceback" not in err
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        if _mounted(mp):
+            subprocess.run(["fusermount3", "-u", "-z", str(mp)], check=False)

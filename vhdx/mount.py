@@ -293,8 +293,24 @@ def _fuse_class(mfusepy: Any) -> Any:
                 mv = memoryview((ctypes.c_ubyte * size).from_address(ctypes.addressof(buf.contents))).cast("B")
                 return self.operations.write(None, mv, offset, fip.contents)
 
+            def _wrapper(self, func: Any, *args: Any, **kwargs: Any) -> Any:
+                # A damaged image or a failed read is EIO to the reader, not a
+                # logged traceback (mfusepy logs any other exception as EINVAL).
+                return super()._wrapper(_eio(func), *args, **kwargs)
+
         _FUSE_CLASS = _FUSE
     return _FUSE_CLASS
+
+
+def _eio(func: Callable[..., Any]) -> Callable[..., Any]:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (VhdxError, ValueError):  # ValueError: the disk was closed under a late request
+            raise _oserror(errno.EIO) from None
+
+    call.__name__ = func.__name__  # mfusepy tells init and getattr apart by name
+    return call
 
 
 def _escape_option(value: str) -> str:
@@ -516,6 +532,13 @@ def _daemon_child(args: argparse.Namespace, w: int, warnings: list[str]) -> None
     code = 1
     try:
         os.setsid()
+        # A server must not keep its caller's directory busy: paths made absolute first.
+        for name in ("image", "mountpoint", "write_to"):
+            if getattr(args, name):
+                setattr(args, name, os.path.abspath(getattr(args, name)))
+        args.parent = [os.path.abspath(x) for x in args.parent]
+        args.search_dir = [os.path.abspath(x) for x in args.search_dir]
+        os.chdir("/")
         devnull = os.open(os.devnull, os.O_RDWR)
         os.dup2(devnull, 0)
         os.dup2(devnull, 1)
