@@ -267,7 +267,7 @@ def load_fuse() -> Any:
         if find_library("fuse3"):
             os.environ["FUSE_LIBRARY_NAME"] = "fuse3"  # mfusepy would pick libfuse2 first
     try:
-        import mfusepy
+        import mfusepy  # type: ignore[import-untyped]
     except ImportError:
         raise VhdxError(f"vhdx mount needs mfusepy: {INSTALL_HINT}") from None
     except (OSError, AttributeError) as e:  # no usable libfuse shared library

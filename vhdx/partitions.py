@@ -102,8 +102,11 @@ assert GptEntry.sizeof() == 128
 
 
 class _Disk(Protocol):
-    size: int
-    logical_sector_size: int
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def logical_sector_size(self) -> int: ...
 
     def read_at(self, offset: int, size: int) -> bytes: ...
 
@@ -309,7 +312,8 @@ def _read_gpt(disk: _Disk, lss: int, warnings: list[str] | None) -> list[Partiti
                 if raw is not None:
                     chosen = (backup, raw)
                     break
-            problems.append(why)
+            if why:
+                problems.append(why)
         if chosen is None:
             raise PartitionTableError("GPT unusable: " + "; ".join(p for p in problems if p))
         _warn(warnings, f"{problems[0]}; using the backup GPT header at LBA {chosen[0].my_lba}")
