@@ -196,6 +196,16 @@ def test_write_to_lands_in_the_new_child_only(disk: dict, mounts: Mounts, tmp_pa
     # Mounted again (read-only, the new chain): the written files are there.
     mounts.fuse(new, mp=mp)
     assert sorted(os.listdir(mp)) == ["exam.p1.raw", "exam.p2.raw", "exam.raw"]
+    # The file system written through the child is consistent (e2fsck, read-only check).
+    fsck = subprocess.run(["e2fsck", "-fn", str(mp / "exam.p1.raw")], capture_output=True, text=True,
+                          check=False)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    # du shows the allocation the 2 MiB file added (ext4 put it in space the old chain never held).
+    import vhdx
+
+    with vhdx.open(disk["top"]) as d:
+        old_data = sum(e.length for e in d.extents() if e.kind == "data")
+    assert (mp / "exam.raw").stat().st_blocks * 512 - old_data >= 1 << 20
     mounts.loop(mp / "exam.p1.raw", fs, "ro,loop")
     assert (fs / "written.bin").read_bytes() == note
     assert (fs / "hello.txt").read_bytes() == b"changed\n"
@@ -311,11 +321,15 @@ import vhdx
 from vhdx.errors import CorruptImageError
 from vhdx.mount import serve
 
-top, mp, bad = sys.argv[1], sys.argv[2], int(sys.argv[3])
+import time
+
+top, mp, bad, delay = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 
 
 class Flaky:
-    \"\"\"A real disk whose MiB at ``bad`` fails to read, as a damaged block would.\"\"\"
+    \"\"\"A real disk whose MiB at ``bad`` fails to read, as a damaged block would, and
+    whose reads beyond 16 MiB take ``delay`` seconds (a slow device; sleeping, like
+    the C reader, releases the GIL).\"\"\"
 
     def __init__(self, disk):
         self.disk = disk
@@ -326,6 +340,8 @@ class Flaky:
     def readinto_at(self, offset, buf):
         if offset < bad + (1 << 20) and offset + len(buf) > bad:
             raise CorruptImageError(f"{top}: simulated damaged block")
+        if offset >= 16 << 20:
+            time.sleep(delay)
         return self.disk.readinto_at(offset, buf)
 
 
@@ -335,13 +351,57 @@ print("stopped", flush=True)
 """
 
 
+def _flaky_server(disk: dict, mp: Path, bad: int, delay: float) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", FLAKY_SERVER, str(disk["top"]), str(mp), str(bad),
+                             str(delay)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@needs_fuse
+def test_reads_are_served_concurrently(disk: dict, tmp_path: Path) -> None:
+    """Four uncached reads of a slow region at once take about one read's time."""
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    delay = 0.5
+    p = _flaky_server(disk, mp, 1 << 40, delay)
+    try:
+        assert p.stdout.readline() == "ready\n"
+        raw = disk["raw"].read_bytes()
+        got: dict[int, bytes] = {}
+
+        def read(i: int) -> None:
+            fd = os.open(mp / "disk.raw", os.O_RDONLY | os.O_DIRECT)
+            try:
+                buf = mmap.mmap(-1, 65536)
+                os.preadv(fd, [buf], (17 + i) << 20)
+                got[i] = buf[:]
+            finally:
+                os.close(fd)
+
+        threads = [threading.Thread(target=read, args=(i,)) for i in range(4)]
+        t0 = time.monotonic()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        elapsed = time.monotonic() - t0
+        assert all(got[i] == raw[(17 + i) << 20:((17 + i) << 20) + 65536] for i in range(4))
+        assert elapsed < 2.5 * delay, elapsed  # serial service would take 4 x delay
+        subprocess.run(["fusermount3", "-u", str(mp)], check=True)
+        assert p.wait(30) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        if _mounted(mp):
+            subprocess.run(["fusermount3", "-u", "-z", str(mp)], check=False)
+
+
 @needs_fuse
 def test_a_failing_read_is_eio_and_the_server_keeps_serving(disk: dict, tmp_path: Path) -> None:
     mp = tmp_path / "mp"
     mp.mkdir()
     bad = 8 << 20
-    p = subprocess.Popen([sys.executable, "-c", FLAKY_SERVER, str(disk["top"]), str(mp), str(bad)],
-                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = _flaky_server(disk, mp, bad, 0)
     try:
         assert p.stdout.readline() == "ready\n"
         raw = disk["raw"].read_bytes()
