@@ -424,3 +424,25 @@ def test_a_failing_read_is_eio_and_the_server_keeps_serving(disk: dict, tmp_path
             p.wait()
         if _mounted(mp):
             subprocess.run(["fusermount3", "-u", "-z", str(mp)], check=False)
+
+
+@needs_fuse
+def test_unusable_partition_table_leaves_the_whole_disk_and_a_warning(mounts: Mounts, tmp_path: Path) -> None:
+    raw = tmp_path / "bad.raw"
+    with open(raw, "wb") as f:
+        f.truncate(16 << 20)
+    subprocess.run(["sgdisk", "-n", "1:2048:+4M", str(raw)], check=True, capture_output=True)
+    with open(raw, "r+b") as f:  # break both GPT headers' CRCs
+        for off in (512 + 40, (16 << 20) - 512 + 40):
+            f.seek(off)
+            b = f.read(1)
+            f.seek(off)
+            f.write(bytes([b[0] ^ 1]))
+    top = raw_to_chain(raw, tmp_path, stem="bad")[0]
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    p = mounts.fuse(top, mp=mp)
+    assert os.listdir(mp) == ["bad.raw"]
+    assert p.stderr.startswith("vhdx: warning: partition table: GPT unusable")
+    assert (mp / "bad.raw").read_bytes() == raw.read_bytes()
+    mounts.umount(mp)
