@@ -446,3 +446,93 @@ def test_unusable_partition_table_leaves_the_whole_disk_and_a_warning(mounts: Mo
     assert p.stderr.startswith("vhdx: warning: partition table: GPT unusable")
     assert (mp / "bad.raw").read_bytes() == raw.read_bytes()
     mounts.umount(mp)
+
+
+# --- the operations themselves, without FUSE ---------------------------------------------
+def _fs_over_new_disk(tmp_path: Path, writable: bool):
+    import vhdx
+    from vhdx.mount import DiskFS, MountFile
+
+    base = vhdx.create(tmp_path / "base.vhdx", 8 << 20, block_size=1 << 20)
+    with vhdx.open(base, "r+") as d:
+        d.write_at(0, random.Random(3).randbytes(8 << 20))
+    if writable:
+        child = vhdx.create(tmp_path / "child.avhdx", parent=base, block_size=1 << 20)
+        disk = vhdx.open(child, "r+")
+    else:
+        disk = vhdx.open(base)
+    files = [MountFile("d.raw", 0, disk.size), MountFile("d.p1.raw", 1 << 20, 3 << 20)]
+    return DiskFS(disk, files, writable=writable), disk
+
+
+def _fi(index: int, flags: int = os.O_RDONLY):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(fh=index, flags=flags, direct_io=0, keep_cache=0)
+
+
+def test_operations_read_only(tmp_path: Path) -> None:
+    fs, disk = _fs_over_new_disk(tmp_path, writable=False)
+    try:
+        with pytest.raises(OSError) as ei:
+            fs.open("/d.raw", _fi(0, os.O_RDWR))
+        assert ei.value.errno == errno.EROFS
+        fi = _fi(0)
+        fs.open("/d.p1.raw", fi)
+        assert fi.fh == 1 and fi.keep_cache == 1 and fi.direct_io == 0
+        buf = bytearray(4096)
+        assert fs.read_into(memoryview(buf), (3 << 20) - 100, 1) == 100  # clipped at the partition's end
+        assert bytes(buf[:100]) == disk.read_at((4 << 20) - 100, 100)
+        assert fs.read_into(memoryview(buf), 3 << 20, 1) == 0
+        for call in (lambda: fs.write("/d.raw", b"x", 0, _fi(0)), lambda: fs.truncate("/d.raw", 0),
+                     lambda: fs.fallocate("/d.raw", 0, 0, 1, _fi(0))):
+            with pytest.raises(OSError) as ei:
+                call()
+            assert ei.value.errno == errno.EROFS
+        assert fs.getattr("/d.raw")["st_blocks"] * 512 == 8 << 20
+        with pytest.raises(OSError) as ei:
+            fs.getattr("/nope")
+        assert ei.value.errno == errno.ENOENT
+    finally:
+        disk.close()
+
+
+def test_operations_writable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import vhdx.mount as M
+
+    monkeypatch.setattr(M, "_STBLOCKS_REFRESH", 0.0)
+    fs, disk = _fs_over_new_disk(tmp_path, writable=True)
+    try:
+        fi = _fi(0, os.O_RDWR)
+        fs.open("/d.p1.raw", fi)
+        assert fi.direct_io == 1
+        assert fs.getattr("/d.raw")["st_blocks"] * 512 == 8 << 20  # all from the base
+        # Writes are clipped at the partition's end, then refused.
+        beyond = disk.read_at(4 << 20, 1)
+        assert fs.write(None, memoryview(b"ab"), (3 << 20) - 1, _fi(1)) == 1
+        with pytest.raises(OSError) as ei:
+            fs.write(None, memoryview(b"ab"), 3 << 20, _fi(1))
+        assert ei.value.errno == errno.ENOSPC
+        assert disk.read_at((4 << 20) - 1, 2) == b"a" + beyond
+        # A punched hole reads zeros exactly; whole blocks inside become unmapped (no data).
+        fs.fallocate("/d.raw", M.FALLOC_FL_PUNCH_HOLE | M.FALLOC_FL_KEEP_SIZE, 1000, (3 << 20) - 500, _fi(0))
+        before, after = disk.read_at(0, 1000), disk.read_at((3 << 20) + 500, 1000)
+        assert disk.read_at(1000, (3 << 20) - 500) == bytes((3 << 20) - 500)
+        assert before != bytes(1000) and after != bytes(1000)
+        kinds = {e.kind for e in disk.extents(1 << 20, 2 << 20)}
+        assert kinds == {"zero"}
+        fs.fallocate("/d.raw", M.FALLOC_FL_ZERO_RANGE, 5 << 20, 4096, _fi(0))
+        assert disk.read_at(5 << 20, 4096) == bytes(4096)
+        assert fs.fallocate("/d.raw", 0, 0, 4096, _fi(0)) == 0  # preallocation: nothing to do
+        with pytest.raises(OSError) as ei:
+            fs.fallocate("/d.raw", 0x08, 0, 4096, _fi(0))  # FALLOC_FL_COLLAPSE_RANGE
+        assert ei.value.errno == errno.EOPNOTSUPP
+        assert fs.truncate("/d.raw", 8 << 20) == 0
+        with pytest.raises(OSError) as ei:
+            fs.truncate("/d.raw", 0)
+        assert ei.value.errno == errno.EPERM
+        # st_blocks follows: two whole blocks (2 MiB) no longer hold data.
+        assert fs.getattr("/d.raw")["st_blocks"] * 512 == (8 << 20) - (2 << 20)
+        assert fs.fsync("/d.raw", 0, _fi(0)) == 0
+    finally:
+        disk.close()

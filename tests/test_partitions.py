@@ -371,7 +371,7 @@ def test_fuzzed_tables_give_partitions_or_partition_table_error(data: st.DataObj
 
 
 @needs_sfdisk
-def test_real_fixtures_agree_with_sfdisk_over_qemu_img(expected: dict, fixture_file, tmp_path: Path) -> None:  # noqa: ANN001
+def test_real_fixtures_agree_with_sfdisk_over_qemu_img(expected: dict, fixture_file, tmp_path: Path) -> None:
     """Every standalone fixture: our partitions equal sfdisk's reading of the raw disk
     that qemu-img (an independent VHDX reader) extracts."""
     if not have("qemu-img"):
