@@ -536,3 +536,34 @@ def test_operations_writable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         assert fs.fsync("/d.raw", 0, _fi(0)) == 0
     finally:
         disk.close()
+
+
+def test_libfuse_failure_is_one_line_and_removes_the_unused_child(tmp_path: Path) -> None:
+    """The server reports a failed mount (with libfuse's own message) to the waiting
+    command, and a --write-to child that never served is removed."""
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("needs /dev/fuse")
+    pytest.importorskip("mfusepy")
+    import vhdx
+
+    img = vhdx.create(tmp_path / "d.vhdx", 8 << 20)
+    new = tmp_path / "w.avhdx"
+    code = f"""
+import os, sys
+import vhdx.mount as M
+
+def failing(mfusepy):
+    def run(*args, **kwargs):
+        os.write(2, b"fuse: simulated: bad mount point\\n")
+        raise RuntimeError(4)
+    return run
+
+M._fuse_class = failing
+from vhdx.cli import main
+sys.exit(main(["mount", {str(img)!r}, {str(tmp_path)!r}, "--write-to", {str(new)!r}]))
+"""
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60, check=False)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
+    assert "FUSE mount failed" in p.stderr and "fuse: simulated: bad mount point" in p.stderr
+    assert not new.exists()
