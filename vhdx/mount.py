@@ -109,15 +109,19 @@ class DiskFS:
         self._times = {"st_atime": top.st_atime_ns, "st_mtime": top.st_mtime_ns, "st_ctime": top.st_ctime_ns}
         self._uid, self._gid = os.getuid(), os.getgid()
         self._blocks: list[int] = []
-        self._blocks_at = 0.0
+        self._blocks_at = self._blocks_every = 0.0
         self._written = False
         self._refresh_blocks()
 
     # --- helpers -------------------------------------------------------------------
     def _refresh_blocks(self) -> None:
+        t0 = time.monotonic()
         extents = self.disk.extents()
         self._blocks = [-(-_allocated(extents, f.offset, f.length) // 512) for f in self.files]
         self._blocks_at = time.monotonic()
+        # The map of a huge disk takes seconds (64 TiB: ~4 s): while written, refresh
+        # it at most every 10x that, so it never costs more than ~10 % of the time.
+        self._blocks_every = max(_STBLOCKS_REFRESH, 10 * (self._blocks_at - t0))
         self._written = False
 
     def _file(self, path: str) -> int:
@@ -142,7 +146,7 @@ class DiskFS:
             return {"st_mode": stat.S_IFDIR | (0o755 if self.writable else 0o555), "st_nlink": 2,
                     "st_uid": self._uid, "st_gid": self._gid, **self._times}
         i = self._file(path)
-        if self._written and time.monotonic() - self._blocks_at > _STBLOCKS_REFRESH:
+        if self._written and time.monotonic() - self._blocks_at > self._blocks_every:
             with self.lock:  # type: ignore[union-attr]  # only written disks set _written
                 self.disk.flush()  # commits the pending map changes the extent map reads
                 self._refresh_blocks()
