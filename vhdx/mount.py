@@ -347,6 +347,9 @@ def serve(disk: Any, mountpoint: str, stem: str, *, writable: bool = False, allo
         opts["ro"] = True
     if allow_other:
         opts["allow_other"] = True
+    if (mfusepy.fuse_version_major, mfusepy.fuse_version_minor) >= (3, 12):
+        # libfuse 3.12-3.14 warn about their own "unlimited" default on every start.
+        opts["max_idle_threads"] = 10
     try:
         _fuse_class(mfusepy)(fs, mountpoint, foreground=True, raw_fi=True, **opts)
     except RuntimeError as e:
