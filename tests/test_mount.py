@@ -568,3 +568,29 @@ sys.exit(main(["mount", {str(img)!r}, {str(tmp_path)!r}, "--write-to", {str(new)
     assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
     assert "FUSE mount failed" in p.stderr and "fuse: simulated: bad mount point" in p.stderr
     assert not new.exists()
+
+
+@needs_fuse
+def test_mbr_logical_partitions_get_linux_numbers(mounts: Mounts, tmp_path: Path) -> None:
+    if not have("sfdisk"):
+        pytest.skip("needs sfdisk")
+    raw = tmp_path / "mbr.raw"
+    with open(raw, "wb") as f:
+        f.truncate(24 << 20)
+        f.seek(0)
+        f.write(random.Random(4).randbytes(24 << 20))  # every partition holds distinct data
+    subprocess.run(["sfdisk", "-q", str(raw)], check=True, capture_output=True,
+                   input=b"label: dos\n1 : start=2048, size=8192, type=83\n"
+                         b"2 : start=10240, size=30720, type=5\n"
+                         b"5 : start=12288, size=4096, type=83\n6 : start=18432, size=8192, type=7\n")
+    top = raw_to_chain(raw, tmp_path, stem="mbr", depth=2)[0]
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    mounts.fuse(top, mp=mp)
+    # The extended container (2) is not a file; logical ones count from 5, as /dev/sdaN would.
+    assert sorted(os.listdir(mp)) == ["mbr.p1.raw", "mbr.p5.raw", "mbr.p6.raw", "mbr.raw"]
+    data = raw.read_bytes()
+    for name, start, sectors in (("mbr.p1.raw", 2048, 8192), ("mbr.p5.raw", 12288, 4096),
+                                 ("mbr.p6.raw", 18432, 8192)):
+        assert (mp / name).read_bytes() == data[start * 512:(start + sectors) * 512], name
+    mounts.umount(mp)
