@@ -381,6 +381,10 @@ def _raise_readahead(mountpoint: str) -> None:
 def _lock_path(mountpoint: str) -> str:
     d = os.path.join(tempfile.gettempdir(), f"vhdx-mount-{os.getuid()}")
     os.makedirs(d, mode=0o700, exist_ok=True)
+    st = os.lstat(d)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        # A shared /tmp: someone else's directory (or a symlink) must not get our locks.
+        raise VhdxError(f"{d}: not a private directory of this user; remove it")
     key = hashlib.sha256(os.path.realpath(mountpoint).encode("utf-8", "surrogateescape")).hexdigest()[:24]
     return os.path.join(d, key + ".lock")
 
