@@ -493,15 +493,23 @@ def _run_server(args: argparse.Namespace, on_ready: Callable[[], None], warnings
             ready.set()
             on_ready()
 
+        sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        saved = {sig: signal.getsignal(sig) for sig in sigs}
         try:
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            for sig in sigs:
                 signal.signal(sig, signal.SIG_DFL)  # libfuse handles only default dispositions
             serve(disk, args.mountpoint, Path(args.image).stem, writable=bool(args.write_to),
                   allow_other=args.allow_other, on_ready=started, warnings=warnings)
         finally:
-            disk.close()  # a written child: flushed, its log marked clean
-            if args.write_to and not ready.is_set():
-                os.unlink(args.write_to)  # never served: nothing was written to it
+            for sig in sigs:  # a second Ctrl-C must not cut the close (the writer's final flush) short
+                signal.signal(sig, signal.SIG_IGN)
+            try:
+                disk.close()  # a written child: flushed, its log marked clean
+                if args.write_to and not ready.is_set():
+                    os.unlink(args.write_to)  # never served: nothing was written to it
+            finally:
+                for sig, handler in saved.items():
+                    signal.signal(sig, handler)
     finally:
         os.close(lock_fd)
 
