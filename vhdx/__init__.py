@@ -12,6 +12,7 @@ from .errors import (
     LockedError,
     ParentMismatchError,
     ParentNotFoundError,
+    PartitionTableError,
     ReadOnlyError,
     UnsupportedFeatureError,
     VhdxError,
@@ -27,5 +28,5 @@ __all__ = [
     "open", "create", "merge", "MergeSummary", "VirtualDisk", "ImageFile", "Extent", "__version__",
     "VhdxError", "CorruptImageError", "ChecksumError", "UnsupportedFeatureError",
     "ParentNotFoundError", "ParentMismatchError", "InvalidArgumentError",
-    "ReadOnlyError", "LockedError", "CancelledError", "DependentDisksError",
+    "ReadOnlyError", "LockedError", "CancelledError", "DependentDisksError", "PartitionTableError",
 ]

@@ -112,6 +112,9 @@ class _LoneImage:
         self.warnings = [f"{img.path}: {w}" for w in img.warnings] + [
             f"{missing}; shown alone: content reads need the parent"]
 
+    def partitions(self) -> list:
+        return []  # the partition table is content: it needs the parent
+
     def __enter__(self) -> "_LoneImage":
         return self
 
@@ -131,8 +134,14 @@ def _open_or_alone(args: argparse.Namespace) -> "VirtualDisk | _LoneImage":
 def cmd_info(args: argparse.Namespace) -> int:
     with _open_or_alone(args) as disk:
         chain = [image_info(img) for img in disk.chain]
+        try:
+            parts = [p.to_dict() for p in disk.partitions()]
+        except VhdxError as e:  # an unreadable table must not hide the rest of the report
+            parts = []
+            disk.warnings.append(f"partition table: {e}")
         if args.json:
-            out = {"virtual_size": disk.size, "chain": chain, "warnings": disk.warnings}
+            out = {"virtual_size": disk.size, "chain": chain, "partitions": parts,
+                   "warnings": disk.warnings}
             if isinstance(disk, _LoneImage):
                 out["parent_missing"] = disk.missing
             json.dump(out, sys.stdout, indent=1)
@@ -158,6 +167,13 @@ def cmd_info(args: argparse.Namespace) -> int:
             if f["parent_locator"]:
                 for k, v in f["parent_locator"].items():
                     print(f"{ind}parent {k}: {v}")
+        if parts:
+            print(f"partitions ({parts[0]['scheme']}):")
+        for p in parts:
+            extra = "".join((f" {p['name']!r}" if p["name"] else "", " bootable" if p["bootable"] else "",
+                             " extended" if p["container"] else ""))
+            print(f"  {p['number']:>3}: @{p['offset']:#x}+{p['length']:#x} ({_human(p['length'])}) "
+                  f"type {p['type']}{extra}")
         for w in disk.warnings:
             print(f"warning: {w}")
     return 0

@@ -30,6 +30,9 @@ from .image import Extent, ImageFile, ReadableObject, pread_into
 if TYPE_CHECKING:
     from .native import ChainReader
 
+if TYPE_CHECKING:
+    from .partitions import Partition
+
 ZERO = -1  # segment source: reads zeros because the chain defines zeros
 UNALLOCATED = -2  # segment source: nothing in the chain ever wrote here
 
@@ -460,6 +463,16 @@ class VirtualDisk(io.RawIOBase):
                 out.append(Extent(vo, ln, kind, src if src >= 0 else None, foff if src >= 0 else None))
             pos += n
         return out
+
+    def partitions(self) -> list[Partition]:
+        """The MBR or GPT partitions of the disk (:func:`vhdx.partitions.read_partitions`);
+        recoverable damage goes to :attr:`warnings`."""
+        from .partitions import read_partitions
+
+        found: list[str] = []
+        parts = read_partitions(self, found)
+        self.warnings += [w for w in found if w not in self.warnings]  # once, however often asked
+        return parts
 
     def __repr__(self) -> str:
         return f"<VirtualDisk {self.path!r} size={self.size} chain={len(self.chain)}>"

@@ -52,3 +52,7 @@ class CancelledError(VhdxError):
 class DependentDisksError(VhdxError):
     """Other disks depend on a file that an operation would change (a merge target's
     other children); the operation refuses and names them unless forced."""
+
+
+class PartitionTableError(CorruptImageError):
+    """A partition table (MBR, EBR chain, GPT) is present but unusable."""
