@@ -52,3 +52,13 @@ class CancelledError(VhdxError):
 class DependentDisksError(VhdxError):
     """Other disks depend on a file that an operation would change (a merge target's
     other children); the operation refuses and names them unless forced."""
+
+
+class CorruptConfigError(CorruptImageError):
+    """A Hyper-V configuration or runtime-state file (HyperVStorage container:
+    .vmcx, .vmrs, data.vmcx) is malformed, truncated, inconsistent or out of bounds."""
+
+
+class ConfigChecksumError(CorruptConfigError, ChecksumError):
+    """A CRC-32 of a HyperVStorage structure (header, object-table entry, key table,
+    key entry, replay log) failed."""
