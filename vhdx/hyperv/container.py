@@ -119,24 +119,31 @@ class Key:
         k = self.get(path, ignore_case)
         return default if k is None or k.is_node else k.value
 
+    def _named(self, base: str) -> list[tuple[str, "Key"]]:
+        counts: dict[str, int] = {}
+        for c in self.children:
+            counts[c.name] = counts.get(c.name, 0) + 1
+        seen: dict[str, int] = {}
+        items = []
+        for c in self.children:
+            seen[c.name] = seen.get(c.name, 0) + 1
+            name = c.name if counts[c.name] == 1 else f"{c.name}[{seen[c.name]}]"
+            items.append((f"{base}/{name}" if base else name, c))
+        return items
+
     def walk(self, prefix: str = "") -> Iterator[tuple[str, "Key"]]:
         """Every descendant as ``(path, key)``, depth first in insertion order;
         repeated names carry ``[n]`` (1-based) so every path is unique."""
-        stack: list[tuple[str, Key]] = [(prefix, self)]
+        stack = [iter(self._named(prefix))]
         while stack:
-            base, node = stack.pop()
-            counts: dict[str, int] = {}
-            for c in node.children:
-                counts[c.name] = counts.get(c.name, 0) + 1
-            seen: dict[str, int] = {}
-            items = []
-            for c in node.children:
-                seen[c.name] = seen.get(c.name, 0) + 1
-                name = c.name if counts[c.name] == 1 else f"{c.name}[{seen[c.name]}]"
-                items.append((f"{base}/{name}" if base else name, c))
-            for p, c in items:
-                yield p, c
-            stack.extend(reversed([(p, c) for p, c in items if c.is_node]))
+            try:
+                path, k = next(stack[-1])
+            except StopIteration:
+                stack.pop()
+                continue
+            yield path, k
+            if k.is_node:
+                stack.append(iter(k._named(path)))
 
     def to_dict(self) -> Any:
         """Nodes become dicts in insertion order; a repeated name maps to a list of
