@@ -599,7 +599,8 @@ def find_lingering(rep: VmReport, all_referenced: set[tuple[int, int]],
             vhd, _ = lookup_ci(d, ["Virtual Hard Disks"])
             snaps, _ = lookup_ci(d, ["Snapshots"])
             folders.update(x for x in (vhd, snaps, d) if x and os.path.isdir(x))
-    candidates: list[DiskInfo | tuple[str, str]] = []
+    scanned: list[DiskInfo] = []
+    unreadable: list[tuple[str, str]] = []
     for folder in sorted(folders):
         try:
             names = sorted(os.listdir(folder))
@@ -610,25 +611,29 @@ def find_lingering(rep: VmReport, all_referenced: set[tuple[int, int]],
             if not n.lower().endswith(DISK_SUFFIXES + DIFF_SUFFIXES) or not os.path.isfile(p):
                 continue
             info = disks.info(p)
-            if isinstance(info, str):
-                if n.lower().endswith(DIFF_SUFFIXES):
-                    candidates.append((p, info))
-                continue
-            for g in info.linkages:
-                parent = by_guid.get(g)
-                if parent is not None and info.ident != parent.ident:
-                    children.setdefault(parent.ident, []).append(info.path)
-            if n.lower().endswith(DIFF_SUFFIXES) and info.ident not in all_closure:
-                candidates.append(info)
-    for c in candidates:
-        if isinstance(c, tuple):
-            rep.lingering.orphans.append({"path": c[0], "parent": None, "note": f"not a readable VHDX: {c[1]}"})
+            if isinstance(info, DiskInfo):
+                scanned.append(info)
+            elif n.lower().endswith(DIFF_SUFFIXES):
+                unreadable.append((p, info))
+    for info in scanned:
+        by_guid.setdefault(info.data_write_guid, info)
+    for info in scanned:
+        for g in info.linkages:
+            parent = by_guid.get(g)
+            if parent is not None and info.ident != parent.ident:
+                children.setdefault(parent.ident, []).append(info.path)
+    for p, why in unreadable:
+        rep.lingering.orphans.append({"path": p, "parent": None, "note": f"not a readable VHDX: {why}"})
+    for c in scanned:
+        if not c.path.lower().endswith(DIFF_SUFFIXES) or c.ident in all_closure:
             continue
         parent = next((by_guid[g] for g in c.linkages if g in by_guid), None)
+        used = parent is not None and parent.ident in all_closure
         rep.lingering.orphans.append({
             "path": c.path, "parent": parent.path if parent else None,
-            "note": (f"a child of {parent.path}, which a configuration still uses" if parent else
-                     "its parent is not a disk any configuration uses")})
+            "note": (f"a child of {parent.path}, which a configuration still uses" if used else
+                     f"a child of {parent.path}, itself unused" if parent else
+                     "its parent was not found")})
     for ident, info in closure.items():
         if not info.has_parent or ident in frozen or ident in current or ident in all_referenced:
             continue
