@@ -26,7 +26,7 @@ OBJECT_SLOTS = (PAGE - S.OBJECT_TABLE_HEADER_SIZE) // S.OBJECT_ENTRY_SIZE  # 227
 class N:
     """A node: ``N("configuration", V("x", 1), N("sub", ...))``."""
 
-    def __init__(self, name: str, *children: "N | V") -> None:
+    def __init__(self, name: str, *children: N | V) -> None:
         self.name = name
         self.children = list(children)
 
@@ -34,7 +34,7 @@ class N:
 class V:
     """A value; the type follows the Python type unless ``type`` is given."""
 
-    def __init__(self, name: str, value: Any, type: int | None = None, file_object: bool = False) -> None:  # noqa: A002
+    def __init__(self, name: str, value: Any, type: int | None = None, file_object: bool = False) -> None:
         self.name = name
         self.value = value
         self.file_object = file_object
@@ -67,7 +67,7 @@ def payload_of(v: V) -> bytes:
 @dataclass
 class _Entry:
     item: N | V
-    parent: "_Entry | None"
+    parent: _Entry | None
     insertion: int
     next_insertion: int = 0  # nodes: 1 + the largest child insertion, 0 when childless
     size: int = 0
@@ -314,3 +314,82 @@ def runtime_tree(saved: bool) -> list:
     if saved:
         top.append(N("savedstate", V("type", "Snapshot"), V("VmVersion", 2304)))
     return top
+
+
+# --- re-sealing (corruption tests, fuzzing) -------------------------------------------------------
+def _entry_meaningful(t: bytes, pos: int) -> int | None:
+    """Meaningful size of the key entry at ``pos`` the way the format defines it, or None."""
+    if pos + S.KEY_ENTRY_HEADER_SIZE > len(t):
+        return None
+    h = S.KeyEntryHeader.parse(t[pos:pos + S.KEY_ENTRY_HEADER_SIZE])
+    v = pos + S.KEY_ENTRY_HEADER_SIZE + h.name_length
+    if h.flags & S.FLAG_FILE_OBJECT:
+        n = S.FILE_OBJECT_POINTER_SIZE
+    elif h.type in S.FIXED_VALUE_SIZES:
+        n = S.FIXED_VALUE_SIZES[h.type]
+    else:
+        if v + 4 > len(t):
+            return None
+        n = 4 + int.from_bytes(t[v:v + 4], "little")
+    m = S.KEY_ENTRY_HEADER_SIZE + h.name_length + n
+    return m if pos + m <= len(t) else None
+
+
+def reseal(data: bytes | bytearray) -> bytearray:
+    """Recompute every CRC a parser would check (headers, log, object-table slots, key
+    tables and their entries), so that a structural edit reaches the code behind the
+    checksums. Best effort on garbage: it never raises."""
+    buf = bytearray(data)
+    try:
+        for off in S.HEADER_OFFSETS:
+            if off + S.FILE_HEADER_SIZE <= len(buf):
+                buf[off:off + S.FILE_HEADER_SIZE] = S.crc32_seal(bytearray(buf[off:off + S.FILE_HEADER_SIZE]), 4)
+        if len(buf) < S.FILE_HEADER_SIZE:
+            return buf
+        h = S.FileHeader.parse(bytes(buf[:S.FILE_HEADER_SIZE]))
+        lo = h.log_offset
+        if lo + S.LOG_HEADER_SIZE <= len(buf):
+            lh = S.LogHeader.parse(bytes(buf[lo:lo + S.LOG_HEADER_SIZE]))
+            for i in range(min(lh.active, 512)):
+                p = lo + S.LOG_HEADER_SIZE + i * S.LOG_ENTRY_SIZE
+                if p + S.LOG_ENTRY_SIZE > len(buf):
+                    break
+                e = S.LogEntry.parse(bytes(buf[p:p + S.LOG_ENTRY_SIZE]))
+                d0 = lo + e.data_offset
+                if d0 + e.length <= len(buf) and e.length < (1 << 24):
+                    buf[p + 24:p + 28] = S.crc32(bytes(buf[d0:d0 + e.length])).to_bytes(4, "little")
+                buf[p:p + S.LOG_ENTRY_SIZE] = S.crc32_seal(bytearray(buf[p:p + S.LOG_ENTRY_SIZE]),
+                                                           S.LOG_ENTRY_CRC_OFFSET)
+            buf[lo:lo + S.LOG_HEADER_SIZE] = S.crc32_seal(bytearray(buf[lo:lo + S.LOG_HEADER_SIZE]), 4)
+        ot = S.ROOT_OBJECT_TABLE_OFFSET
+        if ot + S.OBJECT_TABLE_HEADER_SIZE > len(buf):
+            return buf
+        count = S.ObjectTableHeader.parse(bytes(buf[ot:ot + 8])).count
+        for i in range(min(count, OBJECT_SLOTS)):
+            p = ot + S.OBJECT_TABLE_HEADER_SIZE + i * S.OBJECT_ENTRY_SIZE
+            if p + S.OBJECT_ENTRY_SIZE > len(buf):
+                break
+            buf[p:p + S.OBJECT_ENTRY_SIZE] = S.crc32_seal(bytearray(buf[p:p + S.OBJECT_ENTRY_SIZE]),
+                                                          S.OBJECT_ENTRY_CRC_OFFSET)
+            e = S.ObjectTableEntry.parse(bytes(buf[p:p + S.OBJECT_ENTRY_SIZE]))
+            if e.type != S.OBJ_KEY_TABLE or not e.flags or e.offset + min(e.size, 1 << 20) > len(buf):
+                continue
+            t0, tsize = e.offset, min(e.size, 1 << 20)
+            if tsize < S.KEY_TABLE_HEADER_SIZE:
+                continue
+            buf[t0:t0 + 10] = S.crc32_seal(bytearray(buf[t0:t0 + 10]), S.KEY_TABLE_CRC_OFFSET)
+            pos = S.KEY_TABLE_HEADER_SIZE
+            table = buf[t0:t0 + tsize]
+            while pos + S.KEY_ENTRY_HEADER_SIZE <= tsize:
+                size = int.from_bytes(table[pos + 2:pos + 6], "little")
+                if size < S.KEY_ENTRY_HEADER_SIZE or size > tsize - pos:
+                    break
+                if table[pos] != S.VT_FREE:
+                    m = _entry_meaningful(bytes(table), pos)
+                    if m is not None and m <= size:
+                        table[pos:pos + m] = S.crc32_seal(bytearray(table[pos:pos + m]), S.KEY_ENTRY_CRC_OFFSET)
+                pos += size
+            buf[t0:t0 + tsize] = table
+    except Exception:  # noqa: BLE001,S110 - garbage in, best effort out
+        pass
+    return buf

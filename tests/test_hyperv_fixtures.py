@@ -45,9 +45,9 @@ VMS = {
 
 
 @pytest.fixture
-def fixture_path(shared_dir):  # noqa: ANN001,ANN201
+def fixture_path(shared_dir):
     # Opened in place (never copied): the parser is read-only and the test proves it.
-    def get(rel: str):  # noqa: ANN202
+    def get(rel: str):
         p = shared_dir / "fixtures" / rel
         if not p.is_file():
             pytest.skip(f"fixture {rel} not present")
@@ -55,7 +55,7 @@ def fixture_path(shared_dir):  # noqa: ANN001,ANN201
     return get
 
 
-def _sha(p) -> str:  # noqa: ANN001
+def _sha(p) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
@@ -87,7 +87,7 @@ def test_tree_agrees_with_dissect(rel, fixture_path):
         theirs = hv.HyperVFile(fh).as_dict()
 
     # dissect keeps a dict: for a repeated sibling name the entry stored last wins.
-    def lossy(key):  # noqa: ANN001,ANN202
+    def lossy(key):
         if not key.is_node:
             return key.value
         out = {}
@@ -98,7 +98,7 @@ def test_tree_agrees_with_dissect(rel, fixture_path):
     assert lossy(cfg.root) == theirs
     if rel.endswith("test.VMRS"):
         # ... which hides 89 of the 113 keys (ref §2.9); the multimap keeps them all.
-        def count(d):  # noqa: ANN001,ANN202
+        def count(d):
             return sum(1 + (count(v) if isinstance(v, dict) else 0) for v in d.values())
         assert count(theirs) == 24 and cfg.stats()["keys"] == 113
         metrics = cfg.get("configuration/global_settings/metrics")

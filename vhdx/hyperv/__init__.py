@@ -8,4 +8,4 @@ from __future__ import annotations
 
 from .container import ConfigFile, FileObjectRef, Key, open_config
 
-__all__ = ["open_config", "ConfigFile", "Key", "FileObjectRef"]
+__all__ = ["ConfigFile", "FileObjectRef", "Key", "open_config"]

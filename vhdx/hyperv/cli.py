@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..errors import InvalidArgumentError, VhdxError
 
@@ -39,7 +40,7 @@ def _vm_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true")
 
 
-def _inventory(args: argparse.Namespace, path: str, ignore_linkage: bool = False):  # noqa: ANN202
+def _inventory(args: argparse.Namespace, path: str, ignore_linkage: bool = False):
     from .vm import inventory
     from .winpath import PathMapper
 
@@ -62,7 +63,7 @@ def _print_tree(nodes: list[dict], checkpoints: dict[str, Any], indent: str) -> 
         _print_tree(n["children"], checkpoints, indent + "  ")
 
 
-def _print_vm(rep) -> None:  # noqa: ANN001 - VmReport
+def _print_vm(rep) -> None:
     v = rep.config
     print(f"VM {v.name!r} {v.id}, generation {v.generation}, configuration version {v.version_text}, "
           f"created {v.created}")
@@ -101,7 +102,7 @@ def _print_vm(rep) -> None:  # noqa: ANN001 - VmReport
         print(f"  note: {f}")
 
 
-def _print_inventory(inv) -> None:  # noqa: ANN001 - Inventory
+def _print_inventory(inv) -> None:
     for i, rep in enumerate(inv.vms):
         if i:
             print()
@@ -117,7 +118,7 @@ def _print_inventory(inv) -> None:  # noqa: ANN001 - Inventory
         print(f"unreadable configuration: {e['error']}")
 
 
-def _finish(inv) -> int:  # noqa: ANN001
+def _finish(inv) -> int:
     if inv.errors:
         n = len(inv.errors)
         print(f"vhdx: error: {inv.errors[0]['error']}" + (f" (and {n - 1} more unreadable)" if n > 1 else ""),

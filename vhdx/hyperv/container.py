@@ -14,8 +14,9 @@ with :class:`~vhdx.errors.CorruptConfigError` subclasses.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import construct
 
@@ -55,10 +56,21 @@ class Key:
     children are a list, never a dict; ``children_named`` returns every match.
     """
 
-    __slots__ = ("name", "type", "flags", "value", "insertion", "children", "table", "offset",
-                 "change_sequence", "next_insertion", "invalid")
+    __slots__ = (
+        "change_sequence",
+        "children",
+        "flags",
+        "insertion",
+        "invalid",
+        "name",
+        "next_insertion",
+        "offset",
+        "table",
+        "type",
+        "value",
+    )
 
-    def __init__(self, name: str, type: int, value: Any = None, flags: int = 0,  # noqa: A002
+    def __init__(self, name: str, type: int, value: Any = None, flags: int = 0,
                  insertion: int = 0, table: int = 0, offset: int = 0) -> None:
         self.name = name
         self.type = type
@@ -80,7 +92,7 @@ class Key:
     def type_name(self) -> str:
         return S.VALUE_TYPE_NAMES.get(self.type, str(self.type))
 
-    def __iter__(self) -> Iterator["Key"]:
+    def __iter__(self) -> Iterator[Key]:
         return iter(self.children)
 
     def __repr__(self) -> str:
@@ -88,18 +100,18 @@ class Key:
             return f"<Key {self.name!r} node, {len(self.children)} children>"
         return f"<Key {self.name!r} {self.type_name} {self.value!r}>"
 
-    def children_named(self, name: str, ignore_case: bool = False) -> list["Key"]:
+    def children_named(self, name: str, ignore_case: bool = False) -> list[Key]:
         if ignore_case:
             n = name.casefold()
             return [c for c in self.children if c.name.casefold() == n]
         return [c for c in self.children if c.name == name]
 
-    def child(self, name: str, ignore_case: bool = False) -> "Key | None":
+    def child(self, name: str, ignore_case: bool = False) -> Key | None:
         """The first child named ``name``, or None."""
         found = self.children_named(name, ignore_case)
         return found[0] if found else None
 
-    def get(self, path: str, ignore_case: bool = False) -> "Key | None":
+    def get(self, path: str, ignore_case: bool = False) -> Key | None:
         """Follow ``a/b[2]/c`` (``[n]`` is 1-based among same-named siblings)."""
         key: Key | None = self
         for part in path.strip("/").split("/"):
@@ -119,7 +131,7 @@ class Key:
         k = self.get(path, ignore_case)
         return default if k is None or k.is_node else k.value
 
-    def _named(self, base: str) -> list[tuple[str, "Key"]]:
+    def _named(self, base: str) -> list[tuple[str, Key]]:
         counts: dict[str, int] = {}
         for c in self.children:
             counts[c.name] = counts.get(c.name, 0) + 1
@@ -131,7 +143,7 @@ class Key:
             items.append((f"{base}/{name}" if base else name, c))
         return items
 
-    def walk(self, prefix: str = "") -> Iterator[tuple[str, "Key"]]:
+    def walk(self, prefix: str = "") -> Iterator[tuple[str, Key]]:
         """Every descendant as ``(path, key)``, depth first in insertion order;
         repeated names carry ``[n]`` (1-based) so every path is unique."""
         stack = [iter(self._named(prefix))]
@@ -289,7 +301,7 @@ class ConfigFile:
             raise self._err("neither file header verifies (signature and CRC-32)", ConfigChecksumError)
         if len(valid) == 2 and S.serial_newer(valid[1].sequence, valid[0].sequence):
             valid.reverse()
-        problems = []
+        problems: list[str] = []
         for h in valid:
             why = self._header_problem(h)
             if why is None:

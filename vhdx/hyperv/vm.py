@@ -19,8 +19,9 @@ from __future__ import annotations
 import datetime
 import os
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from ..chain import accepted_linkages, open_chain
 from ..errors import VhdxError
@@ -628,12 +629,13 @@ def find_lingering(rep: VmReport, all_referenced: set[tuple[int, int]],
         if not c.path.lower().endswith(DIFF_SUFFIXES) or c.ident in all_closure:
             continue
         parent = next((by_guid[g] for g in c.linkages if g in by_guid), None)
-        used = parent is not None and parent.ident in all_closure
-        rep.lingering.orphans.append({
-            "path": c.path, "parent": parent.path if parent else None,
-            "note": (f"a child of {parent.path}, which a configuration still uses" if used else
-                     f"a child of {parent.path}, itself unused" if parent else
-                     "its parent was not found")})
+        if parent is None:
+            note = "its parent was not found"
+        elif parent.ident in all_closure:
+            note = f"a child of {parent.path}, which a configuration still uses"
+        else:
+            note = f"a child of {parent.path}, itself unused"
+        rep.lingering.orphans.append({"path": c.path, "parent": parent.path if parent else None, "note": note})
     for ident, info in closure.items():
         if not info.has_parent or ident in frozen or ident in current or ident in all_referenced:
             continue
@@ -698,7 +700,8 @@ def _skip_dir(path: str) -> bool:
 def inventory(path: str, mapper: PathMapper, search_dirs: Sequence[str] = (), ignore_linkage: bool = False,
               strict_single: bool = True) -> Inventory:
     """Every VM under ``path`` (a .vmcx, a VM folder or a folder of VMs), analysed."""
-    inv = Inventory(disks=DiskIndex(search_dirs, ignore_linkage))
+    disks = DiskIndex(search_dirs, ignore_linkage)
+    inv = Inventory(disks=disks)
     single = os.path.isfile(path)
     if single:
         vm_paths = [os.path.abspath(path)]
@@ -754,18 +757,18 @@ def inventory(path: str, mapper: PathMapper, search_dirs: Sequence[str] = (), ig
     for p, cc in checkpoint_cfgs.items():
         owners = [i for i, d in snapdirs.items() if d and os.path.dirname(p) == d]
         if len(owners) > 1:
-            owners = _owners_by_disks(cc, [vms[i] for i in owners], owners, mapper, inv.disks)
+            owners = _owners_by_disks(cc, [vms[i] for i in owners], owners, mapper, disks)
         if len(owners) == 1:
             candidates[owners[0]].append(cc)
             claimed.add(p)
     inv.unattributed = sorted(set(checkpoint_cfgs) - claimed)
     keep = set(vm_paths) if single else None
     for i, vm in enumerate(vms):
-        rep = analyze_vm(vm, sorted(candidates[i], key=lambda c: c.path), mapper, inv.disks)
+        rep = analyze_vm(vm, sorted(candidates[i], key=lambda c: c.path), mapper, disks)
         inv.vms.append(rep)
     all_ref, all_closure = inv.referenced(), inv.closure()
     for rep in inv.vms:
-        find_lingering(rep, all_ref - rep.referenced(), all_closure, inv.disks)
+        find_lingering(rep, all_ref - rep.referenced(), all_closure, disks)
     if keep is not None:
         inv.vms = [r for r in inv.vms if os.path.abspath(r.config.path) in keep]
     return inv
@@ -810,17 +813,17 @@ def unreferenced_disks(top: str, inv: Inventory) -> list[dict]:
     for i in infos:
         root, depth, seen = i, 0, {i.ident}
         while True:
-            p = parent_of.get(root.ident)
-            if p is None or p.ident not in parent_of or p.ident in seen:
+            up = parent_of.get(root.ident)
+            if up is None or up.ident not in parent_of or up.ident in seen:
                 break
-            seen.add(p.ident)
-            root, depth = p, depth + 1
+            seen.add(up.ident)
+            root, depth = up, depth + 1
         g = groups.setdefault(root.ident, {"files": [], "hangs_off": None, "parent_missing": False})
         g["files"].append((depth, i.path))
         if root is i:
-            p = parent_of.get(i.ident)
-            if p is not None:
-                g["hangs_off"] = p.path  # a referenced disk
+            up = parent_of.get(i.ident)
+            if up is not None:
+                g["hangs_off"] = up.path  # a referenced disk
             elif i.has_parent:
                 g["parent_missing"] = True
     out = []
@@ -840,6 +843,18 @@ def all_dirs(rep_list: Iterable[VmReport]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-__all__ = ["read_vm_config", "read_host_registry", "config_kind", "inventory", "analyze_vm",
-           "find_lingering", "unreferenced_disks", "VmConfig", "VmReport", "Checkpoint", "Drive",
-           "HostRegistry", "DiskIndex"]
+__all__ = [
+    "Checkpoint",
+    "DiskIndex",
+    "Drive",
+    "HostRegistry",
+    "VmConfig",
+    "VmReport",
+    "analyze_vm",
+    "config_kind",
+    "find_lingering",
+    "inventory",
+    "read_host_registry",
+    "read_vm_config",
+    "unreferenced_disks",
+]

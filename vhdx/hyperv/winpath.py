@@ -17,8 +17,8 @@ from __future__ import annotations
 import os
 import re
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 _DRIVE = re.compile(r"^([A-Za-z]):[\\/]")
 _DRIVE_ROOT = re.compile(r"^([A-Za-z]):=(.+)$")
@@ -193,12 +193,13 @@ class PathMapper:
         cands += [(d, "search dir") for d in self.search_dirs]
         for d, how in cands:
             parts = [wp.name] if how in ("beside config", "search dir") else []
-            base = d
+            base: str | None = d
             if how == "Virtual Hard Disks":
                 base, _ = lookup_ci(os.path.dirname(d), [os.path.basename(d)])
                 if base is None:
                     continue
                 parts = [wp.name]
+            assert base is not None
             found, why = lookup_ci(base, parts)
             res.tried.append(why or found or base)
             if found and _is_file(found) and _inside(found, base):
