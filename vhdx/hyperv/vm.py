@@ -730,8 +730,10 @@ def inventory(path: str, mapper: PathMapper, search_dirs: Sequence[str] = (), ig
         if kind == "host":
             inv.hosts.append(read_host_registry(cfg))
         elif kind == "vm":
-            (checkpoint_cfgs.__setitem__(p, read_vm_config(cfg)) if _is_checkpoint_dir(p)
-             else vms.append(read_vm_config(cfg)))
+            if _is_checkpoint_dir(p) and not (single and p == vm_paths[0]):
+                checkpoint_cfgs[p] = read_vm_config(cfg)
+            else:
+                vms.append(read_vm_config(cfg))
         elif single and p == vm_paths[0]:
             raise VhdxError(f"{p}: not a VM configuration (its top key is {cfg.top.name if cfg.top else 'missing'!r})")
     # Checkpoint configs under each VM's snapshot root, also when not found by the walk.
