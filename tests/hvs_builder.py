@@ -155,13 +155,14 @@ def _layout_tables(children: list, table_size: int, insertion_gap: int, reverse:
 
 def build(children: list, *, sequences: tuple[int, int] = (7, 6), table_size: int = PAGE,
           insertion_gap: int = 1, reverse_physical: bool = False, dirty_from: list | None = None,
-          table_sequence: int = 3) -> Built:
+          table_sequence: int = 3, chain_objects: bool = False) -> Built:
     """The bytes of a HyperVStorage file holding ``children`` (the top-level keys).
 
     ``dirty_from``: the file's tables hold that older tree, and an active replay log
     holds every page that differs, so only a reader that replays sees ``children``.
     """
-    new = _image(children, sequences, table_size, insertion_gap, reverse_physical, table_sequence)
+    new = _image(children, sequences, table_size, insertion_gap, reverse_physical, table_sequence,
+                 chain_objects=chain_objects)
     if dirty_from is None:
         return new
     old = _image(dirty_from, sequences, table_size, insertion_gap, reverse_physical, table_sequence - 1,
@@ -177,7 +178,7 @@ def build(children: list, *, sequences: tuple[int, int] = (7, 6), table_size: in
 
 
 def _image(children: list, sequences: tuple[int, int], table_size: int, insertion_gap: int,
-           reverse: bool, table_sequence: int, pad_to: int = 0) -> Built:
+           reverse: bool, table_sequence: int, pad_to: int = 0, chain_objects: bool = False) -> Built:
     entries, ntables = _layout_tables(children, table_size, insertion_gap, reverse)
     first = S.ROOT_OBJECT_TABLE_OFFSET + PAGE
     table_offsets = [first + i * table_size for i in range(ntables)]
@@ -191,6 +192,9 @@ def _image(children: list, sequences: tuple[int, int], table_size: int, insertio
             fo_ptr[id(e.item)] = (len(data), pos)
             fo_objects.append((pos, size, data))
             pos += size
+    chained_at = None
+    if chain_objects:  # the root table only points at a second object table (type 1)
+        chained_at, pos = pos, pos + PAGE
     end = max(pos, pad_to)
     buf = bytearray(end)
     tables = [bytearray(table_size) for _ in range(ntables)]
@@ -215,7 +219,18 @@ def _image(children: list, sequences: tuple[int, int], table_size: int, insertio
     if end > pos:
         slots.append((S.OBJ_FREE, pos, end - pos))
     if len(slots) > OBJECT_SLOTS:
-        raise ValueError("object table full (chaining is not built)")
+        raise ValueError("object table full")
+    if chained_at is not None:
+        buf[chained_at:chained_at + PAGE] = _object_table(slots)
+        slots = [(S.OBJ_TABLE, chained_at, PAGE)]
+    buf[S.ROOT_OBJECT_TABLE_OFFSET:S.ROOT_OBJECT_TABLE_OFFSET + PAGE] = _object_table(slots)
+    layout = {"tables": [(o, table_size) for o in table_offsets], "entries": entry_layout,
+              "file_objects": [(o, s) for o, s, _ in fo_objects], "end": end,
+              "object_table": S.ROOT_OBJECT_TABLE_OFFSET}
+    return _with_log(bytes(buf), layout, [], sequences)
+
+
+def _object_table(slots: list[tuple[int, int, int]]) -> bytearray:
     ot = bytearray(PAGE)
     ot[:S.OBJECT_TABLE_HEADER_SIZE] = S.ObjectTableHeader.build({"count": OBJECT_SLOTS})
     for i in range(OBJECT_SLOTS):
@@ -225,11 +240,7 @@ def _image(children: list, sequences: tuple[int, int], table_size: int, insertio
         S.crc32_seal(ent, S.OBJECT_ENTRY_CRC_OFFSET)
         p = S.OBJECT_TABLE_HEADER_SIZE + i * S.OBJECT_ENTRY_SIZE
         ot[p:p + S.OBJECT_ENTRY_SIZE] = ent
-    buf[S.ROOT_OBJECT_TABLE_OFFSET:S.ROOT_OBJECT_TABLE_OFFSET + PAGE] = ot
-    layout = {"tables": [(o, table_size) for o in table_offsets], "entries": entry_layout,
-              "file_objects": [(o, s) for o, s, _ in fo_objects], "end": end,
-              "object_table": S.ROOT_OBJECT_TABLE_OFFSET}
-    return _with_log(bytes(buf), layout, [], sequences)
+    return ot
 
 
 def _with_log(body: bytes, layout: dict, active: list[tuple[int, bytes]], sequences: tuple[int, int]) -> Built:
@@ -309,10 +320,13 @@ def vm_tree(name: str, vm_id: str, *, ide: list[str] = (), scsi: list[str] = (),
     return [conf]
 
 
-def runtime_tree(saved: bool) -> list:
+def runtime_tree(saved: bool, ram_blocks: int = 0) -> list:
+    """A .vmrs; with ``saved``, a ``savedstate`` key (ref §8) holding ``ram_blocks``
+    64 KiB blocks as file objects (real ones hold 1 MiB blocks)."""
     top = [N("configuration", N("properties", V("version", 2304)))]
     if saved:
-        top.append(N("savedstate", V("type", "Snapshot"), V("VmVersion", 2304)))
+        blocks = [V(f"RamBlock{i}", bytes([i % 251]) * (64 << 10), file_object=True) for i in range(ram_blocks)]
+        top.append(N("savedstate", V("type", "Snapshot"), V("VmVersion", 2304), *blocks))
     return top
 
 

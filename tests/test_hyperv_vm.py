@@ -37,10 +37,10 @@ def _id(n: int) -> str:
 class Host:
     """A copied host volume: ``root`` plays ``C:\\``."""
 
-    def __init__(self, tmp: Path, vm: str = "VM1") -> None:
+    def __init__(self, tmp: Path, vm: str = "VM1", base: str | None = None) -> None:
         self.root = tmp / "C"
         self.vm = vm
-        self.base_dir = self.root / "Hyper-V" / vm
+        self.base_dir = self.root / (base or f"Hyper-V/{vm}")
         for d in ("Virtual Machines", "Snapshots", "Virtual Hard Disks"):
             (self.base_dir / d).mkdir(parents=True, exist_ok=True)
         self.vhd = self.base_dir / "Virtual Hard Disks"
@@ -68,8 +68,9 @@ class Host:
         p = self.base_dir / "Snapshots" / f"{cp_id}.vmcx"
         B.write(p, B.vm_tree(name, cp_id, ide=[self.win(x) for x in ide], scsi=[self.win(x) for x in scsi],
                              created=T0 + datetime.timedelta(minutes=minutes)))
-        if saved is not None:
-            B.write(p.with_suffix(".vmrs"), B.runtime_tree(saved))
+        if saved is not None:  # a saved state keeps RAM in file objects, here behind a chained object table
+            B.write(p.with_suffix(".vmrs"), B.runtime_tree(saved, ram_blocks=3 if saved else 0),
+                    chain_objects=saved)
         return p
 
     def files(self) -> list[Path]:
@@ -180,11 +181,13 @@ def test_slots_that_disagree_are_reported(tmp_path, capsys):
 
 
 def test_removed_checkpoint_leaves_an_unowned_link_and_clean_folds_it(tmp_path, capsys):
-    """base <- u <- k <- now: the configs of the checkpoints that froze base and u are gone
-    (a backup product's recovery checkpoints); K froze k."""
+    """base <- u0 <- u <- k <- now: the configs of the checkpoints that froze base, u0 and u
+    are gone (a backup product's recovery checkpoints); K froze k. One merge folds the run
+    u, u0 into base."""
     h = Host(tmp_path)
     base = h.disk("d.vhdx")
-    u = h.disk(f"d_{_id(21)}.avhdx", base)
+    u0 = h.disk(f"d_{_id(20)}.avhdx", base)
+    u = h.disk(f"d_{_id(21)}.avhdx", u0)
     k = h.disk(f"d_{_id(22)}.avhdx", u)
     now = h.disk(f"d_{_id(23)}.avhdx", k)
     cfg = h.vm_config(_id(1), scsi=[now])
@@ -192,7 +195,8 @@ def test_removed_checkpoint_leaves_an_unowned_link_and_clean_folds_it(tmp_path, 
     vm = _show(h, capsys=capsys)["vms"][0]
     assert _tree(vm) == [("K", [("Now", [])])]
     links = vm["lingering"]["unowned_chain_links"]
-    assert [(link["path"], link["on_running_chain"], link["children"]) for link in links] == [(str(u), True, [str(k)])]
+    assert [(link["path"], link["on_running_chain"], link["children"]) for link in links] == \
+        sorted([(str(u), True, [str(k)]), (str(u0), True, [str(u)])])
     assert vm["lingering"]["orphan_differencing_disks"] == []
 
     drives = {"now": _disk_hash(now), "K": _disk_hash(k)}
@@ -202,15 +206,15 @@ def test_removed_checkpoint_leaves_an_unowned_link_and_clean_folds_it(tmp_path, 
     assert cli.main(argv + ["--dry-run"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert [(s["links"], s["target"], s["child"], s["refused"], s["done"]) for s in plan["steps"]] == \
-        [([str(u)], str(base), str(k), None, False)]
+        [([str(u), str(u0)], str(base), str(k), None, False)]
     assert _sha_files(h.files()) == before  # the dry run changed no byte
 
     assert cli.main(argv) == 0
     done = json.loads(capsys.readouterr().out)
     assert [(s["done"], s["merge"]["deleted"], s["merge"]["repointed"]) for s in done["steps"]] == \
-        [(True, [str(u)], [str(k)])]
+        [(True, [str(u), str(u0)], [str(k)])]
     assert done["failed"] == [] and done["verified"] == [str(cfg)]
-    assert not u.exists()
+    assert not u.exists() and not u0.exists()
     assert {"now": _disk_hash(now), "K": _disk_hash(k)} == drives  # every drive reads as before
     assert _sha_files([cfg, cp]) == configs  # no configuration written
     vm = _show(h, capsys=capsys)["vms"][0]
@@ -332,3 +336,35 @@ def test_cli_errors_are_one_line(tmp_path):
         assert p.returncode == 1, p
         lines = p.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("vhdx: error: ") and args[-1] in lines[0], p.stderr
+
+
+def test_host_registry_and_a_shared_snapshot_folder(tmp_path, capsys):
+    """The default location holds two VMs whose checkpoints share one Snapshots folder;
+    data.vmcx also registers a VM stored elsewhere and one whose files are gone."""
+    hv = "ProgramData/Microsoft/Windows/Hyper-V"
+    two, three = Host(tmp_path, "Two", hv), Host(tmp_path, "Three", hv)
+    one = Host(tmp_path, "One", "VMs/One")
+    b2, b3, b1 = two.disk("two.vhdx"), three.disk("three.vhdx"), one.disk("one.vhdx")
+    n2, n3 = two.disk("two_1.avhdx", b2), three.disk("three_1.avhdx", b3)
+    c1 = one.vm_config(_id(1), scsi=[b1])
+    two.vm_config(_id(2), scsi=[n2])
+    three.vm_config(_id(3), ide=[n3])
+    two.checkpoint(_id(201), "Two - A", 1, scsi=[b2])
+    three.checkpoint(_id(301), "Three - A", 2, ide=[b3])
+    reg = B.N("Configurations", B.V("FormatVersion", 2), B.V("RegID", _id(9)), B.N("VirtualMachines", *[
+        B.V(f"_{g}_", w) for g, w in ((_id(1), one.win(c1)), (_id(2), "C:\\" + hv.replace("/", "\\")
+                                                                  + f"\\Virtual Machines\\{_id(2)}.vmcx"),
+                                        (_id(4), r"C:\Gone\Virtual Machines\gone.vmcx"))]),
+                 B.N("VirtualMachinesCache"), B.N("ResourceTypes"))
+    B.write(two.base_dir / "data.vmcx", [reg])
+    out = _show(two, two.base_dir, capsys)
+    vms = {v["vm"]["name"]: v for v in out["vms"]}
+    assert set(vms) == {"One", "Two", "Three"}
+    assert [c["name"] for c in vms["Two"]["checkpoints"]] == ["Two - A"]
+    assert [c["name"] for c in vms["Three"]["checkpoints"]] == ["Three - A"]
+    assert _tree(vms["Three"]) == [("Three - A", [("Now", [])])]
+    assert out["unattributed_checkpoint_configs"] == []
+    assert [h["virtual_machines"][_id(1)] for h in out["hosts"]] == [one.win(c1)]
+    assert [u["vm"] for u in out["registry_unresolved"]] == [_id(4)]
+    # one VM's disks are never another's orphans, though they share the folders
+    assert all(not v["lingering"]["orphan_differencing_disks"] for v in vms.values())

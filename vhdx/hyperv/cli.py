@@ -112,6 +112,8 @@ def _print_inventory(inv) -> None:
               f"{len(h.cache)} cache entries, {len(h.resource_types)} resource types")
         for g, p in h.vms.items():
             print(f"  {g} {p}")
+    for u in inv.registry_unresolved:
+        print(f"registered VM {u['vm']} not found locally: {u['windows_path']!r}: {u['problem']}")
     for p in inv.unattributed:
         print(f"checkpoint configuration not attributed to a VM: {p}")
     for e in inv.errors:

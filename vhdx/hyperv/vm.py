@@ -655,6 +655,7 @@ class Inventory:
     hosts: list[HostRegistry] = field(default_factory=list)
     unattributed: list[str] = field(default_factory=list)  # checkpoint configs no VM claims
     errors: list[dict] = field(default_factory=list)  # configs that could not be read
+    registry_unresolved: list[dict] = field(default_factory=list)  # data.vmcx entries not found locally
     disks: DiskIndex | None = None
 
     def referenced(self) -> set[tuple[int, int]]:
@@ -671,7 +672,8 @@ class Inventory:
 
     def to_dict(self) -> dict:
         return {"vms": [v.to_dict() for v in self.vms], "hosts": [h.to_dict() for h in self.hosts],
-                "unattributed_checkpoint_configs": self.unattributed, "errors": self.errors}
+                "unattributed_checkpoint_configs": self.unattributed, "errors": self.errors,
+                "registry_unresolved": self.registry_unresolved}
 
 
 def walk_files(top: str, suffixes: tuple[str, ...]) -> list[str]:
@@ -716,7 +718,10 @@ def inventory(path: str, mapper: PathMapper, search_dirs: Sequence[str] = (), ig
         raise VhdxError(f"{path}: no such file or directory")
     vms: list[VmConfig] = []
     checkpoint_cfgs: dict[str, VmConfig] = {}
-    for p in found:
+    queue = list(found)
+    seen_paths = {os.path.realpath(p) for p in found}
+    while queue:
+        p = queue.pop(0)
         if _skip_dir(p):
             continue
         try:
@@ -728,7 +733,17 @@ def inventory(path: str, mapper: PathMapper, search_dirs: Sequence[str] = (), ig
             continue
         kind = config_kind(cfg)
         if kind == "host":
-            inv.hosts.append(read_host_registry(cfg))
+            reg = read_host_registry(cfg)
+            inv.hosts.append(reg)
+            if not single:
+                # The registry names VMs stored anywhere on the host: follow them through --root.
+                for g, win in reg.vms.items():
+                    r = mapper.map_path(win)
+                    if r.local is None:
+                        inv.registry_unresolved.append({"registry": reg.path, "vm": g, **r.to_dict()})
+                    elif os.path.realpath(r.local) not in seen_paths:
+                        seen_paths.add(os.path.realpath(r.local))
+                        queue.append(r.local)
         elif kind == "vm":
             if _is_checkpoint_dir(p) and not (single and p == vm_paths[0]):
                 checkpoint_cfgs[p] = read_vm_config(cfg)
