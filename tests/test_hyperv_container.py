@@ -5,12 +5,11 @@ from the physical order, gaps in insertion sequences, the multimap API."""
 
 from __future__ import annotations
 
+import hvs_builder as B
 import pytest
 
 from vhdx.hyperv import open_config
 from vhdx.hyperv import structures as S
-
-import hvs_builder as B
 
 
 def _tree() -> list:
@@ -24,7 +23,7 @@ def _tree() -> list:
                 *[B.N(f"n{i}", B.V("pad", "p" * 200)) for i in range(25)])]
 
 
-def _expected(items: list):  # noqa: ANN202
+def _expected(items: list):
     """The builder's own tree in the shape of ``Key.to_dict()``."""
     out: dict = {}
     counts: dict = {}
