@@ -315,22 +315,23 @@ def test_input_file_is_never_written(tmp_path, sample):
     assert p.read_bytes() == data and p.stat().st_mtime_ns == st.st_mtime_ns
 
 
-def test_fuzz_target_runs_briefly(tmp_path):
-    """The atheris target (tests/fuzz/fuzz_hyperv.py) for a few seconds in the default suite."""
+def _run_fuzz(tmp_path: Path, seconds: int, rss_mb: int) -> subprocess.CompletedProcess:
     pytest.importorskip("atheris")
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    p = subprocess.run([sys.executable, str(TESTS / "fuzz" / "fuzz_hyperv.py"), "-max_total_time=2",
-                        "-rss_limit_mb=1024", str(corpus)], check=False, capture_output=True, text=True, timeout=120)
+    p = subprocess.run([sys.executable, str(TESTS / "fuzz" / "fuzz_hyperv.py"), f"-max_total_time={seconds}",
+                        f"-rss_limit_mb={rss_mb}", str(corpus)], check=False, capture_output=True, text=True,
+                       timeout=seconds * 3 + 120)
     assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def test_fuzz_target_runs_briefly(tmp_path):
+    """The atheris target (tests/fuzz/fuzz_hyperv.py) for a few seconds in the default suite."""
+    p = _run_fuzz(tmp_path, 2, 1024)
     assert "Done" in p.stderr or "DONE" in p.stderr
 
 
 @pytest.mark.soak
 def test_fuzz_target_soak(tmp_path):
-    pytest.importorskip("atheris")
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    p = subprocess.run([sys.executable, str(TESTS / "fuzz" / "fuzz_hyperv.py"), "-max_total_time=300",
-                        "-rss_limit_mb=2048", str(corpus)], check=False, capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, p.stderr[-3000:]
+    _run_fuzz(tmp_path, 300, 2048)

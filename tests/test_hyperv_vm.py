@@ -368,3 +368,22 @@ def test_host_registry_and_a_shared_snapshot_folder(tmp_path, capsys):
     assert [u["vm"] for u in out["registry_unresolved"]] == [_id(4)]
     # one VM's disks are never another's orphans, though they share the folders
     assert all(not v["lingering"]["orphan_differencing_disks"] for v in vms.values())
+
+
+def test_clean_of_one_vm_respects_its_neighbours(tmp_path, capsys):
+    """Two VMs of one folder share a base disk; cleaning one of them must not fold into
+    the base, which the other VM's chain also uses (the merge engine names it)."""
+    hv = "Hyper-V/Shared"
+    a, b = Host(tmp_path, "A", hv), Host(tmp_path, "B", hv)
+    base = a.disk("base.vhdx")
+    u = a.disk("a_u.avhdx", base)
+    now_a = a.disk("a_now.avhdx", u)
+    now_b = b.disk("b_now.avhdx", base)
+    cfg_a = a.vm_config(_id(1), ide=[now_a])
+    b.vm_config(_id(2), ide=[now_b])
+    before = _sha_files(a.files())
+    assert cli.main(["vm", "clean", str(cfg_a), "--root", f"C:={a.root}", "--json"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert [s["links"] for s in out["steps"]] == [[str(u)]]
+    assert str(now_b) in out["steps"][0]["refused"]
+    assert _sha_files(a.files()) == before

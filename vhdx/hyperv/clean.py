@@ -71,7 +71,7 @@ def _runs(rep: VmReport) -> list[tuple[list[DiskInfo], DiskInfo, DiskInfo]]:
 
 
 def _owner(inv: Inventory, ident: tuple[int, int]) -> str | None:
-    for rep in inv.vms:
+    for rep in inv.vms + inv.context:
         for dd in rep.drives:
             if dd.top is not None and dd.top.ident == ident:
                 return f"a drive of VM {rep.config.name!r} ({rep.config.path})"
@@ -95,7 +95,9 @@ def plan(inv: Inventory, search_dirs: list[str]) -> list[tuple[Step, DiskInfo, D
             if rep.config.disk_merge_pending:
                 s.refused = "the configuration says a disk merge is pending (Hyper-V finishes it itself)"
             elif owner:
-                s.refused = f"the target {target.path} is {owner}; folding into it would change it"
+                s.refused = (f"the target {target.path} is {owner}; folding into it would change it "
+                             "(folding the other way, into the child, would delete a file a configuration "
+                             "names, and configurations are never rewritten)")
             if s.refused:
                 continue
             many = [u for u in rep.lingering.unowned_links if u["path"] in s.links and len(u["children"]) > 1]

@@ -77,6 +77,8 @@ def _print_vm(rep) -> None:
         dd = resolved.get(id(d))
         if dd is None:
             continue
+        if dd.resolution.how and dd.resolution.how != "root":
+            print(f"      found by file name ({dd.resolution.how}): {dd.resolution.local}")
         if dd.chain:
             for depth, f in enumerate(dd.chain):
                 print(f"      {'  ' * depth}{f.path}{' (differencing)' if f.has_parent else ''}")
@@ -183,7 +185,7 @@ def cmd_vm_clean(args: argparse.Namespace) -> int:
         if not report.steps:
             print("no unowned chain links to fold")
         for s in report.steps:
-            head = ("would fold" if args.dry_run else "folded" if s.done else "will not fold")
+            head = "will not fold" if s.refused else "would fold" if args.dry_run else "folded"
             print(f"{head} {', '.join(s.links)} into {s.target}; re-point {s.child} to it"
                   + (f"; delete {', '.join(s.links)}" if not s.refused else ""))
             if s.refused:

@@ -28,7 +28,7 @@ from . import structures as S
 MAX_OBJECT_TABLES = 1024
 MAX_KEY_TABLES = 65535
 MAX_KEY_TABLE_SIZE = 16 << 20
-MAX_TABLE_BYTES = 256 << 20  # all key tables together
+MAX_TABLE_BYTES = 64 << 20  # all key tables together (real configs hold well under 1 MiB)
 MAX_ENTRIES = 1_000_000
 MAX_DEPTH = 128
 MAX_REPLAY_BYTES = 64 << 20

@@ -652,6 +652,7 @@ def find_lingering(rep: VmReport, all_referenced: set[tuple[int, int]],
 @dataclass
 class Inventory:
     vms: list[VmReport] = field(default_factory=list)
+    context: list[VmReport] = field(default_factory=list)  # sibling VMs read to judge the shown one
     hosts: list[HostRegistry] = field(default_factory=list)
     unattributed: list[str] = field(default_factory=list)  # checkpoint configs no VM claims
     errors: list[dict] = field(default_factory=list)  # configs that could not be read
@@ -659,14 +660,15 @@ class Inventory:
     disks: DiskIndex | None = None
 
     def referenced(self) -> set[tuple[int, int]]:
+        """Disks any configuration read (shown or context) names as a drive or frozen disk."""
         out: set[tuple[int, int]] = set()
-        for v in self.vms:
+        for v in self.vms + self.context:
             out |= v.referenced()
         return out
 
     def closure(self) -> dict[tuple[int, int], DiskInfo]:
         out: dict[tuple[int, int], DiskInfo] = {}
-        for v in self.vms:
+        for v in self.vms + self.context:
             out.update(v.chain_closure())
         return out
 
@@ -787,6 +789,7 @@ def inventory(path: str, mapper: PathMapper, search_dirs: Sequence[str] = (), ig
     for rep in inv.vms:
         find_lingering(rep, all_ref - rep.referenced(), all_closure, disks)
     if keep is not None:
+        inv.context = [r for r in inv.vms if os.path.abspath(r.config.path) not in keep]
         inv.vms = [r for r in inv.vms if os.path.abspath(r.config.path) in keep]
     return inv
 
