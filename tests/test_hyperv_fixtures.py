@@ -177,3 +177,18 @@ def test_dump_and_show_cli_are_read_only(fixture_path, capsys):
     # The drives' disks are not part of the fixtures: each is reported, never guessed.
     assert all(v["unresolved"] and v["drives"][0]["chain"] is None for v in scan["vms"])
     assert {p: _sha(p) for p in paths} == before
+
+
+def test_stale_key_tables_in_free_space_are_never_read(fixture_path):
+    """data.vmcx keeps old key-table copies in a free object (ref §2.4: index 2 sequence 15
+    at 0x5000, index 1 sequence 29 at 0x6000); only the object table's live tables count."""
+    from vhdx.hyperv import structures as S
+
+    p = fixture_path("dissect.target/data.vmcx")
+    cfg = open_config(p)
+    assert [(t.index, t.offset) for t in cfg.tables] == [(1, 0x3000), (2, 0x7000), (3, 0x8000)]
+    assert [t.sequence for t in cfg.tables[:2]] == [33, 33]
+    raw = p.read_bytes()
+    stale = [S.KeyTableHeader.parse(raw[o:o + 10]) for o in (0x5000, 0x6000)]
+    assert [(h.signature, h.index, h.sequence) for h in stale] == [(2, 2, 15), (2, 1, 29)]
+    assert (S.OBJ_FREE, 0x4000, 0x3000) in cfg.objects

@@ -195,8 +195,9 @@ class PathMapper:
             parts = [wp.name] if how in ("beside config", "search dir") else []
             base: str | None = d
             if how == "Virtual Hard Disks":
-                base, _ = lookup_ci(os.path.dirname(d), [os.path.basename(d)])
+                base, why = lookup_ci(os.path.dirname(d), [os.path.basename(d)])
                 if base is None:
+                    res.tried.append(why or d)
                     continue
                 parts = [wp.name]
             assert base is not None
