@@ -30,7 +30,7 @@ def test_parse(raw, kind, drive, parts, problem):
     assert (wp.problem is None) if problem is None else (problem in wp.problem)
 
 
-def _tree(root, *rels):  # noqa: ANN001,ANN202
+def _tree(root, *rels):
     for r in rels:
         p = root / r
         p.parent.mkdir(parents=True, exist_ok=True)
