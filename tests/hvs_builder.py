@@ -226,7 +226,7 @@ def _image(children: list, sequences: tuple[int, int], table_size: int, insertio
     buf[S.ROOT_OBJECT_TABLE_OFFSET:S.ROOT_OBJECT_TABLE_OFFSET + PAGE] = _object_table(slots)
     layout = {"tables": [(o, table_size) for o in table_offsets], "entries": entry_layout,
               "file_objects": [(o, s) for o, s, _ in fo_objects], "end": end,
-              "object_table": S.ROOT_OBJECT_TABLE_OFFSET}
+              "object_table": S.ROOT_OBJECT_TABLE_OFFSET, "chained_object_table": chained_at}
     return _with_log(bytes(buf), layout, [], sequences)
 
 

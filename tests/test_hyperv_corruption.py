@@ -6,6 +6,7 @@ lengths, chained tables, torn logs) are refused or reported.
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import sys
@@ -335,3 +336,38 @@ def test_fuzz_target_runs_briefly(tmp_path):
 @pytest.mark.soak
 def test_fuzz_target_soak(tmp_path):
     _run_fuzz(tmp_path, 300, 2048)
+
+
+def test_chained_object_table_limits(tmp_path):
+    b = B.build(_sample_tree(), chain_objects=True)
+    data = b.data
+    assert open_config_bytes(tmp_path, data).stats()["keys"] > 40
+    slot = 0x2008  # the root's only slot: the type-1 pointer
+    for size in (4, 2 << 20):
+        buf = bytearray(data)
+        buf[slot + 13:slot + 17] = size.to_bytes(4, "little")
+        _raises(tmp_path, bytes(B.reseal(buf)), match="out of bounds")
+    # the chained table points back at itself
+    chained = int.from_bytes(data[slot + 5:slot + 13], "little")
+    buf = bytearray(data)
+    p = chained + S.OBJECT_TABLE_HEADER_SIZE + 18 * 50
+    buf[p:p + 18] = S.ObjectTableEntry.build({"type": S.OBJ_TABLE, "offset": chained, "size": 0x1000, "flags": 1})
+    buf[p:p + 18] = S.crc32_seal(bytearray(buf[p:p + 18]), S.OBJECT_ENTRY_CRC_OFFSET)
+    _raises(tmp_path, bytes(buf), match="loop")
+
+
+def open_config_bytes(tmp_path: Path, data: bytes):  # noqa: ANN201
+    p = tmp_path / "c.vmcx"
+    p.write_bytes(data)
+    return open_config(p)
+
+
+@pytest.mark.soak
+def test_mutation_soak(tmp_path, sample):
+    data, layout = sample
+    chained = B.build(_sample_tree(), chain_objects=True)
+    regions = {**_regions(chained.layout, len(chained.data)),
+               "chained object table": (chained.layout["chained_object_table"], 0x1000)}
+    for seed in range(int(os.environ.get("VHDX_HYPERV_SOAK_SEEDS", "20"))):
+        _run_all(tmp_path, data, _regions(layout, len(data)), 200, 400, seed=seed)
+        _run_all(tmp_path, chained.data, regions, 100, 100, seed=seed)

@@ -26,6 +26,8 @@ from ..image import open_regular_file, pread_into
 from . import structures as S
 
 MAX_OBJECT_TABLES = 1024
+MAX_OBJECT_TABLE_SIZE = 1 << 20  # one chained table (the root one is a page)
+MAX_OBJECT_TABLE_BYTES = 16 << 20  # all object tables together
 MAX_KEY_TABLES = 65535
 MAX_KEY_TABLE_SIZE = 16 << 20
 MAX_TABLE_BYTES = 64 << 20  # all key tables together (real configs hold well under 1 MiB)
@@ -35,7 +37,7 @@ MAX_REPLAY_BYTES = 64 << 20
 MAX_LOG_PAST_EOF = 16 << 20  # replayed targets may extend the file by at most this
 MAX_LOG_HEADER_AREA = 1 << 20
 MAX_FILE_OBJECT = 64 << 20  # per value
-MAX_FILE_OBJECT_TOTAL = 256 << 20
+MAX_FILE_OBJECT_TOTAL = 128 << 20
 
 
 @dataclass
@@ -271,6 +273,12 @@ class ConfigFile:
 
     # --- structure ----------------------------------------------------------------------
     def _parse(self, replay: bool) -> None:
+        try:
+            self._parse_all(replay)
+        except construct.ConstructError as e:  # defensive: every length is checked before parsing
+            raise self._err(f"undecodable structure ({e})") from None
+
+    def _parse_all(self, replay: bool) -> None:
         self._choose_header()
         self._read_log(replay)
         key_tables, file_objects = self._read_object_tables()
@@ -391,6 +399,7 @@ class ConfigFile:
         file_objects: dict[int, int] = {}
         pending = [(S.ROOT_OBJECT_TABLE_OFFSET, S.PAGE)]
         visited: set[int] = set()
+        table_bytes = 0
         while pending:
             off, size = pending.pop(0)
             if off in visited:
@@ -399,7 +408,13 @@ class ConfigFile:
             visited.add(off)
             if len(visited) > MAX_OBJECT_TABLES:
                 raise self._err(f"more than {MAX_OBJECT_TABLES} chained object tables")
-            raw = self._read(off, min(size, MAX_KEY_TABLE_SIZE), "object table")
+            if size < S.OBJECT_TABLE_HEADER_SIZE or size > MAX_OBJECT_TABLE_SIZE:
+                self._problem(f"object table at {off:#x}: size {size:#x} out of bounds")
+                continue
+            table_bytes += size
+            if table_bytes > MAX_OBJECT_TABLE_BYTES:
+                raise self._err(f"object tables exceed {MAX_OBJECT_TABLE_BYTES} bytes together")
+            raw = self._read(off, size, "object table")
             hdr = S.ObjectTableHeader.parse(raw)
             if hdr.signature != S.OBJECT_TABLE_SIGNATURE:
                 raise self._err(f"object table at {off:#x}: bad signature {hdr.signature:#010x}")
@@ -582,10 +597,7 @@ class ConfigFile:
         keys: dict[tuple[int, int], Key] = {}
         for loc, (name, h, vb, at) in records.items():
             k = Key(name, h.type, flags=h.flags, insertion=h.insertion, table=loc[0], offset=loc[1])
-            try:
-                self._value(k, h, vb, file_objects, at)
-            except construct.ConstructError as e:  # defensive: sizes were checked above
-                raise self._err(f"{at}: undecodable value ({e})") from None
+            self._value(k, h, vb, file_objects, at)
             keys[loc] = k
         children: dict[tuple[int, int], list[Key]] = {}
         orphans: list[Orphan] = []
