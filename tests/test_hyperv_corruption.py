@@ -356,7 +356,7 @@ def test_chained_object_table_limits(tmp_path):
     _raises(tmp_path, bytes(buf), match="loop")
 
 
-def open_config_bytes(tmp_path: Path, data: bytes):  # noqa: ANN201
+def open_config_bytes(tmp_path: Path, data: bytes):
     p = tmp_path / "c.vmcx"
     p.write_bytes(data)
     return open_config(p)
