@@ -192,3 +192,44 @@ def test_stale_key_tables_in_free_space_are_never_read(fixture_path):
     stale = [S.KeyTableHeader.parse(raw[o:o + 10]) for o in (0x5000, 0x6000)]
     assert [(h.signature, h.index, h.sequence) for h in stale] == [(2, 2, 15), (2, 1, 29)]
     assert (S.OBJ_FREE, 0x4000, 0x3000) in cfg.objects
+
+
+def test_real_configs_placed_on_a_copied_volume(fixture_file, tmp_path, capsys):
+    """The real data.vmcx and VM configs arranged as on their host (the paths they name),
+    with disks made by the project's writer at the drives' paths: the registry leads to
+    both VMs through --root, their drives resolve, the two VMs whose files are absent are
+    reported, and no input changes."""
+    import shutil
+
+    import vhdx
+
+    c = tmp_path / "C"
+    hv = c / "ProgramData/Microsoft/Windows/Hyper-V"
+    vms = c / "Hyper-V/EasyToFind/Virtual Machines"
+    for d in (hv, vms, c / "Disks"):
+        d.mkdir(parents=True)
+    shutil.copyfile(fixture_file("dissect.target/data.vmcx"), hv / "data.vmcx")
+    for g in ("EC04F346-DB96-4700-AF5B-77B3C56C38BD", "993F7B33-6057-4D1E-A1FE-A1A1D77BE974"):
+        shutil.copyfile(fixture_file(f"dissect.target/{g}.vmcx"), vms / f"{g}.vmcx")
+    for n in (1, 2):
+        vhdx.create(c / "Disks" / f"Default Generation {n}.vhdx", 4 << 20)
+    files = sorted(p for p in c.rglob("*") if p.is_file())
+    before = {p: _sha(p) for p in files}
+    assert cli.main(["vm", "show", str(hv), "--root", f"C:={c}", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    got = {v["vm"]["name"]: v for v in out["vms"]}
+    assert set(got) == {"Default Generation 1", "Default Generation 2"}
+    for n, v in ((1, got["Default Generation 1"]), (2, got["Default Generation 2"])):
+        (drive,) = v["drives"]
+        assert drive["resolution"]["how"] == "root"
+        assert [f["path"] for f in drive["chain"]] == [str(c / "Disks" / f"Default Generation {n}.vhdx")]
+        assert _tree(v) == [("Now", [])] and v["unresolved"] == []
+    assert sorted(u["vm"] for u in out["registry_unresolved"]) == [
+        "4C57771A-3230-4B92-B029-D63F96518E70", "A5B56431-CA94-482A-B70A-F1F2B12373BE"]
+    assert {p: _sha(p) for p in files} == before
+
+
+def _tree(vm: dict) -> list:
+    def conv(nodes):  # noqa: ANN001,ANN202
+        return [(n["name"], conv(n["children"])) for n in nodes]
+    return conv(vm["tree"])

@@ -110,6 +110,7 @@ def test_linear_tree(tmp_path, capsys):
     a2 = h.disk(f"d_{_id(12)}.avhdx", a1)
     now = h.disk(f"d_{_id(13)}.avhdx", a2)
     cfg = h.vm_config(_id(1), scsi=[now])
+    B.write(cfg.with_suffix(".vmrs"), B.runtime_tree(True))  # the VM itself is saved
     h.checkpoint(_id(101), "VM1 - A", 1, scsi=[base], saved=True)
     h.checkpoint(_id(102), "VM1 - B", 2, scsi=[a1], saved=False)
     h.checkpoint(_id(103), "VM1 - C", 3, scsi=[a2])
@@ -119,7 +120,8 @@ def test_linear_tree(tmp_path, capsys):
         assert len(out["vms"]) == 1 and out["errors"] == [] and out["unattributed_checkpoint_configs"] == []
         vm = out["vms"][0]
         assert _tree(vm) == [("VM1 - A", [("VM1 - B", [("VM1 - C", [("Now", [])])])])]
-        assert vm["now"] == {"parent": _id(103), "parent_source": "disk chains"}
+        assert vm["now"] == {"parent": _id(103), "parent_source": "disk chains", "saved_state": True,
+                             "saved_state_note": f"{_id(1)}.vmrs holds savedstate"}
         cps = {c["name"]: c for c in vm["checkpoints"]}
         assert {n: (c["saved_state"], c["type"]) for n, c in cps.items()} == \
             {"VM1 - A": (True, "unknown"), "VM1 - B": (False, "unknown"), "VM1 - C": (False, "unknown")}

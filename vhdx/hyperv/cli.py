@@ -68,7 +68,8 @@ def _print_vm(rep) -> None:
     print(f"VM {v.name!r} {v.id}, generation {v.generation}, configuration version {v.version_text}, "
           f"created {v.created}")
     print(f"  config {v.path}")
-    print(f"  data root {rep.data_root}; checkpoint root {rep.snapshot_root}")
+    print(f"  data root {rep.data_root}; checkpoint root {rep.snapshot_root}; "
+          f"runtime state: {rep.saved_state_note}")
     print("  drives:")
     resolved = {id(dd.drive): dd for dd in rep.drives}
     for d in v.drives:

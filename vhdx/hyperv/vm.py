@@ -414,6 +414,8 @@ class VmReport:
     lingering: Lingering = field(default_factory=Lingering)
     unresolved: list[dict] = field(default_factory=list)
     findings: list[str] = field(default_factory=list)
+    saved_state: bool | None = None  # the running VM's own .vmrs holds a saved state
+    saved_state_note: str = ""
 
     def referenced(self) -> set[tuple[int, int]]:
         """Disks a config names as a drive (running) or a frozen disk (checkpoints)."""
@@ -451,7 +453,8 @@ class VmReport:
         return {"vm": self.config.to_dict(), "data_root": self.data_root, "snapshot_root": self.snapshot_root,
                 "drives": [d.to_dict() for d in self.drives],
                 "checkpoints": [c.to_dict() for c in self.checkpoints],
-                "now": {"parent": self.now_parent, "parent_source": self.now_parent_source},
+                "now": {"parent": self.now_parent, "parent_source": self.now_parent_source,
+                        "saved_state": self.saved_state, "saved_state_note": self.saved_state_note},
                 "tree": self.tree(), "lingering": self.lingering.to_dict(),
                 "unresolved": self.unresolved, "findings": self.findings}
 
@@ -545,6 +548,7 @@ def analyze_vm(vm: VmConfig, checkpoint_configs: Sequence[VmConfig], mapper: Pat
     data_root, snap_root = _local_roots(vm, mapper, unresolved)
     rep = VmReport(vm, _resolve_drives(vm, mapper, disks, unresolved, "Now"), data_root, snap_root)
     rep.unresolved = unresolved
+    rep.saved_state, rep.saved_state_note = _saved_state(vm.path)
     for cc in checkpoint_configs:
         cid = guid_of_name(os.path.splitext(os.path.basename(cc.path))[0]) or os.path.basename(cc.path)
         cid = cid.upper()
