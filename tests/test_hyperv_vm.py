@@ -181,6 +181,10 @@ def test_slots_that_disagree_are_reported(tmp_path, capsys):
     vm = _show(h, capsys=capsys)["vms"][0]
     assert any("drive slots disagree" in f for f in vm["findings"])
 
+    def names(nodes):  # noqa: ANN001,ANN202
+        return [n for name, kids in nodes for n in [name, *names(kids)]]
+    assert sorted(names(_tree(vm))) == ["Now", "P", "Q"]  # every checkpoint placed exactly once
+
 
 def test_removed_checkpoint_leaves_an_unowned_link_and_clean_folds_it(tmp_path, capsys):
     """base <- u0 <- u <- k <- now: the configs of the checkpoints that froze base, u0 and u

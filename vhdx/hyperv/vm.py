@@ -19,7 +19,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +38,7 @@ DISK_TYPES = ("VHD",)  # drive types whose pathname is a virtual hard disk
 DIFF_SUFFIXES = (".avhdx", ".avhd")
 DISK_SUFFIXES = (".vhdx", ".avhdx")
 MAX_WALK_ENTRIES = 200_000  # directory entries a discovery walk looks at
+MAX_CHECKPOINTS = 500  # per VM
 _GUID_NAME = re.compile(r"^_?\{?([0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12})\}?_?$")
 _FILETIME_EPOCH = datetime.datetime(1601, 1, 1, tzinfo=datetime.timezone.utc)
 
@@ -439,15 +440,25 @@ class VmReport:
             kids.setdefault(c.parent, []).append({"id": c.id, "name": c.name, "created": c.created})
         kids.setdefault(self.now_parent, []).append({"id": "Now", "name": "Now", "created": None})
 
-        def build(parent: str | None, seen: frozenset) -> list[dict]:
+        placed: set[str] = set()
+
+        def build(parent: str | None) -> list[dict]:
             out = []
             for n in kids.get(parent, []):
-                n = dict(n)
-                n["children"] = build(n["id"], seen | {n["id"]}) if n["id"] not in seen and n["id"] != "Now" else []
-                out.append(n)
+                if n["id"] in placed:
+                    continue
+                placed.add(n["id"])
+                out.append({**n, "children": build(n["id"]) if n["id"] != "Now" else []})
             return out
 
-        return build(None, frozenset())
+        roots = build(None)
+        # Slots that disagree can make a parent cycle, which no root reaches: show those too.
+        for parent in list(kids):
+            for n in kids[parent]:
+                if n["id"] not in placed:
+                    placed.add(n["id"])
+                    roots.append({**n, "children": [], "note": "parent cycle (drive slots disagree)"})
+        return roots
 
     def to_dict(self) -> dict:
         return {"vm": self.config.to_dict(), "data_root": self.data_root, "snapshot_root": self.snapshot_root,
@@ -549,6 +560,10 @@ def analyze_vm(vm: VmConfig, checkpoint_configs: Sequence[VmConfig], mapper: Pat
     rep = VmReport(vm, _resolve_drives(vm, mapper, disks, unresolved, "Now"), data_root, snap_root)
     rep.unresolved = unresolved
     rep.saved_state, rep.saved_state_note = _saved_state(vm.path)
+    if len(checkpoint_configs) > MAX_CHECKPOINTS:
+        rep.findings.append(f"{len(checkpoint_configs)} checkpoint configurations; only the first "
+                            f"{MAX_CHECKPOINTS} are read (Hyper-V allows 50)")
+        checkpoint_configs = checkpoint_configs[:MAX_CHECKPOINTS]
     for cc in checkpoint_configs:
         cid = guid_of_name(os.path.splitext(os.path.basename(cc.path))[0]) or os.path.basename(cc.path)
         cid = cid.upper()
@@ -705,8 +720,8 @@ def _skip_dir(path: str) -> bool:
     return name in ("virtual machines cache", "resource types", "snapshots cache")
 
 
-def inventory(path: str, mapper: PathMapper, search_dirs: Sequence[str] = (), ignore_linkage: bool = False,
-              strict_single: bool = True) -> Inventory:
+def inventory(path: str, mapper: PathMapper, search_dirs: Sequence[str] = (),
+              ignore_linkage: bool = False) -> Inventory:
     """Every VM under ``path`` (a .vmcx, a VM folder or a folder of VMs), analysed."""
     disks = DiskIndex(search_dirs, ignore_linkage)
     inv = Inventory(disks=disks)
@@ -733,7 +748,7 @@ def inventory(path: str, mapper: PathMapper, search_dirs: Sequence[str] = (), ig
         try:
             cfg = open_config(p)
         except VhdxError as e:
-            if single and p == vm_paths[0] and strict_single:
+            if single and p == vm_paths[0]:
                 raise
             inv.errors.append({"path": p, "error": str(e)})
             continue
@@ -858,13 +873,6 @@ def unreferenced_disks(top: str, inv: Inventory) -> list[dict]:
     out.sort(key=lambda g: g["base"])
     return out + [{"base": b["path"], "files": [b["path"]], "hangs_off": None, "parent_missing": False,
                    "error": b["error"]} for b in broken]
-
-
-def all_dirs(rep_list: Iterable[VmReport]) -> list[str]:
-    out = []
-    for rep in rep_list:
-        out += [os.path.dirname(i.path) for i in rep.chain_closure().values()]
-    return list(dict.fromkeys(out))
 
 
 __all__ = [
