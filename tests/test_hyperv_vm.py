@@ -393,3 +393,27 @@ def test_clean_of_one_vm_respects_its_neighbours(tmp_path, capsys):
     assert [s["links"] for s in out["steps"]] == [[str(u)]]
     assert str(now_b) in out["steps"][0]["refused"]
     assert _sha_files(a.files()) == before
+
+
+def test_parent_in_another_folder_found_through_root(tmp_path, capsys):
+    """The child's relative locator path no longer fits (the parent sits on another
+    volume copy); its absolute Windows path, mapped through --root, finds the parent."""
+    from vhdx.writer import WritableDisk
+
+    h = Host(tmp_path)
+    other = h.root / "Base"
+    other.mkdir()
+    base = other / "base.vhdx"
+    vhdx.create(base, SIZE)
+    now = h.disk("d_now.avhdx", base)
+    with WritableDisk(str(now), standalone=True) as w:
+        w.update_parent_locator({"relative_path": ".\\base.vhdx", "volume_path": None,
+                                 "absolute_win32_path": "C:\\Base\\BASE.VHDX"})
+    h.vm_config(_id(1), ide=[now])
+    before = _sha_files(h.files())
+    vm = _show(h, capsys=capsys)["vms"][0]
+    assert [c["path"] for c in vm["drives"][0]["chain"]] == [str(now), str(base)]
+    assert cli.main(["vm", "show", str(h.base_dir), "--json"]) == 0  # without --root: reported, not guessed
+    vm = json.loads(capsys.readouterr().out)["vms"][0]
+    assert vm["drives"][0]["chain"] is None and "parent not found" in vm["drives"][0]["error"]
+    assert _sha_files(h.files()) == before

@@ -295,9 +295,11 @@ def _ident(path: str) -> tuple[int, int]:
 class DiskIndex:
     """Opens each disk once (read-only) and caches what the model needs."""
 
-    def __init__(self, search_dirs: Sequence[str] = (), ignore_linkage: bool = False) -> None:
+    def __init__(self, search_dirs: Sequence[str] = (), ignore_linkage: bool = False,
+                 mapper: PathMapper | None = None) -> None:
         self.search_dirs = list(search_dirs)
         self.ignore_linkage = ignore_linkage
+        self.mapper = mapper
         self._info: dict[tuple[int, int], DiskInfo | str] = {}
         self._chains: dict[tuple[int, int], tuple[list[DiskInfo] | None, str | None]] = {}
 
@@ -322,6 +324,27 @@ class DiskIndex:
                 self._info[ident] = str(e)
         return self._info[ident]
 
+    def _mapped_parent_dirs(self, path: str) -> list[str]:
+        """Folders of the parents named by the locators' Windows paths, mapped through
+        ``--root``: where a parent lives when its relative path no longer fits."""
+        if self.mapper is None or not self.mapper.has_roots:
+            return []
+        out: list[str] = []
+        cur: str | None = path
+        seen: set[str] = set()
+        while cur is not None and len(out) < 256 and os.path.realpath(cur) not in seen:
+            seen.add(os.path.realpath(cur))
+            try:
+                with ImageFile(cur) as img:
+                    loc = img.parent_locator if img.has_parent else None
+            except VhdxError:
+                break
+            win = (loc or {}).get("absolute_win32_path")
+            cur = self.mapper.map_path(win).local if win else None
+            if cur is not None:
+                out.append(os.path.dirname(cur))
+        return out
+
     def chain(self, path: str) -> tuple[list[DiskInfo] | None, str | None]:
         """The whole chain of ``path`` (child first) as ``vhdx info`` resolves it."""
         try:
@@ -329,7 +352,8 @@ class DiskIndex:
         except OSError as e:
             return None, f"{path}: {e.strerror}"
         if ident not in self._chains:
-            dirs = list(dict.fromkeys([os.path.dirname(os.path.abspath(path)), *self.search_dirs]))
+            dirs = list(dict.fromkeys([os.path.dirname(os.path.abspath(path)), *self._mapped_parent_dirs(path),
+                                       *self.search_dirs]))
             try:
                 files, _warnings = open_chain(path, search_dirs=dirs, ignore_linkage=self.ignore_linkage)
             except VhdxError as e:
@@ -723,7 +747,7 @@ def _skip_dir(path: str) -> bool:
 def inventory(path: str, mapper: PathMapper, search_dirs: Sequence[str] = (),
               ignore_linkage: bool = False) -> Inventory:
     """Every VM under ``path`` (a .vmcx, a VM folder or a folder of VMs), analysed."""
-    disks = DiskIndex(search_dirs, ignore_linkage)
+    disks = DiskIndex(search_dirs, ignore_linkage, mapper)
     inv = Inventory(disks=disks)
     single = os.path.isfile(path)
     if single:
