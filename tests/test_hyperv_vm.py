@@ -181,7 +181,7 @@ def test_slots_that_disagree_are_reported(tmp_path, capsys):
     vm = _show(h, capsys=capsys)["vms"][0]
     assert any("drive slots disagree" in f for f in vm["findings"])
 
-    def names(nodes):  # noqa: ANN001,ANN202
+    def names(nodes):
         return [n for name, kids in nodes for n in [name, *names(kids)]]
     assert sorted(names(_tree(vm))) == ["Now", "P", "Q"]  # every checkpoint placed exactly once
 
