@@ -85,3 +85,19 @@ def test_dirty_log_round_trip(tmp_path):
     assert cfg.log.replayed and cfg.to_dict() == _expected(_tree())
     assert open_config(p, replay=False).to_dict() == _expected(old)
     assert p.read_bytes() == data  # replayed in memory only
+
+
+def test_dump_without_file_objects(tmp_path, capsys):
+    import json
+
+    from vhdx import cli
+
+    p = tmp_path / "saved.vmrs"
+    b = B.write(p, B.runtime_tree(True, ram_blocks=2), chain_objects=True)
+    assert cli.main(["config", "dump", str(p), "--json", "--no-file-objects"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    refs = [k["value"] for k in out["keys"] if k["path"].startswith("savedstate/RamBlock")]
+    assert refs == [{"file_object": o, "length": 64 << 10} for o, _ in b.layout["file_objects"]]
+    assert cli.main(["config", "dump", str(p), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["tree"]["savedstate"]["RamBlock1"] == (bytes([1]) * (64 << 10)).hex()

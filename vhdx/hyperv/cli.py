@@ -204,7 +204,8 @@ def cmd_vm_clean(args: argparse.Namespace) -> int:
 def cmd_config_dump(args: argparse.Namespace) -> int:
     from .container import open_config
 
-    cfg = open_config(args.file, replay=not args.no_replay, strict=not args.salvage)
+    cfg = open_config(args.file, replay=not args.no_replay, strict=not args.salvage,
+                      load_file_objects=not args.no_file_objects)
     h = cfg.header
     if args.json:
         _dump_json({
@@ -261,6 +262,8 @@ def register(subparsers: Any, chain_options: Callable[[argparse.ArgumentParser],
     s.add_argument("--json", action="store_true")
     s.add_argument("--no-replay", action="store_true",
                    help="read the tables as stored even when the replay log has active entries")
+    s.add_argument("--no-file-objects", action="store_true",
+                   help="do not load values kept in file objects (a saved state's RAM); show where they are")
     s.add_argument("--salvage", action="store_true",
                    help="report damaged object slots, tables and unattached keys as warnings, not errors")
     s.set_defaults(func=cmd_config_dump)

@@ -247,6 +247,7 @@ class ConfigFile:
         finally:
             os.close(fd)
             self._fd = -1
+            self._overlay = []  # everything is parsed; the replayed bytes are not needed any more
 
     # --- reading ------------------------------------------------------------------------
     def _err(self, msg: str, cls: type[CorruptConfigError] = CorruptConfigError) -> CorruptConfigError:
@@ -565,7 +566,7 @@ class ConfigFile:
             self._file_object_bytes += ptr.length
             if self._file_object_bytes > MAX_FILE_OBJECT_TOTAL:
                 raise self._err(f"file objects exceed {MAX_FILE_OBJECT_TOTAL} bytes together "
-                                "(open with load_file_objects=False)")
+                                "(open with load_file_objects=False / --no-file-objects)")
             data = self._read(ptr.offset, ptr.length, "file object")
         elif t in (S.VT_STRING, S.VT_ARRAY):
             data = vb[4:]
