@@ -230,6 +230,6 @@ def test_real_configs_placed_on_a_copied_volume(fixture_file, tmp_path, capsys):
 
 
 def _tree(vm: dict) -> list:
-    def conv(nodes):  # noqa: ANN001,ANN202
+    def conv(nodes):
         return [(n["name"], conv(n["children"])) for n in nodes]
     return conv(vm["tree"])
