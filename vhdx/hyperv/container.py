@@ -392,6 +392,18 @@ class ConfigFile:
         self._size = max([self.file_size] + [t + len(d) for t, d in overlay])
         self.log.replayed = True
 
+    def _read_sized(self, off: int, size: int, least: int, most: int, budget: list[int], cap: int,
+                    what: str) -> bytes | None:
+        """An object of ``least..most`` bytes, counted against ``budget`` (capped at ``cap``);
+        None (a problem) when its size is out of bounds."""
+        if size < least or size > most:
+            self._problem(f"{what} at {off:#x}: size {size:#x} out of bounds")
+            return None
+        budget[0] += size
+        if budget[0] > cap:
+            raise self._err(f"{what}s exceed {cap} bytes together")
+        return self._read(off, size, what)
+
     def _object_in_bounds(self, off: int, size: int) -> bool:
         return off >= S.ROOT_OBJECT_TABLE_OFFSET and size > 0 and off + size <= self._size
 
@@ -400,7 +412,7 @@ class ConfigFile:
         file_objects: dict[int, int] = {}
         pending = [(S.ROOT_OBJECT_TABLE_OFFSET, S.PAGE)]
         visited: set[int] = set()
-        table_bytes = 0
+        budget = [0]
         while pending:
             off, size = pending.pop(0)
             if off in visited:
@@ -409,13 +421,10 @@ class ConfigFile:
             visited.add(off)
             if len(visited) > MAX_OBJECT_TABLES:
                 raise self._err(f"more than {MAX_OBJECT_TABLES} chained object tables")
-            if size < S.OBJECT_TABLE_HEADER_SIZE or size > MAX_OBJECT_TABLE_SIZE:
-                self._problem(f"object table at {off:#x}: size {size:#x} out of bounds")
+            raw = self._read_sized(off, size, S.OBJECT_TABLE_HEADER_SIZE, MAX_OBJECT_TABLE_SIZE, budget,
+                                   MAX_OBJECT_TABLE_BYTES, "object table")
+            if raw is None:
                 continue
-            table_bytes += size
-            if table_bytes > MAX_OBJECT_TABLE_BYTES:
-                raise self._err(f"object tables exceed {MAX_OBJECT_TABLE_BYTES} bytes together")
-            raw = self._read(off, size, "object table")
             hdr = S.ObjectTableHeader.parse(raw)
             if hdr.signature != S.OBJECT_TABLE_SIGNATURE:
                 raise self._err(f"object table at {off:#x}: bad signature {hdr.signature:#010x}")
@@ -452,15 +461,12 @@ class ConfigFile:
         if len(key_tables) > MAX_KEY_TABLES:
             raise self._err(f"{len(key_tables)} key tables (more than {MAX_KEY_TABLES})")
         chosen: dict[int, tuple[TableInfo, bytes]] = {}
-        total = 0
+        budget = [0]
         for off, size in key_tables:
-            if size < S.KEY_TABLE_HEADER_SIZE or size > MAX_KEY_TABLE_SIZE:
-                self._problem(f"key table at {off:#x}: size {size:#x} out of bounds")
+            raw = self._read_sized(off, size, S.KEY_TABLE_HEADER_SIZE, MAX_KEY_TABLE_SIZE, budget,
+                                   MAX_TABLE_BYTES, "key table")
+            if raw is None:
                 continue
-            total += size
-            if total > MAX_TABLE_BYTES:
-                raise self._err(f"key tables exceed {MAX_TABLE_BYTES} bytes together")
-            raw = self._read(off, size, "key table")
             hdr = S.KeyTableHeader.parse(raw)
             if hdr.signature != S.KEY_TABLE_SIGNATURE:
                 self._problem(f"key table at {off:#x}: bad signature {hdr.signature:#06x}")
