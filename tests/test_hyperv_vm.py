@@ -417,3 +417,15 @@ def test_parent_in_another_folder_found_through_root(tmp_path, capsys):
     vm = json.loads(capsys.readouterr().out)["vms"][0]
     assert vm["drives"][0]["chain"] is None and "parent not found" in vm["drives"][0]["error"]
     assert _sha_files(h.files()) == before
+
+
+def test_relative_arguments(tmp_path, capsys, monkeypatch):
+    h = Host(tmp_path)
+    base = h.disk("d.vhdx")
+    now = h.disk("d_now.avhdx", base)
+    h.vm_config(_id(1), ide=[now])
+    h.checkpoint(_id(101), "A", 1, ide=[base])
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["vm", "show", "C/Hyper-V", "--root", "C:=C", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert _tree(out["vms"][0]) == [("A", [("Now", [])])] and out["unattributed_checkpoint_configs"] == []

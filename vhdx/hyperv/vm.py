@@ -757,7 +757,7 @@ def inventory(path: str, mapper: PathMapper, search_dirs: Sequence[str] = (),
                    if os.path.dirname(p) == os.path.dirname(vm_paths[0]) and p != vm_paths[0]]
         found = vm_paths + context
     elif os.path.isdir(path):
-        found = walk_files(path, (".vmcx",))
+        found = walk_files(os.path.abspath(path), (".vmcx",))
         vm_paths = []
     else:
         raise VhdxError(f"{path}: no such file or directory")
@@ -788,7 +788,7 @@ def inventory(path: str, mapper: PathMapper, search_dirs: Sequence[str] = (),
                         inv.registry_unresolved.append({"registry": reg.path, "vm": g, **r.to_dict()})
                     elif os.path.realpath(r.local) not in seen_paths:
                         seen_paths.add(os.path.realpath(r.local))
-                        queue.append(r.local)
+                        queue.append(os.path.abspath(r.local))
         elif kind == "vm":
             if _is_checkpoint_dir(p) and not (single and p == vm_paths[0]):
                 checkpoint_cfgs[p] = read_vm_config(cfg)
