@@ -429,3 +429,17 @@ def test_relative_arguments(tmp_path, capsys, monkeypatch):
     assert cli.main(["vm", "show", "C/Hyper-V", "--root", "C:=C", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert _tree(out["vms"][0]) == [("A", [("Now", [])])] and out["unattributed_checkpoint_configs"] == []
+
+
+def test_unreadable_config_in_a_folder(tmp_path, capsys):
+    h = Host(tmp_path)
+    now = h.disk("d.vhdx")
+    h.vm_config(_id(1), ide=[now])
+    bad = h.base_dir / "Virtual Machines" / f"{_id(2)}.vmcx"
+    bad.write_bytes(bytes(0x4000))
+    assert cli.main(["vm", "show", str(tmp_path), "--root", f"C:={h.root}", "--json"]) == 1
+    cap = capsys.readouterr()
+    out = json.loads(cap.out)
+    assert [v["vm"]["name"] for v in out["vms"]] == ["VM1"]
+    assert [e["path"] for e in out["errors"]] == [str(bad)]
+    assert cap.err.count("\n") == 1 and cap.err.startswith(f"vhdx: error: {bad}: ")
