@@ -321,7 +321,7 @@ def _run_fuzz(tmp_path: Path, seconds: int, rss_mb: int) -> subprocess.Completed
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     p = subprocess.run([sys.executable, str(TESTS / "fuzz" / "fuzz_hyperv.py"), f"-max_total_time={seconds}",
-                        f"-rss_limit_mb={rss_mb}", str(corpus)], check=False, capture_output=True, text=True,
+                        f"-rss_limit_mb={rss_mb}", f"-artifact_prefix={tmp_path}/", str(corpus)], check=False, capture_output=True, text=True,
                        timeout=seconds * 3 + 120)
     assert p.returncode == 0, p.stderr[-3000:]
     return p
