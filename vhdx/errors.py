@@ -56,6 +56,8 @@ class DependentDisksError(VhdxError):
 
 class PartitionTableError(CorruptImageError):
     """A partition table (MBR, EBR chain, GPT) is present but unusable."""
+
+
 class CorruptConfigError(CorruptImageError):
     """A Hyper-V configuration or runtime-state file (HyperVStorage container:
     .vmcx, .vmrs, data.vmcx) is malformed, truncated, inconsistent or out of bounds."""
