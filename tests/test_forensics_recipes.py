@@ -125,3 +125,37 @@ def test_mount_recipe(tmp_path: Path) -> None:
     for name in ("hello.txt", "dir", "lost+found"):
         assert re.search(rf" {re.escape(name)}$", p.stdout, re.MULTILINE), (name, p.stdout)
     assert not os.path.ismount(mp) and not os.path.ismount(fs)
+
+
+def _run_python(code: str) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, str(DOC), "exec"), {})  # noqa: S102 - the documented recipe itself
+    return out.getvalue()
+
+
+def test_hashing_recipes(tmp_path: Path) -> None:
+    """The two Python blocks of the Hashing section: a chain by path, then the
+    same chain from a zip through an opener; both print the builder's hash."""
+    import hashlib
+    import zipfile
+
+    from builder import build_chain, random_spec
+
+    rng = random.Random(11)
+    specs = [random_spec(rng, name=f"h{k}", virtual_size=5 << 20, block_size=1 << 20, lss=512,
+                         differencing=k > 0) for k in range(3)]
+    chain = build_chain(tmp_path, specs)
+    want = hashlib.sha256(chain.expected()).hexdigest()
+    text = DOC.read_text(encoding="utf-8")
+    m = re.search(r"^## Hashing\n(.*?)(?=^## |\Z)", text, re.MULTILINE | re.DOTALL)
+    blocks = re.findall(r"^```python\n(.*?)^```", m.group(1), re.MULTILINE | re.DOTALL)
+    assert len(blocks) == 2
+    first = set_var(blocks[0], "IMAGE", repr(str(chain.top)), "{name} = {value}")
+    assert _run_python(first).split() == [want, str(len(chain.expected()))]
+    zpath = tmp_path / "evidence.zip"
+    with zipfile.ZipFile(zpath, "w") as z:
+        for p in chain.paths:
+            z.write(p, f"case1/{p.name}")
+    second = set_var(blocks[1], "ZIP, MEMBER", f"{str(zpath)!r}, 'case1/{chain.top.name}'", "{name} = {value}")
+    assert _run_python(second).split() == [want]
