@@ -46,7 +46,7 @@ from .errors import UnsupportedFeatureError
 from .image import data_extents
 from .storage import DeferredSyncStorage, FileStorage, Storage
 
-__all__ = ["compact", "CompactSummary", "plan_pack", "register"]
+__all__ = ["compact", "CompactSummary", "plan_pack", "live_end", "FileSpace", "register"]
 
 MiB = S.MiB
 SECTOR = S.LOG_SECTOR_SIZE
@@ -135,6 +135,22 @@ def plan_pack(objects: Sequence[tuple[int, int, int]], reserved: Sequence[tuple[
     return moves, _align_up(max(ends, default=0))
 
 
+def live_end(img: Any) -> int:
+    """1 MiB-aligned end of everything ``img`` references: regions, log, blocks."""
+    geo = img.geometry
+    end = max(e for _, e, _ in img._reserved_spans())
+    for i, e in iter_nonzero(img.bat, spans=img.bat_spans):
+        off, state = e & S.BAT_OFFSET_MASK, e & S.BAT_STATE_MASK
+        if not off:
+            continue
+        if geo.is_sb_index(i):
+            if state == S.SB_BLOCK_PRESENT:
+                end = max(end, off + S.SECTOR_BITMAP_BLOCK_SIZE)
+        elif state in _PRESENT:
+            end = max(end, off + geo.block_size)
+    return _align_up(end)
+
+
 # --- file-system helpers ----------------------------------------------------------------------
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -169,7 +185,7 @@ def _allocated(path: str) -> int:
     return getattr(st, "st_blocks", 0) * 512
 
 
-class _Io:
+class FileSpace:
     """Copies, zero-checks and hole punches on the image: through the C engine and
     fallocate on a plain file, through the storage otherwise (the power-loss tests
     record every write)."""
@@ -259,7 +275,7 @@ class _Compactor:
         if len(disk.chain) > 1:
             self.parent = w._parent if w is not None else _parent_view(disk)
         st = w.storage if w is not None else None
-        self.io = _Io(st, self.img.fd) if st is not None else None
+        self.io = FileSpace(st, self.img.fd) if st is not None else None
         self.bat = list(self._entries())  # (index, entry) snapshot
         self.freed: list[tuple[int, int]] = []
         self.done = 0
