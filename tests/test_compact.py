@@ -280,3 +280,22 @@ def test_power_cuts_during_compact(fast_dir):
         total += n
         target.write_bytes(final)
     assert total >= 300
+
+
+def test_compact_child_larger_than_its_parent(tmp_path):
+    """Past the parent's end the chain reads zeros: zero blocks there are dropped."""
+    base = Path(vhdx.create(tmp_path / "b.vhdx", 4 * MiB, block_size=MiB))
+    with vhdx.open(base, "r+") as w:
+        w.write_at(0, b"\x41" * 4 * MiB)
+    child = Path(vhdx.create(tmp_path / "c.avhdx", parent=base, block_size=MiB))
+    with vhdx.open(child, "r+") as w:
+        w.resize(10 * MiB)
+        w.write_at(5 * MiB, bytes(2 * MiB))          # zeros where the chain reads zeros
+        w.write_at(8 * MiB, b"\x42" * MiB)
+        w.write_at(3 * MiB, b"\x41" * MiB)           # equal to the parent
+    data = read_all(child)
+    s = vhdx.compact(child)
+    assert s.blocks_dropped == 3 and read_all(child) == data
+    assert check_chain(child).clean
+    # Ground truth from the writes (libvhdi and dissect refuse to read past a parent's end).
+    assert data == b"\x41" * 4 * MiB + bytes(4 * MiB) + b"\x42" * MiB + bytes(MiB)

@@ -333,6 +333,12 @@ class _Compactor:
                 return False
         return True
 
+    def _parent_read(self, v: int, m: int) -> bytes:
+        """What the parent chain reads at [v, v+m): zeros past its end (a child may
+        be larger than its parent)."""
+        n = max(0, min(m, self.parent.size - v))
+        return (self.parent.read_at(v, n) if n else b"").ljust(m, b"\0")
+
     def _equal_runs(self, foff: int, vstart: int, n: int, zero_only: bool) -> Any:
         """Yield (rel, length, equal) pieces of [0, n) of the block: equal means
         the file's bytes equal the parent's (or zeros with ``zero_only``)."""
@@ -343,7 +349,7 @@ class _Compactor:
                 mine = _ZEROS[:m]
             else:
                 mine = self._pread(foff + k, m)
-            other = _ZEROS[:m] if zero_only else self.parent.read_at(vstart + k, m).ljust(m, b"\0")
+            other = _ZEROS[:m] if zero_only else self._parent_read(vstart + k, m)
             if mine == other:
                 yield k, m, True
                 continue
