@@ -4,7 +4,6 @@ sparse tables), and merges of a child larger than its target."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import shutil

@@ -275,7 +275,7 @@ class _Compactor:
         if len(disk.chain) > 1:
             self.parent = w._parent if w is not None else _parent_view(disk)
         st = w.storage if w is not None else None
-        self.io = FileSpace(st, self.img.fd) if st is not None else None
+        self.io: Any = FileSpace(st, self.img.fd) if st is not None else None
         self.bat = list(self._entries())  # (index, entry) snapshot
         self.freed: list[tuple[int, int]] = []
         self.done = 0
@@ -301,9 +301,10 @@ class _Compactor:
                   and geo.block_of_index(i) < geo.payload_blocks]
         self.total = sum(geo.block_length(geo.block_of_index(i)) for i, e in blocks
                          if e & S.BAT_STATE_MASK in _PRESENT)
+        self.extents: list[tuple[int, int]] | None
         try:
             self.extents = data_extents(self.img.fd, 0, self.img.file_size)
-        except OSError:
+        except OSError:  # holes cannot be told here: every block is read
             self.extents = None
         self.new_entries: dict[int, int] = {}
         for i, e in blocks:
