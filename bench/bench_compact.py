@@ -12,7 +12,7 @@ Per repetition, the same run alternates:
 
 * ``vhdx compact``: a fresh byte copy of the pristine image (``cp --reflink=never``,
   not timed), then ``python -m vhdx compact COPY`` in a fresh process: wall time and
-  its peak RSS (``ru_maxrss`` of that child). Compact makes its work durable
+  its peak RSS (the child's VmHWM, sampled). Compact makes its work durable
   (fsync at every commit and after the truncate).
 * ``qemu-img convert -O vhdx``: the pristine image to a new file (a compacted copy:
   zero blocks are not written), wall time and peak RSS; then ``sync -f`` of the
@@ -83,14 +83,27 @@ def drop_caches() -> None:
 
 
 def timed(cmd: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of ``cmd`` run as a child."""
+    """Wall seconds and peak RSS (bytes) of ``cmd`` run as a child.
+
+    The peak is the child's own VmHWM, sampled every 20 ms until it exits (VmHWM
+    only grows; ``ru_maxrss`` would count the forked copy of this process).
+    """
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
-    _, status, ru = os.wait4(p.pid, 0)
+    peak = 0
+    while p.poll() is None:
+        try:
+            with open(f"/proc/{p.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        peak = max(peak, int(line.split()[1]) * 1024)
+        except OSError:
+            pass
+        time.sleep(0.02)
     dt = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
+    if p.returncode != 0:
         raise SystemExit(f"{cmd[0]} failed: {cmd}")
-    return dt, ru.ru_maxrss * 1024
+    return dt, peak
 
 
 def main() -> None:
