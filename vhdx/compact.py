@@ -43,7 +43,7 @@ from . import native
 from . import structures as S
 from .bat import iter_nonzero
 from .errors import UnsupportedFeatureError
-from .image import data_extents
+from .image import ImageFile, data_extents
 from .storage import DeferredSyncStorage, FileStorage, Storage
 
 __all__ = ["compact", "CompactSummary", "plan_pack", "live_end", "FileSpace", "register"]
@@ -243,6 +243,8 @@ def compact(image: PathLike, *, dry_run: bool = False, progress: ProgressFn | No
             _Compactor(disk, None, summary, progress).run()
         summary.seconds = time.monotonic() - t0
         return summary
+    with ImageFile(path) as probe:  # a read-only parse first: a non-VHDX is never opened writable
+        _refuse_fixed(probe)
     with WritableDisk(path, parents=parents, search_dirs=search_dirs, ignore_linkage=ignore_linkage,
                       storage=storage) as disk:
         _refuse_fixed(disk.image)
