@@ -289,8 +289,10 @@ class _Compactor:
     # reading the image file itself
     def _pread(self, off: int, n: int) -> bytes:
         if self.w is not None:
-            return self.w.storage.pread(off, n).ljust(n, b"\0")
-        return self.img.read_file(off, n)
+            data: bytes = self.w.storage.pread(off, n).ljust(n, b"\0")
+        else:
+            data = self.img.read_file(off, n)
+        return data
 
     def _tick(self, n: int) -> None:
         self.done += n
