@@ -269,3 +269,17 @@ def test_power_cuts_during_relink(tmp_path):
             assert not check_chain(crash, [mid, base]).errors
         n += 1
     assert seen["old"] and seen["new"], seen
+
+
+def test_ignore_id_mismatch_refuses_when_the_child_has_children(tmp_path):
+    """Another parent under a disk changes what its children read: refused, named."""
+    base, mid, top, data = make_chain(tmp_path / "vm")
+    other = Path(vhdx.create(tmp_path / "vm" / "other.vhdx", 8 * MiB, block_size=MiB))
+    before = file_digests(tmp_path / "vm")
+    with pytest.raises(vhdx.DependentDisksError, match="top.avhdx"):
+        vhdx.relink(mid, other, ignore_id_mismatch=True)
+    assert file_digests(tmp_path / "vm") == before
+    s = vhdx.relink(mid, other, ignore_id_mismatch=True, force=True)
+    assert any("top.avhdx" in w for w in s.warnings)
+    with ImageFile(mid) as m:
+        assert m.parent_locator["relative_path"] == ".\\other.vhdx"

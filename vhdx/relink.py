@@ -38,7 +38,13 @@ from typing import Any, Callable, Sequence
 
 from .chain import accepted_linkages, find_parent, open_chain
 from .create import parent_info_for
-from .errors import InvalidArgumentError, ParentMismatchError, ParentNotFoundError, VhdxError
+from .errors import (
+    DependentDisksError,
+    InvalidArgumentError,
+    ParentMismatchError,
+    ParentNotFoundError,
+    VhdxError,
+)
 from .image import ImageFile
 from .storage import Storage
 
@@ -195,19 +201,43 @@ def _check_new_parent(child: ImageFile, parent: ImageFile, ignore_id_mismatch: b
     return True
 
 
+def _refuse_if_children(child: str, search_dirs: Sequence[PathLike], force: bool,
+                        warnings: list[str]) -> None:
+    """A relink to another disk (``ignore_id_mismatch``) changes what the child's own
+    children read while their linkage still holds: refuse, naming them, unless forced.
+
+    INTEGRATION (single call site): becomes ``vhdx.dependents.refuse_if_children``
+    once that module (branch mergesafe) is merged.
+    """
+    from .merge_engine import find_dependents
+
+    with ImageFile(child) as img:
+        guid = img.data_write_guid
+    dirs = [os.path.dirname(os.path.abspath(child))] + [os.fspath(d) for d in search_dirs]
+    found = [p for p, _ in find_dependents(dirs, {guid: child}, [child])]
+    if found and not force:
+        raise DependentDisksError(
+            f"{child}: relinking it to another disk changes what its children read: "
+            f"{', '.join(found)}; merge or delete them first, or use --force")
+    if found:
+        warnings.append(f"{', '.join(found)} now read{'s' if len(found) == 1 else ''} through a "
+                        "different parent (--force)")
+
+
 # --- the API -----------------------------------------------------------------------------
 def relink(child: PathLike, parent: PathLike | None = None, *, fix_paths: bool = False,
            parents: Sequence[PathLike] | None = None, search_dirs: Sequence[PathLike] = (),
            ignore_linkage: bool = False, ignore_id_mismatch: bool = False, dry_run: bool = False,
-           storage_factory: StorageFactory | None = None) -> RelinkSummary:
+           force: bool = False, storage_factory: StorageFactory | None = None) -> RelinkSummary:
     """Rewrite the parent locator of ``child`` (to ``parent``), or with ``fix_paths``
     the stale locator paths of every file of its chain (module docstring).
 
     ``parents`` are explicit parents (immediate first): with ``fix_paths`` they open
     the chain; with ``parent`` they stand for the new parent's own ancestors in the
-    cycle check. ``storage_factory`` (tests) supplies the Storage of every file
-    written. Raises :class:`ParentMismatchError` naming the mismatch, before any
-    byte is written.
+    cycle check. ``force`` lets ``ignore_id_mismatch`` relink a disk that has
+    children of its own (they then read through the other parent).
+    ``storage_factory`` (tests) supplies the Storage of every file written. Raises
+    :class:`ParentMismatchError` naming the mismatch, before any byte is written.
     """
     child = os.fspath(child)
     if fix_paths == (parent is not None):
@@ -221,7 +251,7 @@ def relink(child: PathLike, parent: PathLike | None = None, *, fix_paths: bool =
         assert parent is not None
         summary = RelinkSummary("parent", dry_run)
         plan = _plan_parent(child, os.fspath(parent), parents or (), search_dirs,
-                            ignore_id_mismatch, summary)
+                            ignore_id_mismatch, force, summary)
     summary.changes = plan
     if not dry_run:
         for change in plan:
@@ -230,7 +260,7 @@ def relink(child: PathLike, parent: PathLike | None = None, *, fix_paths: bool =
 
 
 def _plan_parent(child: str, parent: str, hints: Sequence[PathLike], search_dirs: Sequence[PathLike],
-                 ignore_id_mismatch: bool, summary: RelinkSummary) -> list[LocatorChange]:
+                 ignore_id_mismatch: bool, force: bool, summary: RelinkSummary) -> list[LocatorChange]:
     with ImageFile(child) as c:
         if not c.has_parent:
             raise InvalidArgumentError(f"{child}: not a differencing disk (it has no parent to relink)")
@@ -238,6 +268,8 @@ def _plan_parent(child: str, parent: str, hints: Sequence[PathLike], search_dirs
             relink_id = _check_new_parent(c, p, ignore_id_mismatch, hints, search_dirs, summary.warnings)
             old = dict(c.parent_locator or {})
             new = new_locator(child, p, old, only_stale=False, relink_id=relink_id)
+    if relink_id:
+        _refuse_if_children(child, search_dirs, force, summary.warnings)
     if new == old:
         summary.unchanged.append(child)
         return []
@@ -292,7 +324,8 @@ def cmd_relink(args: argparse.Namespace) -> int:
             raise InvalidArgumentError(f"{args.image}: give the new parent with --parent NEWPARENT, "
                                        "or --fix-paths")
         summary = relink(args.image, args.parent[0], parents=args.parent[1:], search_dirs=args.search_dir,
-                         ignore_id_mismatch=args.ignore_id_mismatch, dry_run=args.dry_run)
+                         ignore_id_mismatch=args.ignore_id_mismatch, dry_run=args.dry_run,
+                         force=args.force)
     for w in summary.warnings:
         print(f"vhdx: warning: {w}", file=sys.stderr)
     if args.json:
@@ -319,6 +352,8 @@ def register(subparsers: Any, chain_options: Callable[[argparse.ArgumentParser],
                    help="rewrite stale locator paths of the whole chain to where the parents were found")
     s.add_argument("--ignore-id-mismatch", action="store_true",
                    help="link to a parent with another DataWriteGuid and take it as the new linkage")
+    s.add_argument("--force", action="store_true",
+                   help="with --ignore-id-mismatch: relink even though other disks are children of IMAGE")
     s.add_argument("--dry-run", action="store_true", help="show the old and new locator, write nothing")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_relink)
