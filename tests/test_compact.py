@@ -231,21 +231,23 @@ def fast_dir():  # noqa: ANN201
     shutil.rmtree(d, ignore_errors=True)
 
 
-def test_power_cuts_during_compact(fast_dir):
+@pytest.mark.parametrize("seed,lss", [(11, 512), *(pytest.param(s, l, marks=pytest.mark.soak)
+                                                   for s in (12, 13, 14) for l in (512, 4096))])
+def test_power_cuts_during_compact(fast_dir, seed, lss):
     """>= 300 crash images at every point of two compactions (a base with zero
     blocks, a child with parent-equal and partial blocks): each reads as before,
     checks clean, and (every few) a rerun completes and reads the same."""
-    rng = random.Random(11)
-    base, _ = make_base(fast_dir, 512, rng, blocks=16)
+    rng = random.Random(seed)
+    base, _ = make_base(fast_dir, lss, rng, blocks=16)
     child = Path(vhdx.create(fast_dir / "c.avhdx", parent=base, block_size=MiB))
     pdata = read_all(base)
     with vhdx.open(child, "r+") as w:
         for b in range(0, 16, 2):
             w.write_at(b * MiB, rng.randbytes(MiB))
         w.write_at(4 * MiB, pdata[4 * MiB:5 * MiB])
-        w.write_at(9 * MiB + 512, pdata[9 * MiB + 512:9 * MiB + 4096])
-        w.write_at(11 * MiB + 512, rng.randbytes(1024))
-        w.write_at(11 * MiB + 4096, pdata[11 * MiB + 4096:11 * MiB + 8192])
+        w.write_at(9 * MiB + lss, pdata[9 * MiB + lss:9 * MiB + 8 * lss])
+        w.write_at(11 * MiB + lss, rng.randbytes(2 * lss))
+        w.write_at(11 * MiB + 8 * lss, pdata[11 * MiB + 8 * lss:11 * MiB + 16 * lss])
     total = 0
     for target, parents in ((child, [base]), (base, [])):
         data = read_all(target, parents=parents)
