@@ -216,6 +216,7 @@ def test_cli_dry_run_and_json(tmp_path):
     before = file_digests(tmp_path / "vm")
     r = run("relink", top, "--parent", mid, "--dry-run")
     assert "would link" in r.stdout and "relative_path: .\\mid.avhdx -> ..\\d1\\mid.avhdx" in r.stdout
+    assert "parent_linkage: {" in r.stdout and "(kept)" in r.stdout  # the whole locator is shown
     assert file_digests(tmp_path / "vm") == before
     r = run("relink", top, "--parent", mid, "--json")
     out = json.loads(r.stdout)

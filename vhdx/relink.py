@@ -310,9 +310,15 @@ def _write_locator(change: LocatorChange, storage_factory: StorageFactory | None
 
 # --- the command -------------------------------------------------------------------------
 def _print_change(c: LocatorChange, verb: str) -> None:
+    """The whole locator: changed keys as old -> new, the others as kept."""
     print(f"{c.path}: {verb} parent {c.parent}")
-    for k, (o, n) in c.changed.items():
-        print(f"  {k}: {o if o is not None else '(none)'} -> {n if n is not None else '(removed)'}")
+    changed = c.changed
+    for k in dict.fromkeys([*c.old, *c.new]):
+        if k in changed:
+            o, n = changed[k]
+            print(f"  {k}: {o if o is not None else '(none)'} -> {n if n is not None else '(removed)'}")
+        else:
+            print(f"  {k}: {c.old[k]} (kept)")
 
 
 def cmd_relink(args: argparse.Namespace) -> int:
