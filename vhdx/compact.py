@@ -139,7 +139,8 @@ def live_end(img: Any) -> int:
     """1 MiB-aligned end of everything ``img`` references: regions, log, blocks."""
     geo = img.geometry
     end = max(e for _, e, _ in img._reserved_spans())
-    for i, e in iter_nonzero(img.bat, spans=img.bat_spans):
+    # Bare zero states are skipped (chunk_ratio): only entries with an offset matter.
+    for i, e in iter_nonzero(img.bat, geo.chunk_ratio, spans=img.bat_spans):
         off, state = e & S.BAT_OFFSET_MASK, e & S.BAT_STATE_MASK
         if not off:
             continue
@@ -284,7 +285,10 @@ class _Compactor:
         self.total = 0
 
     def _entries(self) -> Any:
-        return iter_nonzero(self.img.bat, spans=self.img.bat_spans)
+        # Bare NOT_PRESENT / ZERO / UNMAPPED / UNDEFINED entries are skipped in C: the
+        # snapshot holds only entries with an offset (bounded by the file's size), not
+        # the 64 Mi ZERO entries of a grown 64 TiB differencing disk.
+        return iter_nonzero(self.img.bat, self.geo.chunk_ratio, spans=self.img.bat_spans)
 
     # reading the image file itself
     def _pread(self, off: int, n: int) -> bytes:
