@@ -241,6 +241,12 @@ class ImageFile:
             self.replay = plan
             self.warnings += plan.warnings
             self.overlay = Overlay(plan.updates)
+            rt_lo = S.REGION_TABLE_OFFSETS[0]
+            if self.overlay.touches(rt_lo, S.REGION_TABLE_OFFSETS[1] + S.REGION_TABLE_SIZE - rt_lo):
+                # A logged region-table change (a resize that moved the BAT): the
+                # regions are those the replayed log leaves (MS-VHDX 2.3.3).
+                hs = read_header_section(self.read_file)
+                self.header_section = hs
         # Replay may extend the file (ref §6.4 steps 7-8); reads past EOF give zeros.
         self.logical_size = max(self.file_size, self.overlay.end,
                                 self.replay.last_file_offset if self.replay else 0)

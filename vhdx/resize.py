@@ -18,8 +18,11 @@ Rules (ref §2.2, §5.3, §7, §8.3 "Virtual size differences"):
   FULLY_PRESENT at the end of the file; the file is extended with ``truncate``, so
   they read zeros (and stay sparse where the file system allows).
 * Shrinking is allowed only when the cut range reads zeros through the whole
-  chain; the entries of the blocks wholly past the new end are dropped (their
-  space is simply no longer referenced; the file is not truncated).
+  chain; the entries of the blocks wholly past the new end are dropped. Entries
+  past the new table end that do not fit the entry carrying the size follow it
+  in further entries (invisible by then). Once the log session is closed
+  (nothing can replay past the cut), the file is truncated after the last region
+  or live block and dropped blocks below that end get their holes punched.
 * DataWriteGuid changes (the virtual size is user-visible).
 
 When a grow needs more BAT sectors than one log entry can carry (huge grows of a
@@ -34,7 +37,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from . import structures as S
-from .bat import Geometry
+from .bat import Geometry, iter_nonzero
 from .errors import InvalidArgumentError, VhdxError
 from .layout import build_region_table
 
@@ -58,20 +61,30 @@ def _entries_bytes(geo: Geometry, first: int, stop: int, state: int, fixed_base:
     ``state`` (FULLY_PRESENT at consecutive offsets from ``fixed_base`` for fixed
     disks), sector-bitmap entries 0."""
     out = bytearray((stop - first) * 8)
-    if state == S.PAYLOAD_BLOCK_NOT_PRESENT:
+    if state == S.PAYLOAD_BLOCK_NOT_PRESENT or stop <= first:
         return out
     cr1 = geo.chunk_ratio + 1
+    if fixed_base is None:
+        # One chunk's pattern (payload entries, then the SB slot 0) repeated: a 64 TiB
+        # grow of a differencing disk with 1 MiB blocks is 64 Mi entries.
+        e = S.bat_entry(state).to_bytes(8, "little")
+        phase = first % cr1
+        out = bytearray(e * geo.chunk_ratio + bytes(8)) * ((phase + stop - first) // cr1 + 1)
+        del out[:phase * 8]
+        del out[(stop - first) * 8:]
+        # Entries past the last payload block (inside the last chunk) stay 0.
+        tail = geo.payload_index(geo.payload_blocks - 1) + 1
+        for i in range(max(first, tail), stop):
+            out[(i - first) * 8:(i - first + 1) * 8] = bytes(8)
+        return out
     for i in range(first, stop):
         if i % cr1 == geo.chunk_ratio:
             continue
         block = geo.block_of_index(i)
         if block >= geo.payload_blocks:
             continue
-        if fixed_base is not None:
-            e = S.bat_entry(S.PAYLOAD_BLOCK_FULLY_PRESENT, fixed_base)
-            fixed_base += block_size
-        else:
-            e = S.bat_entry(state)
+        e = S.bat_entry(S.PAYLOAD_BLOCK_FULLY_PRESENT, fixed_base)
+        fixed_base += block_size
         out[(i - first) * 8:(i - first + 1) * 8] = e.to_bytes(8, "little")
     return out
 
@@ -171,6 +184,11 @@ def resize(disk: "WritableDisk", new_size: int) -> None:
     move = need_len > bat_region.length
     updates: dict[int, bytes] = {}
     zero_ranges: list[tuple[int, int]] = []
+    after_data: list[tuple[int, bytes]] = []
+    after_zero: list[tuple[int, int]] = []
+    freed: list[tuple[int, int]] = []
+    if new_size < old_size:
+        freed = _dropped_allocations(img.bat, old_geo, lo, hi, desired)
 
     if move:
         new_off = disk._allocate(need_len)
@@ -218,10 +236,25 @@ def resize(disk: "WritableDisk", new_size: int) -> None:
             for k in range(0, len(zero_ranges), 100):
                 lw.transaction({}, zero_ranges[k:k + 100])
             data_secs, zero_ranges = [], []
+        if new_size < old_size and (len(data_secs) > _FINAL_BUDGET or len(zero_ranges) > 60):
+            # Entries wholly past the new table end are invisible once the size has
+            # changed: they are dropped by later entries (a crash in between leaves
+            # only invisible entries, which a later grow overwrites).
+            split = _align_up(bat_off + new_total * 8, SECTOR)
+            after_data = [(o, b) for o, b in data_secs if o >= split]
+            data_secs = [(o, b) for o, b in data_secs if o < split]
+            live_z: list[tuple[int, int]] = []
+            for o, n in zero_ranges:
+                if o + n <= split:
+                    live_z.append((o, n))
+                elif o >= split:
+                    after_zero.append((o, n))
+                else:
+                    live_z.append((o, split - o))
+                    after_zero.append((split, o + n - split))
+            zero_ranges = live_z
         if len(data_secs) > _FINAL_BUDGET + 100 or len(zero_ranges) > 100:
-            # A shrink over a huge table: drop the entries in several entries, the
-            # size last would expose nothing, but entries are live here; refuse.
-            raise VhdxError("shrink drops too many BAT sectors for one log entry; shrink in steps")
+            raise VhdxError("the size change needs more BAT sectors than one log entry holds")
         updates.update(data_secs)
 
     # The Virtual Disk Size item.
@@ -236,4 +269,46 @@ def resize(disk: "WritableDisk", new_size: int) -> None:
         updates[sec] = bytes(buf)
 
     lw.transaction(updates, zero_ranges)
+    for k in range(0, len(after_data), _BATCH_SECTORS):
+        lw.transaction(dict(after_data[k:k + _BATCH_SECTORS]))
+    for k in range(0, len(after_zero), 100):
+        lw.transaction({}, after_zero[k:k + 100])
+    disk._reload_top()  # closes the log session: nothing can replay past a cut below
+    if new_size < old_size:
+        _give_back(disk, freed)
+
+
+def _dropped_allocations(bat: object, geo: Geometry, lo: int, hi: int,
+                         desired: bytearray) -> list[tuple[int, int]]:
+    """(offset, length) of the blocks whose entries in [lo, hi) the shrink clears."""
+    out = []
+    # Entries without an offset are skipped in C (a shrink from 64 TiB scans 64 Mi).
+    for i, e in iter_nonzero(bat, geo.chunk_ratio, spans=[(lo, hi)]):  # type: ignore[arg-type]
+        off = e & S.BAT_OFFSET_MASK
+        if not off or int.from_bytes(desired[(i - lo) * 8:(i - lo + 1) * 8], "little"):
+            continue
+        state = e & S.BAT_STATE_MASK
+        if geo.is_sb_index(i):
+            if state == S.SB_BLOCK_PRESENT:
+                out.append((off, S.SECTOR_BITMAP_BLOCK_SIZE))
+        elif state in (S.PAYLOAD_BLOCK_FULLY_PRESENT, S.PAYLOAD_BLOCK_PARTIALLY_PRESENT):
+            out.append((off, geo.block_size))
+    return out
+
+
+def _give_back(disk: "WritableDisk", freed: list[tuple[int, int]]) -> None:
+    """After a shrink: cut the file after the last region or live block, and punch
+    the dropped blocks that lie below that end (where the file system can)."""
+    from .compact import FileSpace, live_end
+
+    img = disk.image
+    end = live_end(img)
+    space = FileSpace(disk.storage, img.fd)
+    if disk.storage.size() > end:
+        disk.storage.truncate(end)
+        disk.storage.flush()
+    for off, n in freed:
+        if off < end:
+            space.free(off, min(n, end - off))
+    disk._alloc_end = -1  # found again from the file as it now is
     disk._reload_top()
