@@ -52,3 +52,29 @@ class CancelledError(VhdxError):
 class DependentDisksError(VhdxError):
     """Other disks depend on a file that an operation would change (a merge target's
     other children); the operation refuses and names them unless forced."""
+
+
+class NotWritableError(VhdxError):
+    """A file an operation must change cannot be written (permissions, read-only
+    file system, immutable or append-only flag); found before any byte is written."""
+
+
+class InsufficientSpaceError(VhdxError):
+    """The file system lacks the free space an operation plans to use; refused
+    before any byte is written."""
+
+
+class OperationFailedError(VhdxError):
+    """An I/O error (disk full, EIO) stopped an operation part-way; the message
+    names the file, what state the disks are in and what to run next.
+    ``errno`` is the OS error number."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+class ConfinementError(VhdxError):
+    """A file lies outside the folders an operation may touch (a merge target
+    outside the child's folder and not named by the user, a parent outside the
+    ``confine`` trees)."""

@@ -106,13 +106,22 @@ class BlockInfo:
 class ImageFile:
     """A single VHDX or AVHDX file, read-only. Thread-safe for reads."""
 
-    def __init__(self, path: str | os.PathLike[str], fd: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], fd: int | None = None, *,
+                 force_share: bool = False) -> None:
         """Open ``path``; with ``fd``, parse through that descriptor instead (the
-        writer passes its read-write one) and leave closing it to the caller."""
+        writer passes its read-write one) and leave closing it to the caller.
+
+        An own descriptor takes a reader's lock (:mod:`vhdx.locking`) unless
+        ``force_share``; LockedError when a writer (vhdx or QEMU) holds the file.
+        """
         self.path = os.fspath(path)
         self._owns_fd = fd is None
         self.fd = open_regular_file(path) if fd is None else fd
         try:
+            if fd is None:
+                from .locking import lock_image
+
+                lock_image(self.fd, self.path, write=False, force_share=force_share)
             self._load()
         except BaseException:
             self.close()
