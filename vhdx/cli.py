@@ -34,11 +34,18 @@ def _chain_options(p: argparse.ArgumentParser) -> None:
                    help="directory to look for parents in (repeatable)")
     p.add_argument("--ignore-linkage", action="store_true",
                    help="accept parents whose DataWriteGuid does not match the child's linkage")
+    p.add_argument("--confine", action="append", default=None, metavar="DIR",
+                   help="look for parents only inside this folder tree (repeatable; for services "
+                        "handling uploaded checkpoints)")
+    p.add_argument("--force-share", action="store_true",
+                   help="read without taking locks, e.g. the disks of a running VM (as qemu-img -U); "
+                        "what is read may be inconsistent")
 
 
 def _open(args: argparse.Namespace) -> VirtualDisk:
     return open_disk(args.image, parents=args.parent, search_dirs=args.search_dir,
-                     ignore_linkage=args.ignore_linkage)
+                     ignore_linkage=args.ignore_linkage, confine=getattr(args, "confine", None),
+                     force_share=getattr(args, "force_share", False))
 
 
 def _guid(g: Any) -> str:
@@ -259,10 +266,19 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 
 def cmd_resize(args: argparse.Namespace) -> int:
+    from .dependents import invalidated_note, refuse_if_children
+
     size = parse_size(args.size)
+    if args.force_share:
+        raise VhdxError(f"{args.image}: --force-share is for read-only commands")
+    # Children of a resized disk fail their linkage check and cannot be merged.
+    children = refuse_if_children(args.image, "resizing", args.search_dir, force=args.force)
     with open_disk(args.image, "r+", parents=args.parent, search_dirs=args.search_dir,
-                   ignore_linkage=args.ignore_linkage) as disk:
+                   ignore_linkage=args.ignore_linkage, confine=args.confine, force=True) as disk:
         disk.resize(size)
+    if children:
+        print(f"vhdx: warning: {args.image}: resized with --force; its children are "
+              + invalidated_note(children), file=sys.stderr)
     return 0
 
 
@@ -286,7 +302,8 @@ def _repair(args: argparse.Namespace) -> None:
                 print(f"{path}: log is clean, nothing to replay")
                 return
             size = st.size()
-            plan = LOG.plan_replay(st.pread(h.log_offset, h.log_length), h.log_length, h.log_guid, size)
+            plan = LOG.plan_replay(st.pread(h.log_offset, h.log_length), h.log_length, h.log_guid, size,
+                                   h.log_offset)
             if plan.empty:
                 print(f"{path}: would clear an empty log (LogGuid set, no entry); no data changes")
                 return
@@ -301,6 +318,16 @@ def _repair(args: argparse.Namespace) -> None:
                   f"{zero_bytes} byte(s) zeroed{ext}; headers updated (new FileWriteGuid, LogGuid cleared)")
         finally:
             st.close()
+        return
+    # Nothing is opened for writing before the log is known to need it: a clean
+    # image on read-only media (or held read-only by another tool) checks fine.
+    ro = FileStorage.open(path, writable=False)
+    try:
+        clean = not read_header_section(ro.pread).header.log_dirty
+    finally:
+        ro.close()
+    if clean:
+        print(f"{path}: log is clean, nothing to replay")
         return
     st = FileStorage.open(path, writable=True)
     try:
@@ -344,9 +371,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .merge_engine import merge
 
     bar = Progress(0, "dry run" if args.dry_run else "merge")
+    if args.force_share:
+        raise VhdxError(f"{args.image}: --force-share is for read-only commands")
     summary = merge(args.image, into=args.into, output=args.output, dry_run=args.dry_run,
                     keep=args.keep, force=args.force, progress=bar, parents=args.parent,
-                    search_dirs=args.search_dir, ignore_linkage=args.ignore_linkage)
+                    search_dirs=args.search_dir, ignore_linkage=args.ignore_linkage,
+                    confine=args.confine)
     bar.close()
     if args.json:
         json.dump(summary.to_dict(), sys.stdout, indent=1)
@@ -363,7 +393,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     for p in summary.deleted:
         print(f"  deleted {p}")
     for p in summary.invalidated:
-        print(f"  warning: {p} no longer matches its parent (--force)")
+        print(f"  warning: {p} is now invalid: its parent changed under it (--force); "
+              "its data no longer reads correctly")
     for w in summary.warnings:
         print(f"  note: {w}")
     return 0
@@ -411,6 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("resize", help="grow (or shrink, if the cut range is empty) a disk")
     _chain_options(s)
     s.add_argument("--size", metavar="SIZE", required=True, help="new virtual size (K, M, G, T)")
+    s.add_argument("--force", action="store_true",
+                   help="resize even though other disks depend on this one (they become invalid)")
     s.set_defaults(func=cmd_resize)
 
     s = sub.add_parser("check", help="validate every file of the chain; exit 0 only when clean")
@@ -424,7 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("merge", help="merge a checkpoint into its parent or an ancestor, or flatten a chain")
     _chain_options(s)
-    s.add_argument("--into", metavar="ANCESTOR", help="fold the chain down to this ancestor (default: the parent)")
+    s.add_argument("--into", metavar="ANCESTOR",
+                   help="fold the chain down to this ancestor (default: the parent); also names a "
+                        "target outside the child's folder, which is refused otherwise")
     s.add_argument("--output", metavar="NEW.vhdx", help="flatten the chain into a new standalone VHDX instead")
     s.add_argument("--dry-run", action="store_true", help="report what would be cloned, copied and zeroed")
     s.add_argument("--keep", action="store_true", help="keep the merged files (they stay valid)")

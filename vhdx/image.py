@@ -142,7 +142,7 @@ class ImageFile:
             raise CorruptImageError("the log region lies past the end of the file")
         if h.log_dirty:
             log_data = self._pread(h.log_offset, h.log_length)
-            plan = plan_replay(log_data, h.log_length, h.log_guid, self.file_size)
+            plan = plan_replay(log_data, h.log_length, h.log_guid, self.file_size, h.log_offset)
             self.replay = plan
             self.warnings += plan.warnings
             self.overlay = Overlay(plan.updates)

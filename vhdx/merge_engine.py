@@ -379,11 +379,21 @@ def _relative_locator_path(child: str, parent: str) -> str:
 
 
 # --- the engine ------------------------------------------------------------------------------
-# Parent-locator key that a merged file gets once the target holds everything it
-# merged (target durable, metadata synced): "{DataWriteGuid of the target}". A rerun
-# finding it skips the data phase and only re-points and deletes. Only files about
-# to be deleted carry it (never with --keep); readers ignore unknown keys.
+# Parent-locator key that the merged top file gets once the target holds everything
+# merged (target durable, metadata synced): "{target's DataWriteGuid} {top's
+# DataWriteGuid}". A rerun finding it (and the top unchanged since: same
+# DataWriteGuid) skips the data phase and only re-points and deletes; `check` tells
+# a finished merge from an interrupted one by it. Readers ignore unknown keys.
 MERGED_MARK = "vhdx_merged_into"
+
+
+def merged_mark(locator: dict[str, str] | None) -> tuple[uuid.UUID, uuid.UUID] | None:
+    """(target GUID, top GUID) of a file's merge mark, or None."""
+    parts = ((locator or {}).get(MERGED_MARK) or "").split()
+    if len(parts) != 2:
+        return None
+    g, d = parse_linkage(parts[0]), parse_linkage(parts[1])
+    return (g, d) if g and d else None
 
 
 def merge(child: str | os.PathLike[str], into: str | os.PathLike[str] | None = None,
@@ -448,9 +458,10 @@ def _finish_deletions(child: str, search_dirs: Sequence, confine: Sequence | Non
         return None  # the normal path reports it
     files = [top]
     try:
-        mark = parse_linkage((top.parent_locator or {}).get(MERGED_MARK)) if top.has_parent else None
-        if mark is None:
+        m = merged_mark(top.parent_locator) if top.has_parent else None
+        if m is None or m[1] != top.data_write_guid:
             return None
+        mark = m[0]
         cur = top
         while True:
             try:
@@ -555,7 +566,7 @@ def _merge_into(chain: list[ImageFile], k: int, dry_run: bool, keep: bool, force
     previous = parse_linkage((above.parent_locator or {}).get("parent_linkage2"))
     resuming = previous is not None and previous == target.data_write_guid
     new_guid = previous if resuming else uuid.uuid4()
-    data_done = resuming and parse_linkage((top.parent_locator or {}).get(MERGED_MARK)) == new_guid
+    data_done = resuming and merged_mark(top.parent_locator) == (new_guid, top.data_write_guid)
 
     # Who else depends on what changes: the target and the intermediates (their
     # children other than our chain would read merged data); children of the merged
@@ -594,8 +605,8 @@ def _merge_into(chain: list[ImageFile], k: int, dry_run: bool, keep: bool, force
         return summary
 
     # Everything that can refuse does so now, before the first byte is written.
-    writes = list(dict.fromkeys(([] if data_done else [above.path, target.path])
-                                + ([] if keep else [top.path]) + children))
+    writes = list(dict.fromkeys(([] if data_done else [above.path, target.path, top.path])
+                                + children))
     check_writable(writes, "the merge")
     if not keep:
         check_removable([f.path for f in upper], "the merge")
@@ -631,11 +642,11 @@ def _merge_into(chain: list[ImageFile], k: int, dry_run: bool, keep: bool, force
                         allow_clone, storage_of)
         for f in upper:
             f.close()  # reads are over; the mark below opens ``top`` for writing
-        if not keep and not data_done:
+        if not data_done:
             st = storage_of(top.path)
             opened.append(st)
             with WritableDisk(top.path, standalone=True, storage=st) as w:
-                w.update_parent_locator({MERGED_MARK: "{%s}" % new_guid})
+                w.update_parent_locator({MERGED_MARK: f"{{{new_guid}}} {{{top.data_write_guid}}}"})
         # 4. children of the merged child now hang directly off the target.
         for path in children:
             with WritableDisk(path, standalone=True, storage=child_storage[path]) as c:
@@ -730,16 +741,21 @@ def _roll_back(t: WritableDisk, st: Storage, state: dict) -> None:
         pass
 
 
-def _failure(e: OSError, target: str, child: str, operation: str) -> VhdxError:
+def _failure(e: OSError, target: str, child: str, operation: str,
+             command: str | None = None) -> VhdxError:
     """One line for an I/O failure: the file, what stopped, the state, what to run."""
     from .errors import OperationFailedError
 
     what = e.strerror or str(e)
     where = e.filename if isinstance(e.filename, str) else target
     hint = " (free space)" if e.errno == errno.ENOSPC else ""
+    if operation == "flatten":
+        state, then = "the chain is unchanged and the partial output was removed", "run"
+    else:
+        state, then = "the chain is intact and reads as before", "run"
     return OperationFailedError(
-        f"{where}: {operation} stopped: {what}; the chain is intact and reads as before; "
-        f"fix the cause{hint}, then run `vhdx merge {child}` again to complete it", e.errno)
+        f"{where}: {operation} stopped: {what}; {state}; fix the cause{hint}, then {then} "
+        f"`{command or f'vhdx merge {child}'}` again to complete it", e.errno)
 
 
 def _execute(t: WritableDisk, upper_disk: VirtualDisk, upper: list[ImageFile], summary: MergeSummary,
@@ -797,6 +813,7 @@ class _EmptyImage:
 
     def __init__(self, geometry: "Geometry") -> None:
         self.geometry = geometry
+        self.virtual_size = geometry.virtual_size
         self.bat = _ZeroBat()
 
 
@@ -825,9 +842,18 @@ def _flatten(chain: list[ImageFile], output: str, dry_run: bool, progress: Progr
         _execute(_PlanOnly(_EmptyImage(geo)), upper_disk, chain, summary, True, progress, allow_clone)
         summary.seconds = time.monotonic() - t0
         return summary
+    from .preflight import check_space
+
+    geo = Geometry(top.virtual_size, top.block_size, top.logical_sector_size, False)
+    empty = _EmptyImage(geo)
+    folder = os.path.dirname(os.path.abspath(output))
+    # The new file: its initial layout plus a block for every block with data.
+    check_space(folder, plan.file_size + _planned_growth(chain, empty, top.virtual_size),
+                "the flatten")
     tmp = output + ".part"
-    write_new_image(tmp, plan)
+    storage = None
     try:
+        write_new_image(tmp, plan)
         # Invisible until renamed: one fsync before the rename (DeferredSyncStorage).
         storage = storage_factory(tmp) if storage_factory else DeferredSyncStorage.open(tmp)
         with WritableDisk(tmp, storage=storage) as t:
@@ -838,11 +864,17 @@ def _flatten(chain: list[ImageFile], output: str, dry_run: bool, progress: Progr
             if isinstance(storage, DeferredSyncStorage):
                 storage.sync()
         storage.close()  # passed in, so the writer leaves it open (and locked)
+        storage = None
         os.replace(tmp, output)
         fsync_dir(output)
-    except BaseException:
+    except BaseException as e:
+        if storage is not None:
+            storage.close()
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise _failure(e, output, top.path, "flatten",
+                           f"vhdx merge {top.path} --output {output}") from None
         raise
     summary.seconds = time.monotonic() - t0
     return summary
