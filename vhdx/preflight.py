@@ -54,8 +54,6 @@ def check_writable(paths: Iterable[str], operation: str) -> None:
     """Refuse unless every file in ``paths`` can be opened for writing."""
     for path in paths:
         problem = _flag_problem(path)
-        if problem is None and not os.access(path, os.W_OK):
-            problem = "is not writable (permissions)"
         if problem is None:
             try:
                 # An O_RDWR open writes nothing but meets every refusal a write
@@ -65,6 +63,8 @@ def check_writable(paths: Iterable[str], operation: str) -> None:
             except OSError as e:
                 problem = ("is on a read-only file system" if e.errno == errno.EROFS
                            else f"cannot be opened for writing ({e.strerror})")
+        if problem is None and not os.access(path, os.W_OK):
+            problem = "is not writable (permissions)"
         if problem:
             raise NotWritableError(f"{path}: {problem}; {operation} needs to write it, "
                                    "nothing was changed")
@@ -79,11 +79,20 @@ def check_removable(paths: Iterable[str], operation: str) -> None:
             dflags = _flag_problem(folder)
             if dflags:
                 problem = f"lies in a folder that {dflags.removeprefix('is ')}"
+        if problem is None and _read_only_fs(folder):
+            problem = "is on a read-only file system"
         if problem is None and not os.access(folder, os.W_OK | os.X_OK):
             problem = "lies in a folder that is not writable"
         if problem:
             raise NotWritableError(f"{path}: {problem}; {operation} deletes it at the end "
                                    "(use --keep to keep it), nothing was changed")
+
+
+def _read_only_fs(path: str) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & getattr(os, "ST_RDONLY", 1))
+    except (OSError, AttributeError):
+        return False
 
 
 def free_bytes(path: str) -> int | None:
