@@ -534,3 +534,177 @@ def test_check_reports_an_interrupted_merge_and_how_to_finish_it(tmp_path):
     merge(chain.top)
     assert read_all(chain.images[1].path) == chain.expected()
     assert "interrupted" not in cli("check", str(chain.images[1].path)).stdout
+
+
+# --- disk full and I/O errors ------------------------------------------------------------------
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 64 MiB tmpfs under tmp_path (root only), unmounted afterwards."""
+    _root_with("mount")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def _free(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def _fill_chain(d: Path):  # noqa: ANN202
+    """base (4 MiB of data) <- child (12 MiB of data where the base has none)."""
+    specs = [ImageSpec(virtual_size=24 * MiB, name="base", seed=1, blocks={b: Block(FULLY) for b in range(4)}),
+             ImageSpec(virtual_size=24 * MiB, name="child", seed=2,
+                       blocks={b: Block(FULLY if b % 3 else PARTIAL) for b in range(4, 16)})]
+    return build_chain(d, specs)
+
+
+def _leave_free(mnt: Path, free: int) -> None:
+    filler = mnt / "filler"
+    filler.unlink(missing_ok=True)
+    with open(filler, "wb") as f:
+        f.write(b"\xff" * max(0, _free(mnt) - free))
+
+
+@pytest.mark.parametrize("precheck", [True, False])
+def test_disk_full_merge_refused_up_front_or_rolled_back(small_fs, precheck, monkeypatch):
+    chain = _fill_chain(small_fs)
+    expected = chain.expected()
+    base = chain.images[1].path
+    if not precheck:  # what the check protects against: the write path's own rollback
+        import vhdx.preflight as P
+
+        monkeypatch.setattr(P, "check_space", lambda *a, **k: None)
+    outcomes = set()
+    for free_mib in (1, 3, 6, 9):
+        _leave_free(small_fs, free_mib * MiB)
+        before, free_before = digests(small_fs), _free(small_fs)
+        with pytest.raises((vhdx.InsufficientSpaceError, vhdx.OperationFailedError)) as e:
+            merge(chain.top)
+        outcomes.add(type(e.value).__name__)
+        msg = str(e.value)
+        assert str(base) in msg and "\n" not in msg
+        if precheck:
+            assert isinstance(e.value, vhdx.InsufficientSpaceError) and "nothing was changed" in msg
+            assert digests(small_fs) == before
+        else:
+            assert "No space left" in msg and f"vhdx merge {chain.top}" in msg
+        assert read_all(chain.top) == expected  # the chain reads as before
+        assert os.path.getsize(base) <= chain.images[1].plan.file_size + 4 * MiB
+        # Back to what it was, but for the log pages the two sessions wrote (4 KiB each).
+        assert _free(small_fs) >= free_before - 256 * 1024
+        assert not check_chain(chain.top).errors
+        assert sorted(p.name for p in small_fs.iterdir()) == ["base.vhdx", "child.avhdx", "filler"]
+    assert outcomes == {"InsufficientSpaceError" if precheck else "OperationFailedError"}
+    (small_fs / "filler").unlink()
+    merge(chain.top)  # with room again, the same merge completes
+    assert read_all(base) == expected
+
+
+@pytest.mark.parametrize("precheck", [True, False])
+def test_disk_full_flatten_leaves_no_partial_output(small_fs, precheck, monkeypatch):
+    chain = _fill_chain(small_fs)
+    expected = chain.expected()
+    if not precheck:
+        import vhdx.preflight as P
+
+        monkeypatch.setattr(P, "check_space", lambda *a, **k: None)
+    for free_mib in (2, 8, 14):
+        _leave_free(small_fs, free_mib * MiB)
+        before, free_before = digests(small_fs), _free(small_fs)
+        out = small_fs / "flat.vhdx"
+        with pytest.raises((vhdx.InsufficientSpaceError, vhdx.OperationFailedError)) as e:
+            merge(chain.top, output=out)
+        assert str(out) in str(e.value)
+        assert not out.exists() and not Path(str(out) + ".part").exists()
+        assert digests(small_fs) == before
+        assert _free(small_fs) == free_before
+    (small_fs / "filler").unlink()
+    merge(chain.top, output=small_fs / "flat.vhdx")
+    assert read_all(small_fs / "flat.vhdx") == expected
+
+
+_EIO_SHIM = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <fcntl.h>
+#include <sys/types.h>
+
+/* Fails writes into the file named by $EIO_PATH that reach past $EIO_OFFSET. */
+static int hit(int fd, long long off, long long n) {
+    const char *want = getenv("EIO_PATH");
+    char link[64], path[4096];
+    if (!want || off + n <= atoll(getenv("EIO_OFFSET"))) return 0;
+    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    ssize_t k = readlink(link, path, sizeof path - 1);
+    if (k < 0) return 0;
+    path[k] = 0;
+    return strcmp(path, want) == 0;
+}
+#define NEXT(name) static __typeof__(name) *real; if (!real) real = dlsym(RTLD_NEXT, #name)
+ssize_t pwrite64(int fd, const void *b, size_t n, off_t off) {
+    NEXT(pwrite64); if (hit(fd, off, n)) { errno = EIO; return -1; } return real(fd, b, n, off);
+}
+ssize_t pwrite(int fd, const void *b, size_t n, off_t off) {
+    NEXT(pwrite); if (hit(fd, off, n)) { errno = EIO; return -1; } return real(fd, b, n, off);
+}
+ssize_t copy_file_range(int in, off_t *oin, int out, off_t *oout, size_t n, unsigned f) {
+    NEXT(copy_file_range);
+    if (oout && hit(out, *oout, n)) { errno = EIO; return -1; }
+    return real(in, oin, out, oout, n, f);
+}
+int fallocate64(int fd, int mode, off_t off, off_t n) {
+    NEXT(fallocate64); if (hit(fd, off, n)) { errno = EIO; return -1; } return real(fd, mode, off, n);
+}
+int fallocate(int fd, int mode, off_t off, off_t n) {
+    NEXT(fallocate); if (hit(fd, off, n)) { errno = EIO; return -1; } return real(fd, mode, off, n);
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def eio_shim(tmp_path_factory):
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None or sys.platform != "linux":
+        pytest.skip("needs a C compiler on Linux")
+    d = tmp_path_factory.mktemp("shim")
+    (d / "eio.c").write_text(_EIO_SHIM)
+    r = subprocess.run([cc, "-shared", "-fPIC", "-O1", "-o", str(d / "eio.so"), str(d / "eio.c"), "-ldl"],
+                       capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot build the EIO shim: {r.stderr[:200]}")
+    return d / "eio.so"
+
+
+def test_eio_mid_merge_one_line_naming_the_file_chain_intact(tmp_path, eio_shim):
+    base_plan_end = None
+    for n, frac in enumerate((0.0, 0.35, 0.7)):
+        d = tmp_path / f"e{n}"
+        d.mkdir()
+        chain = _fill_chain(d)
+        expected = chain.expected()
+        base = chain.images[1].path
+        base_plan_end = chain.images[1].plan.file_size
+        # Past the base's initial layout: the payload the merge writes into new blocks.
+        offset = base_plan_end + int(frac * 12 * MiB)
+        env = dict(os.environ, LD_PRELOAD=str(eio_shim), EIO_PATH=str(base), EIO_OFFSET=str(offset))
+        r = cli("merge", str(chain.top), env=env)
+        line = one_line_error(r, str(base))
+        assert "Input/output error" in line and f"vhdx merge {chain.top}" in line
+        assert "Traceback" not in r.stderr
+        assert read_all(chain.top) == expected
+        assert not check_chain(chain.top).errors
+        r = cli("merge", str(chain.top))  # the fault gone, the same merge completes
+        assert r.returncode == 0, r.stderr
+        assert read_all(base) == expected

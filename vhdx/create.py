@@ -129,7 +129,7 @@ def create(path: str | os.PathLike[str], size: int | str | None = None, *, type:
     if type == "fixed":
         from .preflight import check_space
 
-        check_space(os.path.dirname(os.path.abspath(path)), plan.file_size, "creating a fixed disk")
+        check_space(os.path.dirname(os.path.abspath(path)), plan.file_size, "creating a fixed disk", path)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
     except FileExistsError:

@@ -847,9 +847,11 @@ def _flatten(chain: list[ImageFile], output: str, dry_run: bool, progress: Progr
     geo = Geometry(top.virtual_size, top.block_size, top.logical_sector_size, False)
     empty = _EmptyImage(geo)
     folder = os.path.dirname(os.path.abspath(output))
-    # The new file: its initial layout plus a block for every block with data.
-    check_space(folder, plan.file_size + _planned_growth(chain, empty, top.virtual_size),
-                "the flatten")
+    # The new file: what its layout writes (the rest stays sparse: headers, a log's
+    # worth of entries, metadata, the BAT) plus a block for every block with data.
+    layout = 2 * S.MiB + _align_up(8 * geo.total_entries, S.MiB)
+    check_space(folder, layout + _planned_growth(chain, empty, top.virtual_size),
+                "the flatten", output)
     tmp = output + ".part"
     storage = None
     try:

@@ -104,11 +104,12 @@ def free_bytes(path: str) -> int | None:
     return st.f_bavail * st.f_frsize
 
 
-def check_space(path: str, needed: int, operation: str) -> None:
-    """Refuse when the file system of ``path`` has less than ``needed`` bytes free."""
+def check_space(path: str, needed: int, operation: str, name: str | None = None) -> None:
+    """Refuse when the file system of ``path`` (a file or folder) has less than
+    ``needed`` bytes free; the message names ``name`` (default ``path``)."""
     free = free_bytes(path)
     if free is not None and needed > free:
         raise InsufficientSpaceError(
-            f"{path}: {operation} needs up to {needed} bytes ({needed / 2**20:.1f} MiB) more, "
+            f"{name or path}: {operation} needs up to {needed} bytes ({needed / 2**20:.1f} MiB) more, "
             f"the file system has {free} ({free / 2**20:.1f} MiB) free; free space first, "
             "nothing was changed")
