@@ -708,3 +708,34 @@ def test_eio_mid_merge_one_line_naming_the_file_chain_intact(tmp_path, eio_shim)
         r = cli("merge", str(chain.top))  # the fault gone, the same merge completes
         assert r.returncode == 0, r.stderr
         assert read_all(base) == expected
+
+
+def test_fixed_disks_are_allocated_and_refused_without_room(small_fs):
+    p = vhdx.create(small_fs / "f.vhdx", 16 * MiB, type="fixed")
+    assert os.stat(p).st_blocks * 512 >= os.path.getsize(p)  # really allocated, not sparse
+    free = _free(small_fs)
+    with pytest.raises(vhdx.InsufficientSpaceError, match="big.vhdx"):
+        vhdx.create(small_fs / "big.vhdx", 128 * MiB, type="fixed")
+    assert not (small_fs / "big.vhdx").exists() and _free(small_fs) == free
+    with vhdx.open(p) as d:
+        assert d.read_at(0, MiB) == bytes(MiB)
+
+
+def test_check_honours_force_share_and_confine(tmp_path):
+    if shutil.which("qemu-io") is None:
+        pytest.skip("needs qemu-io")
+    p = vhdx.create(tmp_path / "vm.vhdx", 8 * MiB)
+    q = _qemu_io_holding(p)
+    try:
+        assert "in use by another process" in cli("check", p).stdout
+        r = cli("check", p, "--force-share")
+        assert r.returncode == 0 and "clean" in r.stdout, r.stdout + r.stderr
+        one_line_error(cli("check", p, "--repair", "--force-share"), p)
+    finally:
+        q.stdin.close()
+        q.wait(timeout=20)
+    (tmp_path / "sub").mkdir()
+    child = vhdx.create(tmp_path / "sub" / "c.avhdx", parent=p)
+    r = cli("check", child, "--confine", str(tmp_path / "sub"))
+    assert r.returncode != 0 and "outside the confined" in r.stdout
+    assert cli("check", child, "--confine", str(tmp_path)).returncode == 0

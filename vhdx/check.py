@@ -74,15 +74,18 @@ def _check_file(img: ImageFile, report: CheckReport) -> None:
 
 def check_chain(path: str | os.PathLike[str], parents: Sequence[str | os.PathLike[str]] | None = None,
                 search_dirs: Sequence[str | os.PathLike[str]] = (),
-                ignore_linkage: bool = False) -> CheckReport:
-    """Validate ``path`` and every ancestor; never raises for problems in the files."""
+                ignore_linkage: bool = False, *, confine: Sequence[str | os.PathLike[str]] | None = None,
+                force_share: bool = False) -> CheckReport:
+    """Validate ``path`` and every ancestor; never raises for problems in the files.
+
+    ``confine`` and ``force_share`` as for :func:`vhdx.open`."""
     report = CheckReport()
     explicit = list(parents or ())
     current = os.fspath(path)
     opened: list[ImageFile] = []
     try:
         try:
-            img = ImageFile(current)
+            img = ImageFile(current, force_share=force_share)
         except VhdxError as e:
             report.files.append(current)
             report.findings.append(Finding(current, "error", str(e)))
@@ -98,8 +101,8 @@ def check_chain(path: str | os.PathLike[str], parents: Sequence[str | os.PathLik
                 break
             warnings: list[str] = []
             try:
-                parent = ImageFile(explicit.pop(0)) if explicit else find_parent(
-                    img, search_dirs, True, warnings)
+                parent = ImageFile(explicit.pop(0), force_share=force_share) if explicit else find_parent(
+                    img, search_dirs, True, warnings, confine=confine, force_share=force_share)
             except VhdxError as e:
                 report.findings.append(Finding(img.path, "error", f"parent: {e}"))
                 break

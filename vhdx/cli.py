@@ -350,11 +350,14 @@ def _repair(args: argparse.Namespace) -> None:
 def cmd_check(args: argparse.Namespace) -> int:
     if args.dry_run and not args.repair:
         raise VhdxError("--dry-run needs --repair")
+    if args.repair and args.force_share:
+        raise VhdxError(f"{args.image}: --repair writes; it cannot be combined with --force-share")
     if args.repair:
         _repair(args)
         if args.dry_run:
             return 0
-    report = check_chain(args.image, args.parent, args.search_dir, args.ignore_linkage)
+    report = check_chain(args.image, args.parent, args.search_dir, args.ignore_linkage,
+                         confine=args.confine, force_share=args.force_share)
     if args.json:
         json.dump(report.to_dict(), sys.stdout, indent=1)
         print()
@@ -381,6 +384,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if args.json:
         json.dump(summary.to_dict(), sys.stdout, indent=1)
         print()
+        return 0
+    if summary.mode == "completion":
+        print("completed an earlier merge whose target is already done")
+        for p in summary.deleted:
+            print(f"  deleted {p}")
         return 0
     verb = "would merge" if summary.dry_run else "merged"
     print(f"{verb} {', '.join(summary.merged)} into {summary.target} ({summary.mode})")
