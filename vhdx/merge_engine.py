@@ -565,7 +565,7 @@ def _merge_into(chain: list[ImageFile], k: int, dry_run: bool, keep: bool, force
     # right then would leave that file linked to neither of the target's GUIDs).
     previous = parse_linkage((above.parent_locator or {}).get("parent_linkage2"))
     resuming = previous is not None and previous == target.data_write_guid
-    new_guid = previous if resuming else uuid.uuid4()
+    new_guid: uuid.UUID = previous if resuming and previous is not None else uuid.uuid4()
     data_done = resuming and merged_mark(top.parent_locator) == (new_guid, top.data_write_guid)
 
     # Who else depends on what changes: the target and the intermediates (their
