@@ -44,8 +44,16 @@ def read_all(path: Path, **kw) -> bytes:  # noqa: ANN003
         return disk.read_at(0, disk.size)
 
 
+# The CLI of this tree only: an editable install of another checkout must not lend
+# it subpackages (its import finder maps names this tree lacks to that checkout).
+_CLI = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if not "
+        "str(getattr(f, '__module__', '')).startswith('__editable__')]; "
+        "from vhdx.cli import main; sys.exit(main(sys.argv[1:]))")
+VHDX_CMD = [sys.executable, "-c", _CLI]
+
+
 def cli(*args: str, **kw) -> subprocess.CompletedProcess:  # noqa: ANN003
-    return subprocess.run([sys.executable, "-m", "vhdx", *args], cwd=REPO, capture_output=True,
+    return subprocess.run([*VHDX_CMD, *args], cwd=REPO, capture_output=True,
                           text=True, timeout=120, **kw)
 
 
@@ -506,6 +514,7 @@ def test_check_repair_of_a_clean_image_opens_nothing_for_writing(tmp_path, monke
         return real(cls, path, writable)
 
     monkeypatch.setattr(FileStorage, "open", classmethod(spy))
+    monkeypatch.setattr(C, "_COMMAND_MODULES", ())  # only the built-in commands in-process
     assert C.main(["check", "--repair", p]) == 0
     assert modes and not any(modes)
     if os.geteuid() == 0 and shutil.which("chattr") and _chattr("+i", Path(p)):
@@ -754,7 +763,7 @@ def test_kill_9_at_random_instants_of_a_merge_with_grandchildren(tmp_path):
         d.mkdir()
         chain, gcs, views = family(d, size=24 * MiB, grandchildren=3, seed=i)
         t0 = time.monotonic()
-        proc = subprocess.Popen([sys.executable, "-m", "vhdx", "merge", str(chain.top)], cwd=REPO,
+        proc = subprocess.Popen([*VHDX_CMD, "merge", str(chain.top)], cwd=REPO,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if duration is None:
             proc.wait()
@@ -772,3 +781,17 @@ def test_kill_9_at_random_instants_of_a_merge_with_grandchildren(tmp_path):
             assert "invalid" not in r.stdout
         assert_family_merged(chain, gcs, views)
     assert interrupted >= 2
+
+
+def test_writes_look_for_children_beside_every_file_of_the_chain(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    base = vhdx.create(tmp_path / "a" / "base.vhdx", 8 * MiB)
+    mid = vhdx.create(tmp_path / "b" / "mid.avhdx", parent=base)
+    other = vhdx.create(tmp_path / "a" / "other.avhdx", parent=mid)  # beside the base only
+    before = digests(tmp_path)
+    with pytest.raises(vhdx.DependentDisksError, match="other.avhdx"):
+        vhdx.open(mid, "r+")
+    assert digests(tmp_path) == before
+    with vhdx.open(other, "r+") as d:  # a leaf: no children, writes allowed
+        d.write_at(0, b"\x01" * 512)

@@ -120,24 +120,27 @@ def find_linked(folders: Sequence[str], guids: dict[uuid.UUID, str],
 
 
 def find_children(image_path: PathLike, search_dirs: Sequence[PathLike] = (), *,
-                  exclude: Iterable[PathLike] = ()) -> list[str]:
+                  exclude: Iterable[PathLike] = (), chain: Iterable[PathLike] = ()) -> list[str]:
     """Paths of the differencing disks whose linkage names ``image_path``'s
-    current DataWriteGuid (its children), searched beside it, one folder level
-    down and in ``search_dirs``; ``exclude`` lists files to leave out."""
+    current DataWriteGuid (its children), searched beside it and beside the
+    files of its ``chain`` (its ancestors), one folder level down, and in
+    ``search_dirs``; ``exclude`` lists files to leave out."""
     from .image import ImageFile
 
     path = os.fspath(image_path)
     with ImageFile(path, force_share=True) as img:
         guid = img.data_write_guid
-    folders = search_folders([path], search_dirs)
+    folders = search_folders([path, *chain], search_dirs)
     return [p for p, _, _ in find_linked(folders, {guid: path}, [path, *exclude])]
 
 
 def refuse_if_children(image_path: PathLike, operation: str, search_dirs: Sequence[PathLike] = (), *,
-                       force: bool = False, exclude: Iterable[PathLike] = ()) -> list[str]:
+                       force: bool = False, exclude: Iterable[PathLike] = (),
+                       chain: Iterable[PathLike] = ()) -> list[str]:
     """Raise DependentDisksError naming ``image_path``'s children, unless ``force``;
-    returns the children (those that ``operation`` invalidates when forced)."""
-    children = find_children(image_path, search_dirs, exclude=exclude)
+    returns the children (those that ``operation`` invalidates when forced).
+    ``operation`` completes "OPERATION would corrupt ..." ("resizing", "compacting")."""
+    children = find_children(image_path, search_dirs, exclude=exclude, chain=chain)
     if children and not force:
         raise DependentDisksError(
             f"{os.fspath(image_path)}: {operation} would corrupt the disks that depend on it: "

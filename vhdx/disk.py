@@ -476,9 +476,16 @@ def open(path: str | os.PathLike[str], mode: str = "r", *,  # noqa: A001 - mirro
 
         if force_share:
             raise InvalidArgumentError("force_share is for read-only opens")
-        children = refuse_if_children(path, "writing", search_dirs, force=force)
+        # Opening writes nothing (a dirty log aside, whose replay keeps the content);
+        # the chain's folders are known only once it is open.
         disk = WritableDisk(path, parents=parents, search_dirs=search_dirs,
                             ignore_linkage=ignore_linkage, confine=confine)
+        try:
+            children = refuse_if_children(path, "writing", search_dirs, force=force,
+                                          chain=[f.path for f in disk.chain[1:]])
+        except BaseException:
+            disk.close()
+            raise
         if children:
             disk.warnings.append(f"{os.fspath(path)}: opened with force; writes make its children "
                                  + invalidated_note(children))
