@@ -470,14 +470,13 @@ def test_a_2_48_byte_zero_descriptor_is_reported_not_applied(tmp_path, lfo):
         d.write_at(0, b"\x99" * (16 * MiB))
     _dirty_with_zero_descriptor(p, 4 * MiB, (1 << 48) - 4 * MiB, lfo)
     size, before = os.path.getsize(p), sha(Path(p))
-    t0 = time.monotonic()
-    with pytest.raises(vhdx.CorruptImageError, match="LastFileOffset|absurd"):
-        vhdx.open(p)
-    with pytest.raises(vhdx.CorruptImageError, match="LastFileOffset|absurd"):
-        vhdx.open(p, "r+")
+    for mode in ("r", "r+"):
+        t0 = time.monotonic()
+        with pytest.raises(vhdx.CorruptImageError, match="LastFileOffset|absurd"):
+            vhdx.open(p, mode)
+        assert time.monotonic() - t0 < 2  # reported, not 256 TiB of zeros
     r = cli("check", "--repair", p)
     assert r.returncode != 0 and "LastFileOffset" in r.stdout + r.stderr
-    assert time.monotonic() - t0 < 20  # three opens and a CLI start, no 256 TiB of zeros
     assert os.path.getsize(p) == size and sha(Path(p)) == before
 
 

@@ -655,6 +655,8 @@ def _merge_into(chain: list[ImageFile], k: int, dry_run: bool, keep: bool, force
                     "relative_path": _relative_locator_path(path, target_path),
                     "absolute_win32_path": "\\\\?\\" + os.path.abspath(target_path).replace("/", "\\"),
                     "volume_path": None})
+    except OSError as e:  # linkage2, mark or re-point: one line, and the way on
+        raise _failure(e, target.path, top.path, "merge") from None
     finally:
         for st in opened:
             st.close()
