@@ -20,7 +20,7 @@ from . import structures as S
 from .check import check_chain
 from .create import parse_size
 from .disk import VirtualDisk, open as open_disk
-from .errors import VhdxError
+from .errors import VhdxError, naming
 from .progress import Progress
 
 CHUNK = 4 << 20
@@ -336,7 +336,10 @@ def _repair(args: argparse.Namespace) -> None:
         if not lw.needs_replay:
             print(f"{path}: log is clean, nothing to replay")
             return
-        r = lw.replay()
+        try:
+            r = lw.replay()
+        except VhdxError as e:
+            raise naming(e, path) from None
         ext = f", file extended to {r.extended_to} bytes" if r.extended_to else ""
         if r.empty_log:
             print(f"{path}: cleared an empty log (LogGuid set, no entry)")

@@ -11,6 +11,20 @@ class VhdxError(Exception):
     """Root of every error this package raises for bad input or unusable files."""
 
 
+def naming(e: VhdxError, path: str) -> VhdxError:
+    """``e`` with ``path`` in front of its message when it does not name it yet (the
+    CLI's one line must name the file); the same class, the cause kept."""
+    if path in str(e):
+        return e
+    try:
+        new = type(e)(f"{path}: {e}")
+    except TypeError:  # a class with its own constructor: leave it alone
+        return e
+    new.__dict__.update(e.__dict__)
+    new.__cause__ = e.__cause__
+    return new
+
+
 class CorruptImageError(VhdxError):
     """A structure is malformed, truncated, inconsistent or out of the spec's bounds."""
 

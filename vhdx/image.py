@@ -19,7 +19,7 @@ from typing import Iterator
 
 from . import structures as S
 from .bat import Geometry, Spans, Table, decode_table, iter_nonzero, raise_fatal, validate_table
-from .errors import CorruptImageError, InvalidArgumentError, VhdxError
+from .errors import CorruptImageError, InvalidArgumentError, VhdxError, naming
 from .headers import HeaderSection, read_header_section
 from .log import Overlay, ReplayPlan, plan_replay
 from .metadata import Metadata, parse_metadata
@@ -123,6 +123,9 @@ class ImageFile:
 
                 lock_image(self.fd, self.path, write=False, force_share=force_share)
             self._load()
+        except VhdxError as e:
+            self.close()
+            raise naming(e, self.path) from None
         except BaseException:
             self.close()
             raise

@@ -29,7 +29,7 @@ from . import structures as S
 from .bat import iter_nonzero
 from .chain import open_parents
 from .disk import VirtualDisk
-from .errors import InvalidArgumentError, ReadOnlyError, VhdxError
+from .errors import InvalidArgumentError, ReadOnlyError, VhdxError, naming
 from .image import ImageFile
 from .log_writer import LogWriter
 from .storage import FileStorage, Storage
@@ -95,9 +95,11 @@ class WritableDisk(VirtualDisk):
             img = ImageFile(path, fd=fd)
             ancestors, warnings = ([], []) if standalone else open_parents(
                 img, parents, search_dirs, ignore_linkage, confine=confine)
-        except BaseException:
+        except BaseException as e:
             if own_storage:
                 storage.close()
+            if isinstance(e, VhdxError):
+                raise naming(e, path) from None
             raise
         self.storage = storage
         self._own_storage = own_storage
