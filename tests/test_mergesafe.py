@@ -794,3 +794,14 @@ def test_writes_look_for_children_beside_every_file_of_the_chain(tmp_path):
     assert digests(tmp_path) == before
     with vhdx.open(other, "r+") as d:  # a leaf: no children, writes allowed
         d.write_at(0, b"\x01" * 512)
+
+
+def test_dry_run_lists_what_it_would_repoint_and_delete(tmp_path):
+    chain, gcs, views = family(tmp_path, grandchildren=2)
+    before = digests(tmp_path)
+    r = cli("merge", str(chain.top), "--dry-run")
+    assert r.returncode == 0, r.stderr
+    for g in gcs:
+        assert f"would re-point {g.path}" in r.stdout
+    assert f"would delete {chain.top}" in r.stdout
+    assert digests(tmp_path) == before

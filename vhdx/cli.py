@@ -400,9 +400,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if not summary.dry_run:
         print(f"  {summary.seconds:.2f} s, {_human(int(summary.throughput))}/s")
     for p in summary.repointed:
-        print(f"  re-pointed {p} to {summary.target}")
+        print(f"  {'would re-point' if summary.dry_run else 're-pointed'} {p} to {summary.target}")
     for p in summary.deleted:
         print(f"  deleted {p}")
+    if summary.dry_run and not args.keep and summary.mode != "flatten":
+        for p in summary.merged:
+            print(f"  would delete {p}")
     for p in summary.invalidated:
         print(f"  warning: {p} is now invalid: its parent changed under it (--force); "
               "its data no longer reads correctly")

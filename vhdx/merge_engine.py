@@ -529,6 +529,17 @@ def _align_up(n: int, a: int) -> int:
     return -(-n // a) * a
 
 
+def _writable(path: str) -> bool:
+    from .errors import NotWritableError
+    from .preflight import check_writable
+
+    try:
+        check_writable([path], "the merge")
+    except NotWritableError:
+        return False
+    return True
+
+
 def _in_folder(path: str, folder_of: str) -> bool:
     return (os.path.dirname(os.path.realpath(path))
             == os.path.dirname(os.path.realpath(folder_of)))
@@ -605,8 +616,11 @@ def _merge_into(chain: list[ImageFile], k: int, dry_run: bool, keep: bool, force
         return summary
 
     # Everything that can refuse does so now, before the first byte is written.
-    writes = list(dict.fromkeys(([] if data_done else [above.path, target.path, top.path])
-                                + children))
+    # With --keep an into-ancestor merge need not write the top file: its mark is
+    # then best effort (a read-only kept top stays untouched).
+    mark_top = not data_done and (not keep or k == 1 or _writable(top.path))
+    writes = list(dict.fromkeys(([] if data_done else [above.path, target.path])
+                                + ([top.path] if mark_top else []) + children))
     check_writable(writes, "the merge")
     if not keep:
         check_removable([f.path for f in upper], "the merge")
@@ -642,7 +656,7 @@ def _merge_into(chain: list[ImageFile], k: int, dry_run: bool, keep: bool, force
                         allow_clone, storage_of)
         for f in upper:
             f.close()  # reads are over; the mark below opens ``top`` for writing
-        if not data_done:
+        if mark_top:
             st = storage_of(top.path)
             opened.append(st)
             with WritableDisk(top.path, standalone=True, storage=st) as w:
