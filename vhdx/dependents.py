@@ -25,6 +25,7 @@ PathLike = str | os.PathLike[str]
 # A folder with more entries than this is not scanned past it: the scan must stay
 # bounded on a directory an attacker (or a download folder) filled.
 MAX_ENTRIES_PER_DIR = 100_000
+MAX_SUBFOLDERS = 1_000  # per chain folder: Hyper-V keeps a handful (Snapshots, per-VM folders)
 
 
 def search_folders(paths: Iterable[PathLike], search_dirs: Iterable[PathLike] = ()) -> list[str]:
@@ -33,14 +34,16 @@ def search_folders(paths: Iterable[PathLike], search_dirs: Iterable[PathLike] = 
     for p in paths:
         d = os.path.dirname(os.path.abspath(os.fspath(p)))
         out.append(d)
+        subs = 0
         try:
             with os.scandir(d) as it:
                 for n, entry in enumerate(it):
-                    if n >= MAX_ENTRIES_PER_DIR:
+                    if n >= MAX_ENTRIES_PER_DIR or subs >= MAX_SUBFOLDERS:
                         break
                     try:
                         if entry.is_dir(follow_symlinks=False):
                             out.append(entry.path)
+                            subs += 1
                     except OSError:
                         continue
         except OSError:
