@@ -173,7 +173,7 @@ def test_power_cuts_at_every_journal_position_of_the_repoint_phase(tmp_path):
     assert names == {chain.top.name} | {g.path.name for g in gcs}  # mark, then re-points
     rng = random.Random(99)
     cuts = range(start, len(journal) + 1)
-    assert len(cuts) >= 20
+    assert len(cuts) >= 20, len(cuts)
     for cut in cuts:
         crash = tmp_path / f"c{cut}"
         crash.mkdir()
