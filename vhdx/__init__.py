@@ -6,10 +6,14 @@ from .disk import Extent, VirtualDisk, open
 from .errors import (
     CancelledError,
     ChecksumError,
+    ConfinementError,
     CorruptImageError,
     DependentDisksError,
+    InsufficientSpaceError,
     InvalidArgumentError,
     LockedError,
+    NotWritableError,
+    OperationFailedError,
     ParentMismatchError,
     ParentNotFoundError,
     PartitionTableError,
@@ -31,4 +35,5 @@ __all__ = [
     "VhdxError", "CorruptImageError", "ChecksumError", "UnsupportedFeatureError",
     "ParentNotFoundError", "ParentMismatchError", "InvalidArgumentError",
     "ReadOnlyError", "LockedError", "CancelledError", "DependentDisksError", "PartitionTableError",
+    "NotWritableError", "InsufficientSpaceError", "OperationFailedError", "ConfinementError",
 ]

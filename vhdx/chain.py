@@ -17,7 +17,7 @@ import uuid
 from typing import Any, Callable, Iterable, Sequence
 
 from . import structures as S
-from .errors import ParentMismatchError, ParentNotFoundError, VhdxError
+from .errors import LockedError, ParentMismatchError, ParentNotFoundError, VhdxError
 from .image import ImageFile
 
 MAX_CHAIN_DEPTH = 256
@@ -120,9 +120,26 @@ def check_parent(child: ImageFile, parent: ImageFile, ignore_linkage: bool, warn
         warnings.append(msg + "; accepted because linkage checks are disabled")
 
 
+def within(path: str, confine: Sequence[PathLike] | None) -> bool:
+    """True when ``path`` (symlinks resolved) lies inside one of the ``confine``
+    trees (themselves resolved); always True without ``confine``."""
+    if confine is None:
+        return True
+    real = os.path.realpath(path)
+    for d in confine:
+        root = os.path.realpath(os.fspath(d))
+        if real == root or real.startswith(root.rstrip(os.sep) + os.sep):
+            return True
+    return False
+
+
 def find_parent(child: ImageFile, search_dirs: Sequence[PathLike], ignore_linkage: bool,
-                warnings: list[str]) -> ImageFile:
-    """Locate and open the parent of ``child`` through its locator."""
+                warnings: list[str], *, confine: Sequence[PathLike] | None = None,
+                force_share: bool = False) -> ImageFile:
+    """Locate and open the parent of ``child`` through its locator.
+
+    With ``confine``, only files inside those folder trees are considered (a
+    service handling uploaded checkpoints keeps lookups out of other trees)."""
     locator = child.parent_locator or {}
     tried: list[str] = []
     mismatched: list[str] = []
@@ -131,12 +148,18 @@ def find_parent(child: ImageFile, search_dirs: Sequence[PathLike], ignore_linkag
     # Last resort: any image in the search directories whose DataWriteGuid fits.
     extra = [p for p in _scan_dirs(search_dirs) if p not in candidates]
     for path in candidates + extra:
+        if not within(path, confine):
+            if path in candidates:
+                tried.append(f"{path} (outside the confined folders)")
+            continue
         if not _is_regular(path) or os.path.samefile(path, child.path):
             if path in candidates:
                 tried.append(path)
             continue
         try:
-            parent = ImageFile(path)
+            parent = ImageFile(path, force_share=force_share)
+        except LockedError:
+            raise  # the parent is there, but in use: say so, not "not found"
         except VhdxError as e:
             if path in candidates:
                 tried.append(f"{path} ({e})")
@@ -175,7 +198,8 @@ def opener_candidates(child_name: str, locator: dict[str, str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def find_parent_with_opener(child: ImageFile, opener: Opener, ignore_linkage: bool) -> ImageFile:
+def find_parent_with_opener(child: ImageFile, opener: Opener, ignore_linkage: bool,
+                            force_share: bool = False) -> ImageFile:
     """Locate the parent of ``child`` through a caller's ``opener``."""
     locator = child.parent_locator or {}
     linkages = accepted_linkages(locator)
@@ -190,7 +214,7 @@ def find_parent_with_opener(child: ImageFile, opener: Opener, ignore_linkage: bo
             tried.append(name)
             continue
         try:
-            parent = ImageFile(obj)
+            parent = ImageFile(obj, force_share=force_share)
         except VhdxError as e:
             tried.append(f"{name} ({e})")
             continue
@@ -204,8 +228,9 @@ def find_parent_with_opener(child: ImageFile, opener: Opener, ignore_linkage: bo
 
 def open_parents(child: ImageFile, parents: Sequence[PathLike] | None = None,
                  search_dirs: Sequence[PathLike] = (), ignore_linkage: bool = False,
-                 max_depth: int = MAX_CHAIN_DEPTH, opener: Opener | None = None,
-                 ) -> tuple[list[ImageFile], list[str]]:
+                 max_depth: int = MAX_CHAIN_DEPTH, *, opener: Opener | None = None,
+                 confine: Sequence[PathLike] | None = None,
+                 force_share: bool = False) -> tuple[list[ImageFile], list[str]]:
     """Open every ancestor of ``child`` (immediate parent first); returns (ancestors, warnings).
 
     ``parents`` (immediate parent first) are used before any lookup; ancestors
@@ -222,11 +247,12 @@ def open_parents(child: ImageFile, parents: Sequence[PathLike] | None = None,
             if len(chain) > max_depth:
                 raise ParentMismatchError(f"chain is deeper than {max_depth} files; refusing")
             if explicit:
-                parent = ImageFile(explicit.pop(0))
+                parent = ImageFile(explicit.pop(0), force_share=force_share)
             elif opener is not None:
-                parent = find_parent_with_opener(current, opener, ignore_linkage)
+                parent = find_parent_with_opener(current, opener, ignore_linkage, force_share)
             else:
-                parent = find_parent(current, search_dirs, ignore_linkage, warnings)
+                parent = find_parent(current, search_dirs, ignore_linkage, warnings,
+                                     confine=confine, force_share=force_share)
             try:
                 check_parent(current, parent, ignore_linkage, warnings)
             except VhdxError:
@@ -251,14 +277,19 @@ def open_parents(child: ImageFile, parents: Sequence[PathLike] | None = None,
 
 def open_chain(path: PathLike | Any, parents: Sequence[PathLike | Any] | None = None,
                search_dirs: Sequence[PathLike] = (), ignore_linkage: bool = False,
-               max_depth: int = MAX_CHAIN_DEPTH, opener: Opener | None = None,
-               ) -> tuple[list[ImageFile], list[str]]:
+               max_depth: int = MAX_CHAIN_DEPTH, *, opener: Opener | None = None,
+               confine: Sequence[PathLike] | None = None,
+               force_share: bool = False) -> tuple[list[ImageFile], list[str]]:
     """Open ``path`` (or a binary file object) and all its ancestors, child
-    first; returns (chain, warnings)."""
-    top = ImageFile(path)
+    first; returns (chain, warnings).
+
+    Every file takes a reader's lock unless ``force_share``; ``confine`` limits
+    parent lookups to those folder trees (explicit ``parents`` are the caller's);
+    ``opener`` finds the parents of file objects."""
+    top = ImageFile(path, force_share=force_share)
     try:
         ancestors, warnings = open_parents(top, parents, search_dirs, ignore_linkage, max_depth,
-                                           opener=opener)
+                                           opener=opener, confine=confine, force_share=force_share)
     except BaseException:
         top.close()
         raise

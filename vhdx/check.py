@@ -74,15 +74,18 @@ def _check_file(img: ImageFile, report: CheckReport) -> None:
 
 def check_chain(path: str | os.PathLike[str], parents: Sequence[str | os.PathLike[str]] | None = None,
                 search_dirs: Sequence[str | os.PathLike[str]] = (),
-                ignore_linkage: bool = False) -> CheckReport:
-    """Validate ``path`` and every ancestor; never raises for problems in the files."""
+                ignore_linkage: bool = False, *, confine: Sequence[str | os.PathLike[str]] | None = None,
+                force_share: bool = False) -> CheckReport:
+    """Validate ``path`` and every ancestor; never raises for problems in the files.
+
+    ``confine`` and ``force_share`` as for :func:`vhdx.open`."""
     report = CheckReport()
     explicit = list(parents or ())
     current = os.fspath(path)
     opened: list[ImageFile] = []
     try:
         try:
-            img = ImageFile(current)
+            img = ImageFile(current, force_share=force_share)
         except VhdxError as e:
             report.files.append(current)
             report.findings.append(Finding(current, "error", str(e)))
@@ -98,8 +101,8 @@ def check_chain(path: str | os.PathLike[str], parents: Sequence[str | os.PathLik
                 break
             warnings: list[str] = []
             try:
-                parent = ImageFile(explicit.pop(0)) if explicit else find_parent(
-                    img, search_dirs, True, warnings)
+                parent = ImageFile(explicit.pop(0), force_share=force_share) if explicit else find_parent(
+                    img, search_dirs, True, warnings, confine=confine, force_share=force_share)
             except VhdxError as e:
                 report.findings.append(Finding(img.path, "error", f"parent: {e}"))
                 break
@@ -114,7 +117,34 @@ def check_chain(path: str | os.PathLike[str], parents: Sequence[str | os.PathLik
                 parent.close()
                 break
             img = parent
+        _note_interrupted_merges(opened, report)
         return report
     finally:
         for f in opened:
             f.close()
+
+
+def _note_interrupted_merges(chain: list[ImageFile], report: CheckReport) -> None:
+    """An unfinished merge is reported as one, with the command that completes it
+    (rerunning the merge), instead of the generic --repair advice for its log."""
+    from .chain import parse_linkage
+    from .merge_engine import merged_mark
+
+    for i, (child, parent) in enumerate(zip(chain, chain[1:])):
+        pending = parse_linkage((child.parent_locator or {}).get("parent_linkage2"))
+        if pending is None or pending != parent.data_write_guid:
+            continue
+        # The merge's top file is this one or a descendant in the chain; its mark
+        # says the data phase finished (a --keep merge ends so, too).
+        marks = [merged_mark(f.parent_locator) for f in chain[:i + 1]]
+        if any(m is not None and m[0] == pending for m in marks):
+            continue
+        top = child.path  # merging it completes the job whichever merge was running
+        for f in report.findings:
+            if f.file == parent.path and "--repair" in f.message:
+                f.message = f.message.replace("`vhdx check --repair` applies them",
+                                              f"rerunning `vhdx merge {top}` applies them")
+        report.findings.append(Finding(
+            child.path, "warning",
+            f"an interrupted merge into {parent.path} (the chain is intact and reads as "
+            f"before); run `vhdx merge {top}` again to complete it (not `vhdx check --repair`)"))

@@ -20,7 +20,7 @@ from . import structures as S
 from .check import check_chain
 from .create import parse_size
 from .disk import VirtualDisk, open as open_disk
-from .errors import ParentNotFoundError, VhdxError
+from .errors import ParentNotFoundError, VhdxError, naming
 from .image import ImageFile
 from .progress import Progress
 
@@ -35,11 +35,18 @@ def _chain_options(p: argparse.ArgumentParser) -> None:
                    help="directory to look for parents in (repeatable)")
     p.add_argument("--ignore-linkage", action="store_true",
                    help="accept parents whose DataWriteGuid does not match the child's linkage")
+    p.add_argument("--confine", action="append", default=None, metavar="DIR",
+                   help="look for parents only inside this folder tree (repeatable; for services "
+                        "handling uploaded checkpoints)")
+    p.add_argument("--force-share", action="store_true",
+                   help="read without taking locks, e.g. the disks of a running VM (as qemu-img -U); "
+                        "what is read may be inconsistent")
 
 
 def _open(args: argparse.Namespace) -> VirtualDisk:
     return open_disk(args.image, parents=args.parent, search_dirs=args.search_dir,
-                     ignore_linkage=args.ignore_linkage)
+                     ignore_linkage=args.ignore_linkage, confine=getattr(args, "confine", None),
+                     force_share=getattr(args, "force_share", False))
 
 
 def _guid(g: Any) -> str:
@@ -128,7 +135,7 @@ def _open_or_alone(args: argparse.Namespace) -> "VirtualDisk | _LoneImage":
     except ParentNotFoundError as e:
         if args.parent:
             raise
-        return _LoneImage(ImageFile(args.image), str(e))
+        return _LoneImage(ImageFile(args.image, force_share=getattr(args, "force_share", False)), str(e))
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -181,7 +188,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_map(args: argparse.Namespace) -> int:
     if args.own:  # only what the top file holds itself: needs no parent
-        with ImageFile(args.image) as img:
+        with ImageFile(args.image, force_share=getattr(args, "force_share", False)) as img:
             extents = img.extents()
             if args.json:
                 json.dump({"virtual_size": img.virtual_size, "file": img.path, "own": True,
@@ -318,10 +325,19 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 
 def cmd_resize(args: argparse.Namespace) -> int:
+    from .dependents import invalidated_note, refuse_if_children
+
     size = parse_size(args.size)
+    if args.force_share:
+        raise VhdxError(f"{args.image}: --force-share is for read-only commands")
+    # Children of a resized disk fail their linkage check and cannot be merged.
+    children = refuse_if_children(args.image, "resizing", args.search_dir, force=args.force)
     with open_disk(args.image, "r+", parents=args.parent, search_dirs=args.search_dir,
-                   ignore_linkage=args.ignore_linkage) as disk:
+                   ignore_linkage=args.ignore_linkage, confine=args.confine, force=True) as disk:
         disk.resize(size)
+    if children:
+        print(f"vhdx: warning: {args.image}: resized with --force; its children are "
+              + invalidated_note(children), file=sys.stderr)
     return 0
 
 
@@ -345,7 +361,8 @@ def _repair(args: argparse.Namespace) -> None:
                 print(f"{path}: log is clean, nothing to replay")
                 return
             size = st.size()
-            plan = LOG.plan_replay(st.pread(h.log_offset, h.log_length), h.log_length, h.log_guid, size)
+            plan = LOG.plan_replay(st.pread(h.log_offset, h.log_length), h.log_length, h.log_guid, size,
+                                   h.log_offset)
             if plan.empty:
                 print(f"{path}: would clear an empty log (LogGuid set, no entry); no data changes")
                 return
@@ -361,6 +378,16 @@ def _repair(args: argparse.Namespace) -> None:
         finally:
             st.close()
         return
+    # Nothing is opened for writing before the log is known to need it: a clean
+    # image on read-only media (or held read-only by another tool) checks fine.
+    ro = FileStorage.open(path, writable=False)
+    try:
+        clean = not read_header_section(ro.pread).header.log_dirty
+    finally:
+        ro.close()
+    if clean:
+        print(f"{path}: log is clean, nothing to replay")
+        return
     st = FileStorage.open(path, writable=True)
     try:
         lock_exclusive(st.fd, path)
@@ -368,7 +395,10 @@ def _repair(args: argparse.Namespace) -> None:
         if not lw.needs_replay:
             print(f"{path}: log is clean, nothing to replay")
             return
-        r = lw.replay()
+        try:
+            r = lw.replay()
+        except VhdxError as e:
+            raise naming(e, path) from None
         ext = f", file extended to {r.extended_to} bytes" if r.extended_to else ""
         if r.empty_log:
             print(f"{path}: cleared an empty log (LogGuid set, no entry)")
@@ -382,11 +412,14 @@ def _repair(args: argparse.Namespace) -> None:
 def cmd_check(args: argparse.Namespace) -> int:
     if args.dry_run and not args.repair:
         raise VhdxError("--dry-run needs --repair")
+    if args.repair and args.force_share:
+        raise VhdxError(f"{args.image}: --repair writes; it cannot be combined with --force-share")
     if args.repair:
         _repair(args)
         if args.dry_run:
             return 0
-    report = check_chain(args.image, args.parent, args.search_dir, args.ignore_linkage)
+    report = check_chain(args.image, args.parent, args.search_dir, args.ignore_linkage,
+                         confine=args.confine, force_share=args.force_share)
     if args.json:
         json.dump(report.to_dict(), sys.stdout, indent=1)
         print()
@@ -403,13 +436,21 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .merge_engine import merge
 
     bar = Progress(0, "dry run" if args.dry_run else "merge")
+    if args.force_share:
+        raise VhdxError(f"{args.image}: --force-share is for read-only commands")
     summary = merge(args.image, into=args.into, output=args.output, dry_run=args.dry_run,
                     keep=args.keep, force=args.force, progress=bar, parents=args.parent,
-                    search_dirs=args.search_dir, ignore_linkage=args.ignore_linkage)
+                    search_dirs=args.search_dir, ignore_linkage=args.ignore_linkage,
+                    confine=args.confine)
     bar.close()
     if args.json:
         json.dump(summary.to_dict(), sys.stdout, indent=1)
         print()
+        return 0
+    if summary.mode == "completion":
+        print("completed an earlier merge whose target is already done")
+        for p in summary.deleted:
+            print(f"  deleted {p}")
         return 0
     verb = "would merge" if summary.dry_run else "merged"
     print(f"{verb} {', '.join(summary.merged)} into {summary.target} ({summary.mode})")
@@ -418,11 +459,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if not summary.dry_run:
         print(f"  {summary.seconds:.2f} s, {_human(int(summary.throughput))}/s")
     for p in summary.repointed:
-        print(f"  re-pointed {p} to {summary.target}")
+        print(f"  {'would re-point' if summary.dry_run else 're-pointed'} {p} to {summary.target}")
     for p in summary.deleted:
         print(f"  deleted {p}")
+    if summary.dry_run and not args.keep and summary.mode != "flatten":
+        for p in summary.merged:
+            print(f"  would delete {p}")
     for p in summary.invalidated:
-        print(f"  warning: {p} no longer matches its parent (--force)")
+        print(f"  warning: {p} is now invalid: its parent changed under it (--force); "
+              "its data no longer reads correctly")
     for w in summary.warnings:
         print(f"  note: {w}")
     return 0
@@ -473,6 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("resize", help="grow (or shrink, if the cut range is empty) a disk")
     _chain_options(s)
     s.add_argument("--size", metavar="SIZE", required=True, help="new virtual size (K, M, G, T)")
+    s.add_argument("--force", action="store_true",
+                   help="resize even though other disks depend on this one (they become invalid)")
     s.set_defaults(func=cmd_resize)
 
     s = sub.add_parser("check", help="validate every file of the chain; exit 0 only when clean")
@@ -486,7 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("merge", help="merge a checkpoint into its parent or an ancestor, or flatten a chain")
     _chain_options(s)
-    s.add_argument("--into", metavar="ANCESTOR", help="fold the chain down to this ancestor (default: the parent)")
+    s.add_argument("--into", metavar="ANCESTOR",
+                   help="fold the chain down to this ancestor (default: the parent); also names a "
+                        "target outside the child's folder, which is refused otherwise")
     s.add_argument("--output", metavar="NEW.vhdx", help="flatten the chain into a new standalone VHDX instead")
     s.add_argument("--dry-run", action="store_true", help="report what would be cloned, copied and zeroed")
     s.add_argument("--keep", action="store_true", help="keep the merged files (they stay valid)")

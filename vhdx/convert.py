@@ -171,6 +171,7 @@ def convert_to_vhdx(source: str | os.PathLike[str], output: str | os.PathLike[st
 
         create(tmp, size, type=type, block_size=block_size, logical_sector_size=lss,
                physical_sector_size=pss)
+        storage = None
         try:
             # OUT.part is invisible until renamed: one fsync before the rename stands
             # for every intermediate flush (see DeferredSyncStorage).
@@ -183,6 +184,9 @@ def convert_to_vhdx(source: str | os.PathLike[str], output: str | os.PathLike[st
         except BaseException:
             os.unlink(tmp)
             raise
+        finally:
+            if storage is not None:
+                storage.close()  # passed in, so the writer leaves it open (and locked)
         os.replace(tmp, output)
         fsync_dir(output)
     finally:

@@ -75,6 +75,23 @@ def parent_info_for(child_path: str | os.PathLike[str], parent: ImageFile) -> Pa
                       absolute_win32_path=_win32_absolute(ppath))
 
 
+def _allocate(fd: int, size: int, path: str) -> None:
+    """Really allocate a fixed disk, as Hyper-V does (a sparse "fixed" file would
+    fail with ENOSPC inside the guest later). Where the file system cannot
+    preallocate, the file stays sparse."""
+    import errno
+
+    fallocate = getattr(os, "posix_fallocate", None)
+    if fallocate is None:
+        return
+    try:
+        fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            return
+        raise VhdxError(f"{path}: cannot allocate the fixed disk ({size} bytes): {e.strerror}") from None
+
+
 def create(path: str | os.PathLike[str], size: int | str | None = None, *, type: str = "dynamic",  # noqa: A002
            block_size: int | str | None = None, logical_sector_size: int = 512,
            physical_sector_size: int = 4096,
@@ -109,6 +126,10 @@ def create(path: str | os.PathLike[str], size: int | str | None = None, *, type:
             raise InvalidArgumentError("a size is needed (or a parent)")
         plan = plan_layout(parse_size(size), bs, logical_sector_size, physical_sector_size,
                            fixed=type == "fixed", creator=creator_string())
+    if type == "fixed":
+        from .preflight import check_space
+
+        check_space(os.path.dirname(os.path.abspath(path)), plan.file_size, "creating a fixed disk", path)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
     except FileExistsError:
@@ -119,6 +140,8 @@ def create(path: str | os.PathLike[str], size: int | str | None = None, *, type:
         with os.fdopen(fd, "w+b") as fh:
             write_new_image(fh, plan)
             fh.flush()
+            if type == "fixed":
+                _allocate(fh.fileno(), plan.file_size, path)
             os.fsync(fh.fileno())
     except BaseException:
         try:

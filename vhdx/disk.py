@@ -481,7 +481,9 @@ class VirtualDisk(io.RawIOBase):
 def open(path: str | os.PathLike[str] | ReadableObject, mode: str = "r", *,  # noqa: A001 - mirrors io.open
          parents: Sequence[str | os.PathLike[str] | ReadableObject] | None = None,
          search_dirs: Sequence[str | os.PathLike[str]] = (),
-         ignore_linkage: bool = False,
+         ignore_linkage: bool = False, force_share: bool = False,
+         confine: Sequence[str | os.PathLike[str]] | None = None,
+         force: bool = False,
          opener: Callable[[str], object] | None = None) -> VirtualDisk:
     """Open a VHDX/AVHDX file and its whole parent chain; ``mode`` "r" (default,
     read-only) or "r+" (writable top file; parents stay read-only).
@@ -492,19 +494,41 @@ def open(path: str | os.PathLike[str] | ReadableObject, mode: str = "r", *,  # n
     explicitly (immediate parent first); otherwise parents are found through
     ``opener(name)`` when given (it returns a file object, a path, or None for
     each candidate name from the parent locator), else through the parent
-    locator on the file system and ``search_dirs``.
-    A dirty log is replayed in memory; no byte of any file is ever written.
+    locator on the file system and ``search_dirs``, only inside the ``confine``
+    folder trees when given. A dirty log is replayed in memory; no byte of any
+    file is ever written. Files are locked as QEMU locks them (readers shared;
+    :mod:`vhdx.locking`): LockedError while a writer holds one, unless
+    ``force_share`` (read-only only, as qemu-img's ``-U``). "r+" refuses a disk
+    that other disks depend on (DependentDisksError naming them,
+    :mod:`vhdx.dependents`) unless ``force``; forced, ``disk.warnings`` names the
+    children that the writes invalidate.
     """
     if mode in ("r+", "r+b", "rb+"):
         if not isinstance(path, (str, os.PathLike)):
             raise InvalidArgumentError("file objects open read-only; give a path for mode 'r+'")
+        from .dependents import invalidated_note, refuse_if_children
         from .writer import WritableDisk
 
-        return WritableDisk(path, parents=parents, search_dirs=search_dirs,
-                            ignore_linkage=ignore_linkage)
+        if force_share:
+            raise InvalidArgumentError("force_share is for read-only opens")
+        # Opening writes nothing (a dirty log aside, whose replay keeps the content);
+        # the chain's folders are known only once it is open.
+        disk = WritableDisk(path, parents=parents, search_dirs=search_dirs,
+                            ignore_linkage=ignore_linkage, confine=confine)
+        try:
+            children = refuse_if_children(path, "writing", search_dirs, force=force,
+                                          chain=[f.path for f in disk.chain[1:]])
+        except BaseException:
+            disk.close()
+            raise
+        if children:
+            disk.warnings.append(f"{os.fspath(path)}: opened with force; writes make its children "
+                                 + invalidated_note(children))
+        return disk
     if mode not in ("r", "rb"):
         raise InvalidArgumentError(f"mode {mode!r} is not supported (use 'r' or 'r+')")
     from .chain import open_chain
 
-    chain, warnings = open_chain(path, parents, search_dirs, ignore_linkage, opener=opener)
+    chain, warnings = open_chain(path, parents, search_dirs, ignore_linkage, opener=opener,
+                                 confine=confine, force_share=force_share)
     return VirtualDisk(chain, warnings)

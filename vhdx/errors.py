@@ -11,6 +11,20 @@ class VhdxError(Exception):
     """Root of every error this package raises for bad input or unusable files."""
 
 
+def naming(e: VhdxError, path: str) -> VhdxError:
+    """``e`` with ``path`` in front of its message when it does not name it yet (the
+    CLI's one line must name the file); the same class, the cause kept."""
+    if path in str(e):
+        return e
+    try:
+        new = type(e)(f"{path}: {e}")
+    except TypeError:  # a class with its own constructor: leave it alone
+        return e
+    new.__dict__.update(e.__dict__)
+    new.__cause__ = e.__cause__
+    return new
+
+
 class CorruptImageError(VhdxError):
     """A structure is malformed, truncated, inconsistent or out of the spec's bounds."""
 
@@ -66,3 +80,27 @@ class CorruptConfigError(CorruptImageError):
 class ConfigChecksumError(CorruptConfigError, ChecksumError):
     """A CRC-32 of a HyperVStorage structure (header, object-table entry, key table,
     key entry, replay log) failed."""
+class NotWritableError(VhdxError):
+    """A file an operation must change cannot be written (permissions, read-only
+    file system, immutable or append-only flag); found before any byte is written."""
+
+
+class InsufficientSpaceError(VhdxError):
+    """The file system lacks the free space an operation plans to use; refused
+    before any byte is written."""
+
+
+class OperationFailedError(VhdxError):
+    """An I/O error (disk full, EIO) stopped an operation part-way; the message
+    names the file, what state the disks are in and what to run next.
+    ``errno`` is the OS error number."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+class ConfinementError(VhdxError):
+    """A file lies outside the folders an operation may touch (a merge target
+    outside the child's folder and not named by the user, a parent outside the
+    ``confine`` trees)."""

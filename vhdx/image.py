@@ -19,7 +19,7 @@ from typing import Any, Iterator, Protocol, Sequence
 
 from . import structures as S
 from .bat import Geometry, Spans, Table, decode_table, iter_nonzero, raise_fatal, validate_table
-from .errors import CorruptImageError, InvalidArgumentError, VhdxError
+from .errors import CorruptImageError, InvalidArgumentError, VhdxError, naming
 from .headers import HeaderSection, read_header_section
 from .log import Overlay, ReplayPlan, plan_replay
 from .metadata import Metadata, parse_metadata
@@ -186,7 +186,8 @@ class BlockInfo:
 class ImageFile:
     """A single VHDX or AVHDX file, read-only. Thread-safe for reads."""
 
-    def __init__(self, path: str | os.PathLike[str] | ReadableObject, fd: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str] | ReadableObject, fd: int | None = None, *,
+                 force_share: bool = False) -> None:
         """Open ``path``; with ``fd``, parse through that descriptor instead (the
         writer passes its read-write one) and leave closing it to the caller.
 
@@ -194,6 +195,9 @@ class ImageFile:
         is read through a duplicate of its descriptor (its position untouched),
         anything else with ``readinto``/``seek`` through those (read-only, and
         the caller keeps owning and closing the object).
+
+        An own descriptor takes a reader's lock (:mod:`vhdx.locking`) unless
+        ``force_share``; LockedError when a writer (vhdx or QEMU) holds the file.
         """
         self.source: ObjectSource | None = None
         self._closed = False
@@ -217,7 +221,14 @@ class ImageFile:
                     raise VhdxError(f"{self.path}: cannot seek: {e}") from None
                 self.fd = -1  # no descriptor: every read goes through self.source
         try:
+            if fd is None and self.fd >= 0:
+                from .locking import lock_image
+
+                lock_image(self.fd, self.path, write=False, force_share=force_share)
             self._load()
+        except VhdxError as e:
+            self.close()
+            raise naming(e, self.path) from None
         except BaseException:
             self.close()
             raise
@@ -237,7 +248,7 @@ class ImageFile:
             raise CorruptImageError("the log region lies past the end of the file")
         if h.log_dirty:
             log_data = self._pread(h.log_offset, h.log_length)
-            plan = plan_replay(log_data, h.log_length, h.log_guid, self.file_size)
+            plan = plan_replay(log_data, h.log_length, h.log_guid, self.file_size, h.log_offset)
             self.replay = plan
             self.warnings += plan.warnings
             self.overlay = Overlay(plan.updates)

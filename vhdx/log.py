@@ -114,13 +114,12 @@ def _parse_entry(ring: _Ring, offset: int, log_guid: uuid.UUID) -> LogEntry | No
         if sig == S.SIG_ZERO:
             z = S.ZeroDescriptor.parse(d)
             if (z.sequence_number != h.sequence_number or z.file_offset % SECTOR
-                    or z.zero_length % SECTOR or z.file_offset + z.zero_length > MAX_FILE_OFFSET):
+                    or z.zero_length % SECTOR):
                 return None
             updates.append(Update(z.file_offset, z.zero_length, None))
         elif sig == S.SIG_DESC:
             dd = S.DataDescriptor.parse(d)
-            if (dd.sequence_number != h.sequence_number or dd.file_offset % SECTOR
-                    or dd.file_offset + SECTOR > MAX_FILE_OFFSET):
+            if dd.sequence_number != h.sequence_number or dd.file_offset % SECTOR:
                 return None
             pos = (desc_sectors + data_index) * SECTOR
             if pos + SECTOR > h.entry_length:
@@ -191,14 +190,55 @@ def find_active_sequence(log_data: bytes, log_length: int, log_guid: uuid.UUID) 
     return candidate[first:], any_valid
 
 
-def plan_replay(log_data: bytes, log_length: int, log_guid: uuid.UUID, file_size: int) -> ReplayPlan:
-    """The replay plan of a dirty log (header LogGuid != 0), validated (ref §6.4 steps 4-5)."""
+# Below this the file identifier and both headers live: never a log target (ref §2.2).
+_FIRST_LOGGABLE = 192 * 1024
+
+
+def entry_bounds_problem(e: LogEntry, log_offset: int | None = None,
+                         log_length: int = 0) -> str | None:
+    """Why an entry's descriptors reach where no valid entry may write, or None.
+
+    Bounds come from the entry's own fields and the file layout (ref §6.1): every
+    descriptor lies inside LastFileOffset ("a size that contains every allocated
+    structure"; QEMU writes the raw file length, hence the 1 MiB round-up), past
+    the file identifier and headers, outside the log itself, and LastFileOffset
+    below the absurd. Checked before anything is applied: a CRC-valid entry with
+    a 2^48-byte zero descriptor is corrupt, not 256 TiB of work.
+    """
+    lfo = e.last_file_offset
+    if lfo > MAX_FILE_OFFSET:
+        return f"LastFileOffset {lfo:#x} is absurd"
+    limit = -(-lfo // S.MiB) * S.MiB
+    for u in e.updates:
+        kind = "data" if u.data is not None else "zero"
+        where = f"{kind} descriptor {u.file_offset:#x}+{u.length:#x}"
+        if u.end > limit:
+            return f"{where} reaches past the entry's LastFileOffset {lfo:#x}"
+        if u.file_offset < _FIRST_LOGGABLE:
+            return f"{where} targets the file identifier or a header"
+        if log_offset is not None and u.file_offset < log_offset + log_length and u.end > log_offset:
+            return f"{where} overlaps the log itself"
+    return None
+
+
+def plan_replay(log_data: bytes, log_length: int, log_guid: uuid.UUID, file_size: int,
+                log_offset: int | None = None) -> ReplayPlan:
+    """The replay plan of a dirty log (header LogGuid != 0), validated (ref §6.4 steps 4-5).
+
+    Every entry of the active sequence is bounds-checked before anything is
+    planned (:func:`entry_bounds_problem`); one out of bounds makes the log corrupt.
+    """
     entries, any_valid = find_active_sequence(log_data, log_length, log_guid)
     if not entries:
         if any_valid:
             raise CorruptImageError("log has entries for the current LogGuid but no complete sequence")
         return ReplayPlan([], [], 0, 0, [
             "header LogGuid is set but the log holds no entry for it; treating the log as empty"])
+    for e in entries:
+        problem = entry_bounds_problem(e, log_offset, log_length)
+        if problem:
+            raise CorruptImageError(f"log entry {e.sequence_number} (at log offset {e.offset:#x}) "
+                                    f"is corrupt: {problem}; nothing was replayed")
     head = entries[-1]
     if file_size < head.flushed_file_offset:
         raise CorruptImageError(

@@ -514,17 +514,34 @@ class LogWriter:
                 self.storage.pwrite(run_off, run)
                 run_off, run = -1, bytearray()
             if buf is None:
-                done = 0
-                while done < length:
-                    n = min(len(_ZERO_CHUNK), length - done)
-                    self.storage.pwrite(off + done, memoryview(_ZERO_CHUNK)[:n])
-                    done += n
+                self._zero(off, length)
             else:
                 run_off, run = off, bytearray(buf)
         if run:
             self.storage.pwrite(run_off, run)
         if self.storage.size() < last_file_offset:
             self.storage.truncate(last_file_offset)      # ref §6.4 step 8
+
+    def _zero(self, off: int, length: int) -> None:
+        """Make [off, off+length) read zeros, writing only inside the file: past its
+        end it reads zeros already (the LastFileOffset extension keeps it so).
+        A plain file gets fallocate(ZERO_RANGE) where the file system has it."""
+        end = min(off + length, self.storage.size())
+        if end <= off:
+            return
+        from .storage import DeferredSyncStorage, FileStorage
+
+        if type(self.storage) in (FileStorage, DeferredSyncStorage):
+            from . import native
+
+            native.zero_ranges(self.storage.fd, [(off, end - off)])
+            self.storage.note_external_write()
+            return
+        done = off
+        while done < end:  # recording storages (tests) see every write
+            n = min(len(_ZERO_CHUNK), end - done)
+            self.storage.pwrite(done, memoryview(_ZERO_CHUNK)[:n])
+            done += n
 
     # ---- replay -------------------------------------------------------------------
     def replay(self) -> ReplayReport:
@@ -546,7 +563,7 @@ class LogWriter:
         # short by EOF reads as zeros there (as in the reader's vhdx.log._Ring)
         log = self.storage.pread(self.log_offset, self.log_length)
         size = self.storage.size()
-        plan = LOG.plan_replay(log, self.log_length, log_guid, size)  # steps 4-5
+        plan = LOG.plan_replay(log, self.log_length, log_guid, size, self.log_offset)  # steps 4-5
         report.warnings.extend(plan.warnings)
         if plan.empty:
             # Caveat of step 4: crash between the LogGuid header update and the

@@ -25,6 +25,7 @@ completes it. Files are deleted only after the target is durable.
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 import uuid
@@ -34,7 +35,7 @@ from typing import Callable, Sequence
 from . import native
 from . import structures as S
 from .bat import Geometry, iter_nonzero
-from .chain import IMAGE_SUFFIXES, accepted_linkages, open_chain
+from .chain import open_chain, parse_linkage
 from .disk import ZERO, VirtualDisk
 from .errors import (
     CancelledError,
@@ -45,7 +46,7 @@ from .errors import (
 )
 from .image import ImageFile
 from .storage import DeferredSyncStorage, FileStorage, Storage, fsync_dir
-from .writer import WritableDisk, lock_exclusive
+from .writer import WritableDisk, lock_exclusive, storage_fd
 
 ProgressFn = Callable[[int, int], object]
 """``progress(done_bytes, total_bytes)``; returning False cancels between batches."""
@@ -169,49 +170,6 @@ def plan_blocks(upper_disk: VirtualDisk, ranges: list[tuple[int, int]], block_si
 def _finish(p: BlockPlan) -> None:
     covered = sum(n for _, n, _, _ in p.data) + sum(n for _, n in p.zeros)
     p.fully_defined = covered == p.length
-
-
-# --- dependents (siblings) -------------------------------------------------------------
-def find_dependents(dirs: Sequence[str], guids: dict[uuid.UUID, str],
-                    exclude: Sequence[str]) -> list[tuple[str, str]]:
-    """(path, parent path) of every image in ``dirs`` that links to one of ``guids``
-    (DataWriteGuid -> path of the file that has it), other than ``exclude``."""
-    found: list[tuple[str, str]] = []
-    seen: set[tuple[int, int]] = set()
-    excluded = set()
-    for p in exclude:
-        try:
-            st = os.stat(p)
-            excluded.add((st.st_dev, st.st_ino))
-        except OSError:
-            pass
-    for d in dict.fromkeys(dirs):
-        try:
-            names = sorted(os.listdir(d))
-        except OSError:
-            continue
-        for name in names:
-            if not name.lower().endswith(IMAGE_SUFFIXES):
-                continue
-            path = os.path.join(d, name)
-            try:
-                st = os.stat(path)
-            except OSError:
-                continue
-            ident = (st.st_dev, st.st_ino)
-            if ident in excluded or ident in seen:
-                continue
-            seen.add(ident)
-            try:
-                with ImageFile(path) as img:
-                    links = accepted_linkages(img.parent_locator or {}) if img.has_parent else set()
-            except VhdxError:
-                continue
-            for g in links:
-                if g in guids:
-                    found.append((path, guids[g]))
-                    break
-    return found
 
 
 # --- execution helpers ---------------------------------------------------------------------
@@ -421,21 +379,48 @@ def _relative_locator_path(child: str, parent: str) -> str:
 
 
 # --- the engine ------------------------------------------------------------------------------
+# Parent-locator key that the merged top file gets once the target holds everything
+# merged (target durable, metadata synced): "{target's DataWriteGuid} {top's
+# DataWriteGuid}". A rerun finding it (and the top unchanged since: same
+# DataWriteGuid) skips the data phase and only re-points and deletes; `check` tells
+# a finished merge from an interrupted one by it. Readers ignore unknown keys.
+MERGED_MARK = "vhdx_merged_into"
+
+
+def merged_mark(locator: dict[str, str] | None) -> tuple[uuid.UUID, uuid.UUID] | None:
+    """(target GUID, top GUID) of a file's merge mark, or None."""
+    parts = ((locator or {}).get(MERGED_MARK) or "").split()
+    if len(parts) != 2:
+        return None
+    g, d = parse_linkage(parts[0]), parse_linkage(parts[1])
+    return (g, d) if g and d else None
+
+
 def merge(child: str | os.PathLike[str], into: str | os.PathLike[str] | None = None,
           output: str | os.PathLike[str] | None = None, *, dry_run: bool = False,
           keep: bool = False, force: bool = False, progress: ProgressFn | None = None,
           parents: Sequence[str | os.PathLike[str]] | None = None,
           search_dirs: Sequence[str | os.PathLike[str]] = (), ignore_linkage: bool = False,
           allow_clone: bool = True,
-          storage_factory: Callable[[str], Storage] | None = None) -> MergeSummary:
+          storage_factory: Callable[[str], Storage] | None = None,
+          confine: Sequence[str | os.PathLike[str]] | None = None) -> MergeSummary:
     """Merge ``child`` into its parent (or ``into``), or flatten it into ``output``.
 
     Returns a :class:`MergeSummary`. Refuses, naming them, when other disks depend
-    on what the merge changes (siblings of the child), unless ``force``.
-    ``storage_factory`` (tests) supplies the Storage for every file written.
+    on what the merge changes (siblings of the child), unless ``force``; refuses a
+    target outside ``child``'s folder unless the caller named it (``into``,
+    ``parents``). Every precondition (files writable, not immutable, free space)
+    is checked before the first write; an interrupted merge, in any phase, is
+    completed by running the same merge again. ``confine`` restricts parent
+    lookups to those folder trees. ``storage_factory`` (tests) supplies the
+    Storage for every file written.
     """
     t0 = time.monotonic()
-    chain, warnings = open_chain(child, parents, search_dirs, ignore_linkage)
+    if output is None and not dry_run:
+        done = _finish_deletions(os.fspath(child), search_dirs, confine, t0)
+        if done is not None:
+            return done
+    chain, warnings = open_chain(child, parents, search_dirs, ignore_linkage, confine=confine)
     try:
         if output is not None:
             if into is not None:
@@ -452,15 +437,348 @@ def merge(child: str | os.PathLike[str], into: str | os.PathLike[str] | None = N
                     break
             else:
                 raise InvalidArgumentError(f"{os.fspath(into)} is not an ancestor of {chain[0].path}")
+        named = [os.fspath(p) for p in ([into] if into is not None else []) + list(parents or ())]
         return _merge_into(chain, k, dry_run, keep, force, progress, search_dirs,
-                           allow_clone, storage_factory, t0, warnings)
+                           allow_clone, storage_factory, t0, warnings, named)
     finally:
         for f in chain:
             f.close()
 
 
+def _finish_deletions(child: str, search_dirs: Sequence, confine: Sequence | None,
+                      t0: float) -> MergeSummary | None:
+    """A rerun after the merge completed and its deletions began (the chain no
+    longer opens): delete what is left. None when that is not the situation."""
+    from .chain import find_parent
+    from .errors import ParentNotFoundError
+
+    try:
+        top = ImageFile(child)
+    except VhdxError:
+        return None  # the normal path reports it
+    files = [top]
+    try:
+        m = merged_mark(top.parent_locator) if top.has_parent else None
+        if m is None or m[1] != top.data_write_guid:
+            return None
+        mark = m[0]
+        cur = top
+        while True:
+            try:
+                parent = find_parent(cur, search_dirs, False, [], confine=confine)
+            except ParentNotFoundError:
+                break  # a merged file below was deleted already: only deletions remain
+            except VhdxError:
+                return None
+            if parent.data_write_guid == mark:
+                parent.close()
+                return None  # the target is reachable: the normal path finishes the job
+            files.append(parent)
+            cur = parent
+        paths = [f.path for f in files]
+    finally:
+        for f in files:
+            f.close()
+    summary = MergeSummary("completion", "", paths)
+    summary.warnings.append("an earlier run of this merge completed its target; "
+                            "removed the merged files it left")
+    for p in reversed(paths):  # the top file last: a rerun then still finds the rest
+        _unlink(p)
+    summary.deleted = paths
+    summary.seconds = time.monotonic() - t0
+    return summary
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass  # an interrupted run deleted it already
+    fsync_dir(path)
+
+
+def _planned_growth(upper: Sequence[ImageFile], target: ImageFile, new_size: int) -> int:
+    """Upper bound of the bytes the target file grows by: a fresh block for every
+    target block that the upper files hold data for and the target does not,
+    a sector-bitmap block per chunk when partial, plus the grown BAT."""
+    geo = target.geometry
+    bs = geo.block_size
+    need: set[int] = set()
+    for img in upper:
+        g = img.geometry
+        for i, e in iter_nonzero(img.bat, spans=img.bat_spans):
+            if g.is_sb_index(i) or e & S.BAT_STATE_MASK not in (S.PAYLOAD_BLOCK_FULLY_PRESENT,
+                                                                  S.PAYLOAD_BLOCK_PARTIALLY_PRESENT):
+                continue
+            b = g.block_of_index(i)
+            lo, hi = b * g.block_size // bs, -(-min(new_size, (b + 1) * g.block_size) // bs)
+            for tb in range(lo, hi):
+                idx = geo.payload_index(tb) if tb < geo.payload_blocks else -1
+                st = target.bat[idx] & S.BAT_STATE_MASK if 0 <= idx < len(target.bat) else -1
+                if st not in (S.PAYLOAD_BLOCK_FULLY_PRESENT, S.PAYLOAD_BLOCK_PARTIALLY_PRESENT):
+                    need.add(tb)
+    growth = len(need) * _align_up(bs, S.MiB)
+    if target.has_parent:
+        growth += len({b // geo.chunk_ratio for b in need}) * S.MiB
+    if new_size > target.virtual_size:
+        growth += _align_up(8 * (-(-new_size // bs)) * 2, S.MiB)  # BAT with its SB entries
+    return growth + 2 * S.MiB  # header and log growth, allocation rounding
+
+
+def _align_up(n: int, a: int) -> int:
+    return -(-n // a) * a
+
+
+def _writable(path: str) -> bool:
+    from .errors import NotWritableError
+    from .preflight import check_writable
+
+    try:
+        check_writable([path], "the merge")
+    except NotWritableError:
+        return False
+    return True
+
+
+def _in_folder(path: str, folder_of: str) -> bool:
+    return (os.path.dirname(os.path.realpath(path))
+            == os.path.dirname(os.path.realpath(folder_of)))
+
+
+def _merge_into(chain: list[ImageFile], k: int, dry_run: bool, keep: bool, force: bool,
+                progress: ProgressFn | None, search_dirs: Sequence, allow_clone: bool,
+                storage_factory: Callable[[str], Storage] | None, t0: float,
+                warnings: list[str], named: Sequence[str] = ()) -> MergeSummary:
+    from .dependents import find_linked, search_folders
+    from .errors import ConfinementError
+    from .preflight import check_removable, check_space, check_writable
+
+    top, target, above = chain[0], chain[k], chain[k - 1]
+    upper = chain[:k]
+    summary = MergeSummary("in-place" if k == 1 else "into-ancestor", target.path,
+                           [f.path for f in upper], dry_run, warnings=list(warnings))
+    # Confinement: a crafted child's relative_path may climb out of its folder
+    # (..\..\vms\prod.vhdx); only a target beside the child or named by the user is written.
+    if not _in_folder(target.path, top.path) and not any(
+            os.path.exists(p) and os.path.samefile(p, target.path) for p in named):
+        raise ConfinementError(
+            f"{target.path}: the merge target lies outside the folder of {top.path}; "
+            "name it with --into or --parent to merge into it")
+    if top.virtual_size < target.virtual_size:
+        # Hyper-V never makes a child smaller than its parent; dropping the target's
+        # tail would need a shrink that discards data, which this engine refuses.
+        raise UnsupportedFeatureError(
+            f"the child's virtual size ({top.virtual_size}) is smaller than the target's "
+            f"({target.virtual_size}); merging would discard the target's tail")
+
+    # Resuming an interrupted merge: the target already carries the GUID that the file
+    # above names as linkage2 (a fresh one would first replace linkage2, and a crash
+    # right then would leave that file linked to neither of the target's GUIDs).
+    previous = parse_linkage((above.parent_locator or {}).get("parent_linkage2"))
+    resuming = previous is not None and previous == target.data_write_guid
+    new_guid: uuid.UUID = previous if resuming and previous is not None else uuid.uuid4()
+    data_done = resuming and merged_mark(top.parent_locator) == (new_guid, top.data_write_guid)
+
+    # Who else depends on what changes: the target and the intermediates (their
+    # children other than our chain would read merged data); children of the merged
+    # child are re-pointed to the target instead. Found by content in the chain's
+    # folders, one level down, and the search dirs. A disk linked to the pending
+    # GUID G' was re-pointed by the interrupted run: only this merge made G'.
+    folders = search_folders([f.path for f in chain], search_dirs)
+    changed = {f.data_write_guid: f.path for f in chain[1:k + 1]}
+    if resuming:
+        changed.pop(new_guid, None)
+    linked = find_linked(folders, {**changed, top.data_write_guid: top.path},
+                         [f.path for f in chain])
+    dependents = [(p, q) for p, q, g in linked if g != top.data_write_guid]
+    children = [p for p, _, g in linked if g == top.data_write_guid]
+    if resuming:
+        done = find_linked(folders, {new_guid: target.path}, [f.path for f in chain])
+        summary.repointed = [p for p, _, _ in done]
+    if dependents:
+        names = ", ".join(f"{p} (child of {q})" for p, q in dependents)
+        if not force:
+            raise DependentDisksError(
+                f"other disks depend on the merge target and would be corrupted: {names}; "
+                "merge or delete them first, or use --force")
+        summary.invalidated = [p for p, _ in dependents]
+    summary.repointed += children
+
+    if dry_run:
+        if data_done:
+            summary.warnings.append("the merged data is in the target already; "
+                                    "only re-pointing and deletions remain")
+            summary.seconds = time.monotonic() - t0
+            return summary
+        upper_disk = VirtualDisk(upper)  # shares the ImageFiles, which ``chain`` owns
+        _execute(_PlanOnly(target), upper_disk, upper, summary, True, progress, allow_clone)
+        summary.seconds = time.monotonic() - t0
+        return summary
+
+    # Everything that can refuse does so now, before the first byte is written.
+    # With --keep an into-ancestor merge need not write the top file: its mark is
+    # then best effort (a read-only kept top stays untouched).
+    mark_top = not data_done and (not keep or k == 1 or _writable(top.path))
+    writes = list(dict.fromkeys(([] if data_done else [above.path, target.path])
+                                + ([top.path] if mark_top else []) + children))
+    check_writable(writes, "the merge")
+    if not keep:
+        check_removable([f.path for f in upper], "the merge")
+    if not data_done:
+        check_space(target.path, _planned_growth(upper, target, top.virtual_size), "the merge")
+    for f in upper[:-1]:
+        lock_exclusive(f.fd, f.path)
+
+    def storage_of(path: str) -> Storage:
+        return storage_factory(path) if storage_factory else FileStorage.open(path, writable=True)
+
+    opened: list[Storage] = []
+    try:
+        # Children are opened (and locked) now: a VM holding one refuses the merge
+        # before anything changed, not after the data phase.
+        child_storage = {}
+        for path in children:
+            st = storage_of(path)
+            opened.append(st)
+            lock_exclusive(storage_fd(st), path)
+            child_storage[path] = st
+        target_path = target.path
+        # Writable opens are standalone: metadata edits and whole-sector merges never
+        # read through parents, and each BAT is then held once (ref: bench/RESULTS.md).
+        # The read plan will use the writable open's parse of ``above``, and the target
+        # is reopened writable; their read-only opens (and the ancestors, not needed any
+        # more) are closed first so that no BAT is ever held twice (peak memory).
+        above.close()
+        for f in chain[k:]:
+            f.close()
+        if not data_done:
+            _merge_data(upper, top, above.path, target_path, new_guid, summary, progress,
+                        allow_clone, storage_of)
+        for f in upper:
+            f.close()  # reads are over; the mark below opens ``top`` for writing
+        if mark_top:
+            st = storage_of(top.path)
+            opened.append(st)
+            with WritableDisk(top.path, standalone=True, storage=st) as w:
+                w.update_parent_locator({MERGED_MARK: f"{{{new_guid}}} {{{top.data_write_guid}}}"})
+        # 4. children of the merged child now hang directly off the target.
+        for path in children:
+            with WritableDisk(path, standalone=True, storage=child_storage[path]) as c:
+                c.update_parent_locator({
+                    "parent_linkage": "{%s}" % new_guid, "parent_linkage2": None,
+                    "relative_path": _relative_locator_path(path, target_path),
+                    "absolute_win32_path": "\\\\?\\" + os.path.abspath(target_path).replace("/", "\\"),
+                    "volume_path": None})
+    except OSError as e:  # linkage2, mark or re-point: one line, and the way on
+        raise _failure(e, target.path, top.path, "merge") from None
+    finally:
+        for st in opened:
+            st.close()
+    # 5. the merged files go only now that the target is durable; nearest the target
+    # first, the top file last, so that a rerun still finds what is left (idempotent).
+    if not keep:
+        for f in reversed(upper):
+            _unlink(f.path)
+        summary.deleted = [f.path for f in upper]
+    summary.seconds = time.monotonic() - t0
+    return summary
+
+
+def _merge_data(upper: list[ImageFile], top: ImageFile, above_path: str, target_path: str,
+                new_guid: uuid.UUID, summary: MergeSummary, progress: ProgressFn | None,
+                allow_clone: bool, storage_of: Callable[[str], Storage]) -> None:
+    """Steps 1-3: linkage2 = G' above the target, G' in the target, then its blocks."""
+    st_a = storage_of(above_path)
+    try:
+        _merge_data_into(upper, top, above_path, target_path, new_guid, summary, progress,
+                         allow_clone, storage_of, st_a)
+    finally:
+        st_a.close()  # passed in, so the writers leave the storages open (and locked)
+
+
+def _merge_data_into(upper: list[ImageFile], top: ImageFile, above_path: str, target_path: str,
+                     new_guid: uuid.UUID, summary: MergeSummary, progress: ProgressFn | None,
+                     allow_clone: bool, storage_of: Callable[[str], Storage], st_a: Storage) -> None:
+    # 1. linkage2 = G' in the file directly above the target (its DataWriteGuid kept).
+    with WritableDisk(above_path, standalone=True, storage=st_a) as a:
+        upper[-1] = a.image
+        upper_disk = VirtualDisk(upper)
+        a.update_parent_locator({"parent_linkage2": "{%s}" % new_guid})
+        st_t = storage_of(target_path)
+        # 2. the target's header takes G'; 3. blocks and metadata through its log.
+        try:
+            t = WritableDisk(target_path, standalone=True, storage=st_t)
+        except BaseException:
+            st_t.close()
+            raise
+        state: dict = {"size": st_t.size(), "seq": None}
+        try:
+            t.log.mark_data_changed(new_guid)
+            if t.size < top.virtual_size:
+                # The target takes the child's size (an IsVirtualDisk item); one logged
+                # change, new blocks ZERO in a differencing target (ref §8.3).
+                t.resize(top.virtual_size)
+                summary.warnings.append(f"target grew to the child's virtual size {top.virtual_size}")
+            state["size"], state["seq"] = st_t.size(), t.log._seq
+            _execute(t, upper_disk, upper, summary, False, progress, allow_clone, state)
+            _sync_virtual_disk_items(t, top, summary)
+            t.close()  # flush, then LogGuid = 0: the target is durable and clean
+        except OSError as e:
+            _roll_back(t, st_t, state)
+            raise _failure(e, target_path, upper[0].path, "merge") from None
+        except BaseException:
+            _roll_back(t, st_t, state)
+            raise
+        finally:
+            st_t.close()
+
+
+def _roll_back(t: WritableDisk, st: Storage, state: dict) -> None:
+    """After a failure in the data phase: drop what no committed entry refers to.
+
+    Uncommitted BAT changes are forgotten and the file is cut back to its size at
+    the last commit (blocks allocated since are unreferenced), unless a log entry
+    became durable in the failed step: its FlushedFileOffset may lie above, and
+    the next writable open replays it. The chain reads as before either way: the
+    upper chain masks every sector the target changed.
+    """
+    t._pending_bat.clear()
+    t._pending_bat_sectors.clear()
+    t._pending_sb.clear()
+    try:
+        if state["seq"] is not None and t.log._seq == state["seq"] and st.size() > state["size"]:
+            st.truncate(state["size"])
+            st.flush()
+    except OSError:
+        pass  # the space stays allocated; `vhdx check` reports it
+    try:
+        t.close()
+    except (OSError, VhdxError):
+        pass
+
+
+def _failure(e: OSError, target: str, child: str, operation: str,
+             command: str | None = None) -> VhdxError:
+    """One line for an I/O failure: the file, what stopped, the state, what to run."""
+    from .errors import OperationFailedError
+
+    what = e.strerror or str(e)
+    where = e.filename if isinstance(e.filename, str) else target
+    hint = " (free space)" if e.errno == errno.ENOSPC else ""
+    if operation == "flatten":
+        state, then = "the chain is unchanged and the partial output was removed", "run"
+    else:
+        state, then = "the chain is intact and reads as before", "run"
+    return OperationFailedError(
+        f"{where}: {operation} stopped: {what}; {state}; fix the cause{hint}, then {then} "
+        f"`{command or f'vhdx merge {child}'}` again to complete it", e.errno)
+
+
 def _execute(t: WritableDisk, upper_disk: VirtualDisk, upper: list[ImageFile], summary: MergeSummary,
-             dry_run: bool, progress: ProgressFn | None, allow_clone: bool) -> None:
+             dry_run: bool, progress: ProgressFn | None, allow_clone: bool,
+             state: dict | None = None) -> None:
+    """Plan and move every block; ``state`` gets the file size and log sequence after
+    each commit (what a failure rolls back to)."""
     ranges = defined_ranges(upper, upper_disk.size)
     total = sum(e - s for s, e in ranges)
     mover = None if dry_run else _Mover(t, upper, summary, allow_clone)
@@ -478,6 +796,8 @@ def _execute(t: WritableDisk, upper_disk: VirtualDisk, upper: list[ImageFile], s
             if t._commit_due() or time.monotonic() - committed >= BATCH_SECONDS:
                 mover.run()
                 t._commit()
+                if state is not None:
+                    state["size"], state["seq"] = t.storage.size(), t.log._seq
                 committed = time.monotonic()
                 report = True
         if report:
@@ -492,96 +812,6 @@ def _execute(t: WritableDisk, upper_disk: VirtualDisk, upper: list[ImageFile], s
         t._commit()
     if progress is not None:
         progress(total, total)
-
-
-def _merge_into(chain: list[ImageFile], k: int, dry_run: bool, keep: bool, force: bool,
-                progress: ProgressFn | None, search_dirs: Sequence, allow_clone: bool,
-                storage_factory: Callable[[str], Storage] | None, t0: float,
-                warnings: list[str]) -> MergeSummary:
-    top, target, above = chain[0], chain[k], chain[k - 1]
-    upper = chain[:k]
-    summary = MergeSummary("in-place" if k == 1 else "into-ancestor", target.path,
-                           [f.path for f in upper], dry_run, warnings=list(warnings))
-    if top.virtual_size < target.virtual_size:
-        # Hyper-V never makes a child smaller than its parent; dropping the target's
-        # tail would need a shrink that discards data, which this engine refuses.
-        raise UnsupportedFeatureError(
-            f"the child's virtual size ({top.virtual_size}) is smaller than the target's "
-            f"({target.virtual_size}); merging would discard the target's tail")
-
-    # Who else depends on what changes: the target and the intermediates (their
-    # children other than our chain would read merged data); children of the
-    # merged child are re-pointed to the target instead.
-    dirs = [os.path.dirname(os.path.abspath(f.path)) for f in chain] + [os.fspath(d) for d in search_dirs]
-    changed = {f.data_write_guid: f.path for f in chain[1:k + 1]}
-    dependents = find_dependents(dirs, changed, [f.path for f in chain])
-    children = find_dependents(dirs, {top.data_write_guid: top.path}, [f.path for f in chain])
-    if dependents:
-        names = ", ".join(f"{p} (child of {q})" for p, q in dependents)
-        if not force:
-            raise DependentDisksError(
-                f"other disks depend on the merge target and would be corrupted: {names}; "
-                "merge or delete them first, or use --force")
-        summary.invalidated = [p for p, _ in dependents]
-    summary.repointed = [p for p, _ in children]
-
-    if dry_run:
-        upper_disk = VirtualDisk(upper)  # shares the ImageFiles, which ``chain`` owns
-        _execute(_PlanOnly(target), upper_disk, upper, summary, True, progress, allow_clone)
-        summary.seconds = time.monotonic() - t0
-        return summary
-
-    for f in upper[:-1]:
-        lock_exclusive(f.fd, f.path)
-    mk = (lambda p: storage_factory(p)) if storage_factory else (lambda p: None)
-    # Resuming an interrupted merge: if the target already carries the GUID the file
-    # above names as linkage2, keep it. A fresh one would first replace linkage2 and a
-    # crash right then would leave that file linked to neither of the target's GUIDs.
-    from .chain import parse_linkage
-
-    previous = parse_linkage((above.parent_locator or {}).get("parent_linkage2"))
-    new_guid = previous if previous == target.data_write_guid else uuid.uuid4()
-    target_path = target.path
-    # Writable opens are standalone: metadata edits and whole-sector merges never
-    # read through parents, and each BAT is then held once (ref: bench/RESULTS.md).
-    # The read plan will use the writable open's parse of ``above``, and the target
-    # is reopened writable; their read-only opens (and the ancestors, not needed any
-    # more) are closed first so that no BAT is ever held twice (peak memory).
-    above.close()
-    for f in chain[k:]:
-        f.close()
-    # 1. linkage2 = G' in the file directly above the target (its DataWriteGuid kept).
-    with WritableDisk(above.path, standalone=True, storage=mk(above.path)) as a:
-        upper[-1] = a.image
-        upper_disk = VirtualDisk(upper)
-        a.update_parent_locator({"parent_linkage2": "{%s}" % new_guid})
-        # 2. the target's header takes G'; 3. blocks and metadata through its log.
-        with WritableDisk(target_path, standalone=True, storage=mk(target_path)) as t:
-            t.log.mark_data_changed(new_guid)
-            if t.size < top.virtual_size:
-                # The target takes the child's size (an IsVirtualDisk item); one logged
-                # change, new blocks ZERO in a differencing target (ref §8.3).
-                t.resize(top.virtual_size)
-                summary.warnings.append(f"target grew to the child's virtual size {top.virtual_size}")
-            _execute(t, upper_disk, upper, summary, False, progress, allow_clone)
-            _sync_virtual_disk_items(t, top, summary)
-            t.flush()
-    # 4. children of the merged child now hang directly off the target.
-    for path in summary.repointed:
-        with WritableDisk(path, standalone=True, storage=mk(path)) as c:
-            c.update_parent_locator({
-                "parent_linkage": "{%s}" % new_guid, "parent_linkage2": None,
-                "relative_path": _relative_locator_path(path, target_path),
-                "absolute_win32_path": "\\\\?\\" + os.path.abspath(target_path).replace("/", "\\"),
-                "volume_path": None})
-    # 5. the merged files go only now that the target is durable.
-    if not keep:
-        for f in upper:
-            os.unlink(f.path)
-            summary.deleted.append(f.path)
-        fsync_dir(target_path)
-    summary.seconds = time.monotonic() - t0
-    return summary
 
 
 class _PlanOnly:
@@ -599,6 +829,7 @@ class _EmptyImage:
 
     def __init__(self, geometry: "Geometry") -> None:
         self.geometry = geometry
+        self.virtual_size = geometry.virtual_size
         self.bat = _ZeroBat()
 
 
@@ -627,9 +858,20 @@ def _flatten(chain: list[ImageFile], output: str, dry_run: bool, progress: Progr
         _execute(_PlanOnly(_EmptyImage(geo)), upper_disk, chain, summary, True, progress, allow_clone)
         summary.seconds = time.monotonic() - t0
         return summary
+    from .preflight import check_space
+
+    geo = Geometry(top.virtual_size, top.block_size, top.logical_sector_size, False)
+    empty = _EmptyImage(geo)
+    folder = os.path.dirname(os.path.abspath(output))
+    # The new file: what its layout writes (the rest stays sparse: headers, a log's
+    # worth of entries, metadata, the BAT) plus a block for every block with data.
+    layout = 2 * S.MiB + _align_up(8 * geo.total_entries, S.MiB)
+    check_space(folder, layout + _planned_growth(chain, empty, top.virtual_size),
+                "the flatten", output)
     tmp = output + ".part"
-    write_new_image(tmp, plan)
+    storage = None
     try:
+        write_new_image(tmp, plan)
         # Invisible until renamed: one fsync before the rename (DeferredSyncStorage).
         storage = storage_factory(tmp) if storage_factory else DeferredSyncStorage.open(tmp)
         with WritableDisk(tmp, storage=storage) as t:
@@ -639,11 +881,18 @@ def _flatten(chain: list[ImageFile], output: str, dry_run: bool, progress: Progr
             t.log.close()
             if isinstance(storage, DeferredSyncStorage):
                 storage.sync()
+        storage.close()  # passed in, so the writer leaves it open (and locked)
+        storage = None
         os.replace(tmp, output)
         fsync_dir(output)
-    except BaseException:
+    except BaseException as e:
+        if storage is not None:
+            storage.close()
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise _failure(e, output, top.path, "flatten",
+                           f"vhdx merge {top.path} --output {output}") from None
         raise
     summary.seconds = time.monotonic() - t0
     return summary

@@ -29,7 +29,7 @@ from . import structures as S
 from .bat import iter_nonzero
 from .chain import open_parents
 from .disk import Extent, VirtualDisk
-from .errors import InvalidArgumentError, LockedError, ReadOnlyError, VhdxError
+from .errors import InvalidArgumentError, LockedError, ReadOnlyError, VhdxError, naming
 from .image import ImageFile
 from .log_writer import LogWriter
 from .storage import FileStorage, Storage
@@ -58,19 +58,11 @@ def storage_fd(storage: Storage) -> int:
 
 
 def lock_exclusive(fd: int, path: str) -> None:
-    """Non-blocking exclusive advisory lock; LockedError when another holder exists.
+    """A writer's locks (flock + QEMU's byte-range locks, :mod:`vhdx.locking`);
+    LockedError when another holder (reader or writer, vhdx or QEMU) exists."""
+    from .locking import lock_image
 
-    POSIX flock; where it does not exist (Windows), no lock is taken: Hyper-V itself
-    holds the files of a running VM open exclusively there.
-    """
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise LockedError(f"{path}: in use by another writer or merge") from None
+    lock_image(fd, path, write=True)
 
 
 class WritableDisk(VirtualDisk):
@@ -90,7 +82,8 @@ class WritableDisk(VirtualDisk):
                  search_dirs: Sequence[str | os.PathLike[str]] = (),
                  ignore_linkage: bool = False, storage: Storage | None = None,
                  guid_factory: Callable[[], uuid.UUID] | None = None,
-                 standalone: bool = False) -> None:
+                 standalone: bool = False,
+                 confine: Sequence[str | os.PathLike[str]] | None = None) -> None:
         path = os.fspath(path)
         own_storage = storage is None
         storage = storage if storage is not None else FileStorage.open(path, writable=True)
@@ -101,10 +94,12 @@ class WritableDisk(VirtualDisk):
             self.log = LogWriter.open(storage, **kwargs)  # replays a dirty log first (ref §6.4)
             img = ImageFile(path, fd=fd)
             ancestors, warnings = ([], []) if standalone else open_parents(
-                img, parents, search_dirs, ignore_linkage)
-        except BaseException:
+                img, parents, search_dirs, ignore_linkage, confine=confine)
+        except BaseException as e:
             if own_storage:
                 storage.close()
+            if isinstance(e, VhdxError):
+                raise naming(e, path) from None
             raise
         self.storage = storage
         self._own_storage = own_storage
