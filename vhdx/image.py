@@ -533,6 +533,16 @@ class ImageFile:
         self.bat_spans = []
         self._runs = {}
 
+    def __del__(self) -> None:
+        # Like io.FileIO: an image dropped without close() (``ImageFile(p).creator``)
+        # must not keep its descriptor, nor the lock taken on it, for the process's life.
+        if getattr(self, "_owns_fd", False) and getattr(self, "fd", -1) >= 0:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = -1
+
     @property
     def closed(self) -> bool:
         return self._closed or (self.fd < 0 and self.source is None)

@@ -204,21 +204,10 @@ def _check_new_parent(child: ImageFile, parent: ImageFile, ignore_id_mismatch: b
 def _refuse_if_children(child: str, search_dirs: Sequence[PathLike], force: bool,
                         warnings: list[str]) -> None:
     """A relink to another disk (``ignore_id_mismatch``) changes what the child's own
-    children read while their linkage still holds: refuse, naming them, unless forced.
+    children read while their linkage still holds: refuse, naming them, unless forced."""
+    from .dependents import refuse_if_children
 
-    INTEGRATION (single call site): becomes ``vhdx.dependents.refuse_if_children``
-    once that module (branch mergesafe) is merged.
-    """
-    from .merge_engine import find_dependents
-
-    with ImageFile(child) as img:
-        guid = img.data_write_guid
-    dirs = [os.path.dirname(os.path.abspath(child))] + [os.fspath(d) for d in search_dirs]
-    found = [p for p, _ in find_dependents(dirs, {guid: child}, [child])]
-    if found and not force:
-        raise DependentDisksError(
-            f"{child}: relinking it to another disk changes what its children read: "
-            f"{', '.join(found)}; merge or delete them first, or use --force")
+    found = refuse_if_children(child, "relinking it to another disk", search_dirs, force=force)
     if found:
         warnings.append(f"{', '.join(found)} now read{'s' if len(found) == 1 else ''} through a "
                         "different parent (--force)")
@@ -299,13 +288,17 @@ def _write_locator(change: LocatorChange, storage_factory: StorageFactory | None
     from .writer import WritableDisk
 
     storage = storage_factory(change.path) if storage_factory else None
-    with WritableDisk(change.path, standalone=True, storage=storage) as d:
-        # The file may have changed since it was planned (another writer between our
-        # read-only open and the lock): apply the delta to what is there now.
-        current = dict(d.image.parent_locator or {})
-        if current != change.old:
-            raise VhdxError(f"{change.path}: its parent locator changed while relinking; run it again")
-        d.update_parent_locator({k: n for k, (_, n) in change.changed.items()})
+    try:
+        with WritableDisk(change.path, standalone=True, storage=storage) as d:
+            # The file may have changed since it was planned (another writer between our
+            # read-only open and the lock): apply the delta to what is there now.
+            current = dict(d.image.parent_locator or {})
+            if current != change.old:
+                raise VhdxError(f"{change.path}: its parent locator changed while relinking; run it again")
+            d.update_parent_locator({k: n for k, (_, n) in change.changed.items()})
+    finally:
+        if storage is not None:  # made here through the factory: ours to close (and unlock)
+            storage.close()
 
 
 # --- the command -------------------------------------------------------------------------
