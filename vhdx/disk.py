@@ -454,14 +454,23 @@ class VirtualDisk(io.RawIOBase):
 def open(path: str | os.PathLike[str], mode: str = "r", *,  # noqa: A001 - mirrors io.open
          parents: Sequence[str | os.PathLike[str]] | None = None,
          search_dirs: Sequence[str | os.PathLike[str]] = (),
-         ignore_linkage: bool = False) -> VirtualDisk:
+         ignore_linkage: bool = False, ignore_checksums: bool = False) -> VirtualDisk:
     """Open a VHDX/AVHDX file and its whole parent chain; ``mode`` "r" (default,
     read-only) or "r+" (writable top file; parents stay read-only).
 
     ``parents`` lists parent files explicitly (immediate parent first);
     otherwise parents are found through the parent locator and ``search_dirs``.
     A dirty log is replayed in memory; no byte of any file is ever written.
+    A legacy VHD/AVHD (detected by signature, not by name) opens as a
+    :class:`vhdx.vhd.VhdDisk`; ``ignore_checksums`` applies to those only.
     """
+    from .vhd.file import is_vhd_file
+
+    if is_vhd_file(path):
+        from .vhd.disk import open_vhd
+
+        return open_vhd(path, mode, parents=parents, search_dirs=search_dirs,
+                        ignore_linkage=ignore_linkage, ignore_checksums=ignore_checksums)
     if mode in ("r+", "r+b", "rb+"):
         from .writer import WritableDisk
 
