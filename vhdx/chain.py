@@ -170,7 +170,7 @@ def open_parents(child: ImageFile, parents: Sequence[PathLike] | None = None,
             if len(chain) > max_depth:
                 raise ParentMismatchError(f"chain is deeper than {max_depth} files; refusing")
             if explicit:
-                parent = ImageFile(explicit.pop(0))
+                parent = _open_explicit_parent(current, explicit.pop(0))
             else:
                 parent = find_parent(current, search_dirs, ignore_linkage, warnings)
             try:
@@ -192,6 +192,20 @@ def open_parents(child: ImageFile, parents: Sequence[PathLike] | None = None,
     except BaseException:
         for f in chain[1:]:
             f.close()
+        raise
+
+
+def _open_explicit_parent(child: ImageFile, path: PathLike) -> ImageFile:
+    """ImageFile(path), refusing a legacy VHD parent with a clear error."""
+    try:
+        return ImageFile(path)
+    except VhdxError:
+        from .vhd.file import is_vhd_file
+
+        if is_vhd_file(path):
+            raise ParentMismatchError(
+                f"{child.path}: a VHDX differencing disk cannot have the VHD parent {os.fspath(path)} "
+                "(mixed VHD/VHDX chains are not supported; convert the whole chain to one format)") from None
         raise
 
 
