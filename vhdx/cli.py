@@ -192,6 +192,10 @@ def cmd_hash(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     out = args.output
+    if out.lower().endswith((".vhd", ".avhd")) or args.azure:
+        from .vhd.cli import cmd_convert_to_vhd
+
+        return cmd_convert_to_vhd(args)
     if out.lower().endswith((".vhdx", ".avhdx")):
         return _convert_to_vhdx(args)
     if args.type or args.block_size:
@@ -228,10 +232,11 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 
 def _convert_to_vhdx(args: argparse.Namespace) -> int:
     from .convert import convert_to_vhdx, is_vhdx_file, raw_data_ranges
+    from .vhd.file import is_vhd_file
 
     src = args.image
     total = None
-    if is_vhdx_file(src):
+    if is_vhdx_file(src) or is_vhd_file(src):
         with _open(args) as disk:
             total = sum(e.length for e in disk.extents() if e.kind == "data")
     else:
@@ -244,7 +249,8 @@ def _convert_to_vhdx(args: argparse.Namespace) -> int:
     convert_to_vhdx(src, args.output, type=args.type or "dynamic",
                     block_size=parse_size(args.block_size) if args.block_size else None,
                     parents=args.parent, search_dirs=args.search_dir,
-                    ignore_linkage=args.ignore_linkage, force=args.force, progress=bar)
+                    ignore_linkage=args.ignore_linkage, force=args.force, progress=bar,
+                    ignore_checksums=args.ignore_checksums)
     bar.close()
     return 0
 
@@ -404,8 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("output", help="output file: .vhdx/.avhdx makes a new standalone VHDX, "
                    "anything else a sparse raw image")
     s.add_argument("--force", action="store_true", help="overwrite an existing output")
-    s.add_argument("--type", choices=("dynamic", "fixed"), help="VHDX output type (default dynamic)")
-    s.add_argument("--block-size", metavar="SIZE", help="VHDX output block size (default 32M)")
+    s.add_argument("--type", choices=("dynamic", "fixed"), help="VHDX or VHD output type (default dynamic)")
+    s.add_argument("--block-size", metavar="SIZE", help="output block size (default 32M for VHDX, 2M for VHD)")
+    s.add_argument("--azure", action="store_true",
+                   help="VHD output as Azure accepts it: fixed, size rounded up to a whole MiB")
     s.set_defaults(func=cmd_convert)
 
     s = sub.add_parser("create", help="create a new fixed, dynamic or differencing disk")
