@@ -220,16 +220,70 @@ class VhdWritableDisk(VhdDisk):
         runs = top.block_runs(block)
         if all(present for s, n, present in runs if s < first + count and s + n > first):
             return
-        bm = bytearray(self._storage.pread(base, self._bm).ljust(self._bm, b"\0"))
-        old = bytes(bm)
-        _set_bits(bm, first, count)
         if top.has_parent:
             self._barrier()  # the data must be durable before the bits expose it
-        # Only the bitmap sectors that changed (one sector write each).
+        self._mark(block, base, [(first, count)])  # only the bitmap sectors that change
+
+    # --- merge support ---------------------------------------------------------------
+    def prepare_masked(self, wanted: dict[int, list[tuple[int, int]]]) -> dict[int, int]:
+        """Make blocks ready to receive merged data; returns block -> data offset.
+
+        ``wanted``: block -> sector runs [(first, count)] that will be written.
+        Only for content masked by the files above (a merge): the chain reads the
+        same whatever lands, so ordering only keeps this file valid - the new end
+        footer and bitmaps are durable before the BAT entries that reach them (two
+        barriers per call, not three per block). The caller writes the data and
+        flushes before anything stops masking it.
+        """
+        top = self.top
+        out: dict[int, int] = {}
+        new: list[tuple[int, int, int]] = []  # (block, bitmap offset, data offset)
+        nxt = self._next
+        for block in sorted(wanted):
+            e = top.bat[block]
+            if e != S.UNUSED:
+                out[block] = e * S.SECTOR + self._bm
+                if top.has_parent:
+                    self._mark(block, e * S.SECTOR, wanted[block])
+                continue
+            bitmap_off, data_off = next_block_position(nxt, self._bm)
+            nxt = data_off + top.block_size
+            new.append((block, bitmap_off, data_off))
+            out[block] = data_off
+        if not new:
+            return out
+        self._write_footer(nxt + 4096 - self._bm)
+        for block, bitmap_off, _ in new:
+            bm = bytearray(self._bm)
+            if top.has_parent:
+                for first, count in wanted[block]:
+                    _set_bits(bm, first, count)
+            else:
+                _set_bits(bm, 0, self._spb)
+            self._pwrite(bitmap_off, bm)
+        self._barrier()
+        for block, bitmap_off, _ in new:
+            entry = bitmap_off // S.SECTOR
+            self._pwrite(top.table_offset + 4 * block, entry.to_bytes(4, "big"))
+            top.bat[block] = entry
+            top.forget_block(block)
+            self._maps.pop(block, None)
+        return out
+
+    def _mark(self, block: int, base: int, runs: list[tuple[int, int]]) -> None:
+        bm = bytearray(self._storage.pread(base, self._bm).ljust(self._bm, b"\0"))
+        old = bytes(bm)
+        for first, count in runs:
+            _set_bits(bm, first, count)
         for s in range(0, self._bm, S.SECTOR):
             if bm[s:s + S.SECTOR] != old[s:s + S.SECTOR]:
                 self._pwrite(base + s, bm[s:s + S.SECTOR])
-        top.forget_block(block)
+        self.top.forget_block(block)
+        self._maps.pop(block, None)
+
+    @property
+    def storage(self):  # noqa: ANN201 - the vhdx.storage.Storage written through
+        return self._storage
 
     # --- lifecycle -----------------------------------------------------------------
     def flush(self) -> None:
