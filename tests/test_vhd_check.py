@@ -10,12 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from vhd_helpers import file_sha, make_zero_fixed_parent
+
 import vhdx
 from vhdx.check import check_chain
 from vhdx.vhd import VhdFile
 from vhdx.vhd import structures as VS
-
-from vhd_helpers import file_sha, make_zero_fixed_parent
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -29,7 +29,7 @@ def cli(*args: object, rc: int | None = 0) -> subprocess.CompletedProcess:
     return p
 
 
-def test_clean_files_and_report_shape(tmp_path, fixture_file) -> None:  # noqa: ANN001
+def test_clean_files_and_report_shape(tmp_path, fixture_file) -> None:
     base = tmp_path / "base.vhd"
     vhdx.create(base, 4 * MiB)
     kid = tmp_path / "kid.avhd"
@@ -48,7 +48,7 @@ def test_clean_files_and_report_shape(tmp_path, fixture_file) -> None:  # noqa: 
         assert check_chain(fixture_file(rel)).clean, rel
 
 
-def test_findings(tmp_path, fixture_file) -> None:  # noqa: ANN001
+def test_findings(tmp_path, fixture_file) -> None:
     src = fixture_file("vhd/dissect-dynamic.vhd.gz")
     # 1. a bad footer copy at 0: warning (the end copy is used)
     p = tmp_path / "a.vhd"
@@ -89,7 +89,7 @@ def test_findings(tmp_path, fixture_file) -> None:  # noqa: ANN001
     assert any("not marked" in f.message for f in r.findings)
 
 
-def test_linkage_and_locators(tmp_path, fixture_file) -> None:  # noqa: ANN001
+def test_linkage_and_locators(tmp_path, fixture_file) -> None:
     child = tmp_path / "c.vhd"
     shutil.copyfile(fixture_file("vhd/dfvfs-fat-differential.vhd.gz"), child)
     with VhdFile(child) as f:

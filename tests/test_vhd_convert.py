@@ -11,12 +11,18 @@ import sys
 from pathlib import Path
 
 import pytest
+from vhd_helpers import (
+    disk_sha,
+    file_sha,
+    libvhdi_bytes,
+    qemu_raw,
+    require_tool,
+    vhd_expected,
+)
 
 import vhdx
 from vhdx.vhd import VhdFile
 from vhdx.vhd import structures as VS
-
-from vhd_helpers import disk_sha, file_sha, libvhdi_bytes, qemu_raw, require_tool, vhd_expected
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -31,7 +37,7 @@ def cli(*args: object, rc: int | None = 0) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture
-def avhd_chain(tmp_path):  # noqa: ANN001, ANN201
+def avhd_chain(tmp_path):
     """base.vhd <- s1.avhd <- s2.avhd with data at odd places, and the model."""
     size = 7 * MiB + 3 * 512
     rng = random.Random(5)
@@ -51,7 +57,7 @@ def avhd_chain(tmp_path):  # noqa: ANN001, ANN201
     return paths, bytes(model)
 
 
-def test_avhd_chain_to_vhdx_and_back(avhd_chain, tmp_path) -> None:  # noqa: ANN001
+def test_avhd_chain_to_vhdx_and_back(avhd_chain, tmp_path) -> None:
     paths, model = avhd_chain
     before = {p: file_sha(p) for p in paths}
     for vtype in ("dynamic", "fixed"):
@@ -72,7 +78,7 @@ def test_avhd_chain_to_vhdx_and_back(avhd_chain, tmp_path) -> None:  # noqa: ANN
     assert {p: file_sha(p) for p in paths} == before
 
 
-def test_vhd_to_vhd_and_raw(avhd_chain, tmp_path) -> None:  # noqa: ANN001
+def test_vhd_to_vhd_and_raw(avhd_chain, tmp_path) -> None:
     paths, model = avhd_chain
     out = tmp_path / "flat.vhd"
     cli("convert", paths[-1], out)
@@ -89,7 +95,7 @@ def test_vhd_to_vhd_and_raw(avhd_chain, tmp_path) -> None:  # noqa: ANN001
     assert "standalone" in p.stderr
 
 
-def test_fixture_to_vhdx_keeps_hash(shared_dir, fixture_file, tmp_path) -> None:  # noqa: ANN001
+def test_fixture_to_vhdx_keeps_hash(shared_dir, fixture_file, tmp_path) -> None:
     images = vhd_expected(shared_dir)
     for rel in ("vhd/dissect-dynamic.vhd.gz", "vhd/dissect-fixed.vhd.gz", "vhd/dfvfs-fat-differential.vhd.gz"):
         src = fixture_file(rel)

@@ -13,11 +13,17 @@ from __future__ import annotations
 import random
 
 import pytest
+from vhd_helpers import (
+    disk_bytes,
+    dissect_bytes,
+    file_sha,
+    libvhdi_bytes,
+    qemu_create_vpc,
+    qemu_io_write,
+    qemu_raw,
+)
 
 import vhdx
-
-from vhd_helpers import (disk_bytes, dissect_bytes, file_sha, libvhdi_bytes, qemu_create_vpc,
-                         qemu_io_write, qemu_raw)
 
 MiB = 1 << 20
 CASES = [

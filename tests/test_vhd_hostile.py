@@ -13,20 +13,19 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+from vhd_helpers import make_zero_fixed_parent, qemu_create_vpc, qemu_io_write
 
 import vhdx
 from vhdx.errors import VhdxError
 from vhdx.vhd import VhdFile
 from vhdx.vhd import structures as VS
 
-from vhd_helpers import make_zero_fixed_parent, qemu_create_vpc, qemu_io_write
-
 MiB = 1 << 20
 TIME_LIMIT = 5.0
 MEM_LIMIT = 64 * MiB
 
 
-def _read_all(path: Path, parents=None):  # noqa: ANN001, ANN202
+def _read_all(path: Path, parents=None):
     """(data or None, exception or None) after opening and reading everything."""
     try:
         with vhdx.open(path, parents=parents) as disk:
@@ -43,7 +42,7 @@ def _read_all(path: Path, parents=None):  # noqa: ANN001, ANN202
         return None, e
 
 
-def _bounded(path: Path, parents=None):  # noqa: ANN001, ANN202
+def _bounded(path: Path, parents=None):
     tracemalloc.start()
     t0 = time.monotonic()
     try:
@@ -57,7 +56,7 @@ def _bounded(path: Path, parents=None):  # noqa: ANN001, ANN202
 
 
 @pytest.fixture(scope="module")
-def bases(tmp_path_factory, fixture_file):  # noqa: ANN001, ANN201
+def bases(tmp_path_factory, fixture_file):
     """Small images of each kind: Windows dynamic, QEMU dynamic with data, a real
     Windows differencing disk (partial bitmap, locators) over a zero parent."""
     d = tmp_path_factory.mktemp("hostile-bases")
@@ -96,14 +95,14 @@ def _regions(path: Path) -> dict[str, tuple[int, int]]:
         return r
 
 
-def test_bit_flips_everywhere(bases, tmp_path) -> None:  # noqa: ANN001
+def test_bit_flips_everywhere(bases, tmp_path) -> None:
     rng = random.Random(12)
     n = 0
     for name, (src, parents) in bases.items():
         good, err = _read_all(src, parents)
         assert err is None
         for region, (lo, hi) in _regions(src).items():
-            offsets = sorted(set([lo, hi - 1] + [rng.randrange(lo, hi) for _ in range(10)]))
+            offsets = sorted(set([lo, hi - 1] + [rng.randrange(lo, hi) for _ in range(6)]))
             for off in offsets:
                 for reseal in (False, True):
                     p = tmp_path / f"{name}.vhd"
@@ -126,10 +125,10 @@ def test_bit_flips_everywhere(bases, tmp_path) -> None:  # noqa: ANN001
                         assert err is None and data == good, (name, region, off)
                     if data is not None and region == "header" and not reseal:  # checksummed
                         pytest.fail(f"{name}: a flip in the {region} at {off} went unnoticed")
-    assert n >= 200
+    assert n >= 150
 
 
-def test_truncation_at_many_offsets(bases, tmp_path) -> None:  # noqa: ANN001
+def test_truncation_at_many_offsets(bases, tmp_path) -> None:
     n = 0
     for name, (src, parents) in bases.items():
         good, _ = _read_all(src, parents)
@@ -141,7 +140,7 @@ def test_truncation_at_many_offsets(bases, tmp_path) -> None:  # noqa: ANN001
             p = tmp_path / f"cut-{name}.vhd"
             with open(src, "rb") as fi, open(p, "wb") as fo:
                 fo.write(fi.read(cut))
-            data, err = _bounded(p, parents)
+            data, _err = _bounded(p, parents)
             n += 1
             if data is not None:
                 assert data == good, (name, cut)  # only the footer may be lost, never data
@@ -190,19 +189,19 @@ ABSURD = [
 
 
 @pytest.mark.parametrize("footer,header", ABSURD)
-def test_absurd_fields_with_valid_checksums(bases, tmp_path, footer, header) -> None:  # noqa: ANN001
+def test_absurd_fields_with_valid_checksums(bases, tmp_path, footer, header) -> None:
     for name in ("win-dynamic", "win-differencing"):
         src, parents = bases[name]
         p = tmp_path / "absurd.vhd"
         _resealed(src, p, footer, header)
-        data, err = _bounded(p, parents)
+        _data, err = _bounded(p, parents)
         if footer and "current_size" in footer and footer["current_size"] > 1 << 40:
             assert err is not None
         if header and header.get("block_size") in (0x80000000, 0, 3 * 512):
             assert err is not None
 
 
-def test_absurd_locators_and_names(bases, tmp_path) -> None:  # noqa: ANN001
+def test_absurd_locators_and_names(bases, tmp_path) -> None:
     src, parents = bases["win-differencing"]
     with VhdFile(src) as f:
         locs = [{k: v for k, v in dict(x).items() if not k.startswith("_")} for x in f.header.locators]
@@ -211,7 +210,7 @@ def test_absurd_locators_and_names(bases, tmp_path) -> None:  # noqa: ANN001
         bad = [dict(locs[0], **change), dict(locs[1], **change)] + locs[2:]
         p = tmp_path / "loc.vhd"
         _resealed(src, p, header={"locators": bad, "parent_unicode_name": "\uffff".encode("utf-16-be") * 256})
-        data, err = _bounded(p, parents)  # explicit parent: locators only warn
+        _data, err = _bounded(p, parents)  # explicit parent: locators only warn
         assert err is None, change
         with vhdx.open(p, parents=parents) as disk:
             assert any("locator" in w for w in disk.warnings)

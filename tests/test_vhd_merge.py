@@ -12,14 +12,12 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from powerloss import MODES, _apply_op, cut_states, pending_subset
+from vhd_helpers import file_sha, libvhdi_bytes, qemu_raw
 
 import vhdx
-from vhdx.errors import DependentDisksError
 from vhdx.storage import FileStorage, RecordingStorage
 from vhdx.vhd import VhdFile
-
-from powerloss import _apply_op, cut_states, pending_subset, MODES
-from vhd_helpers import file_sha, libvhdi_bytes, qemu_raw
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -34,7 +32,7 @@ def cli(*args: object, rc: int | None = 0) -> subprocess.CompletedProcess:
     return p
 
 
-def make_chain(d: Path, depth: int, seed: int, fixed_base: bool = False, align: int = 4096):  # noqa: ANN201
+def make_chain(d: Path, depth: int, seed: int, fixed_base: bool = False, align: int = 4096):
     """base.vhd <- s1.avhd <- ... (depth children); returns (paths, models) where
     models[i] is what paths[i] reads."""
     rng = random.Random(seed)
@@ -132,7 +130,7 @@ def test_power_cuts_during_merge_and_rerun(tmp_path) -> None:
         pristine = {p: p.read_bytes() for p in paths}
         rec_holder = {}
 
-        def factory(path: str):  # noqa: ANN202
+        def factory(path: str):
             rec_holder["rec"] = RecordingStorage(FileStorage.open(path))
             return rec_holder["rec"]
 

@@ -19,13 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from powerloss import MODES, allowed_range, cut_states, pending_subset
 
 import vhdx
 from vhdx.errors import VhdxError
 from vhdx.storage import FileStorage, RecordingStorage
 from vhdx.vhd.writer import VhdWritableDisk
-
-from powerloss import allowed_range, cut_states, pending_subset, MODES
 
 MiB = 1 << 20
 SIZE = 4 * MiB
@@ -33,7 +32,7 @@ BLOCK = 512 * 1024
 
 
 class Rec:
-    def __init__(self, base: bytes, journal, steps, states) -> None:  # noqa: ANN001
+    def __init__(self, base: bytes, journal, steps, states) -> None:
         self.base, self.journal, self.steps, self.states = base, journal, steps, states
 
 
@@ -91,7 +90,7 @@ def _workload(path: Path, parents: list[Path] | None, initial: bytes, rng: rando
     return Rec(base, rec.journal, steps, states)
 
 
-def _check_crashes(rec: Rec, path: Path, parents, rng: random.Random, max_cuts: int,  # noqa: ANN001
+def _check_crashes(rec: Rec, path: Path, parents, rng: random.Random, max_cuts: int,
                    strict: bool) -> int:
     ops = rec.journal
     n = len(ops)

@@ -12,13 +12,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from vhd_helpers import disk_sha, file_sha, make_zero_fixed_parent, vhd_expected
 
 import vhdx
-from vhdx.errors import ChecksumError, ParentMismatchError, ParentNotFoundError, VhdxError
+from vhdx.errors import (
+    ChecksumError,
+    ParentMismatchError,
+    ParentNotFoundError,
+    VhdxError,
+)
 from vhdx.vhd import VhdDisk, VhdFile, is_vhd_file
-from vhdx.vhd import structures as VS
-
-from vhd_helpers import disk_sha, file_sha, make_zero_fixed_parent, vhd_expected
 
 REPO = Path(__file__).resolve().parent.parent
 HASH_LIMIT = 1 << 30
@@ -35,11 +38,11 @@ def cli(*args: object, rc: int | None = 0) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def images(shared_dir):  # noqa: ANN001, ANN201
+def images(shared_dir):
     return vhd_expected(shared_dir)
 
 
-def test_every_fixture_reads_with_its_expected_hash(images, fixture_file) -> None:  # noqa: ANN001
+def test_every_fixture_reads_with_its_expected_hash(images, fixture_file) -> None:
     assert len(images) >= 13
     for rel, exp in images.items():
         path = fixture_file(rel)
@@ -70,7 +73,7 @@ def test_every_fixture_reads_with_its_expected_hash(images, fixture_file) -> Non
         assert file_sha(path) == before, f"{rel} changed"
 
 
-def test_windows_differencing_over_zero_parent_and_w2ru(images, fixture_file, tmp_path) -> None:  # noqa: ANN001
+def test_windows_differencing_over_zero_parent_and_w2ru(images, fixture_file, tmp_path) -> None:
     rel = "vhd/dfvfs-fat-differential.vhd.gz"
     exp = images[rel]
     child = tmp_path / "child.vhd"
@@ -97,7 +100,7 @@ def test_windows_differencing_over_zero_parent_and_w2ru(images, fixture_file, tm
     assert file_sha(child) == before
 
 
-def test_linkage_is_checked_as_raw_bytes(images, fixture_file, tmp_path) -> None:  # noqa: ANN001
+def test_linkage_is_checked_as_raw_bytes(images, fixture_file, tmp_path) -> None:
     rel = "vhd/dfvfs-fat-differential.vhd.gz"
     child = fixture_file(rel)
     wrong = tmp_path / "fat-parent.vhd"
@@ -116,7 +119,7 @@ def test_linkage_is_checked_as_raw_bytes(images, fixture_file, tmp_path) -> None
         vhdx.open(child, search_dirs=[tmp_path / "nowhere"])
 
 
-def test_checksum_policy_strict_and_lenient(images, fixture_file, tmp_path) -> None:  # noqa: ANN001
+def test_checksum_policy_strict_and_lenient(images, fixture_file, tmp_path) -> None:
     parent = fixture_file("vhd/dfvfs-image.vhd.gz")
     with pytest.raises(ChecksumError):
         vhdx.open(parent)
@@ -134,7 +137,7 @@ def test_checksum_policy_strict_and_lenient(images, fixture_file, tmp_path) -> N
     assert p.stdout.split()[0] == images["vhd/dfvfs-image-differential.vhd.gz"]["sha256"]
 
 
-def test_footer_copy_fallback(images, fixture_file, tmp_path) -> None:  # noqa: ANN001
+def test_footer_copy_fallback(images, fixture_file, tmp_path) -> None:
     rel = "vhd/dissect-dynamic.vhd.gz"
     p = tmp_path / "d.vhd"
     shutil.copyfile(fixture_file(rel), p)
@@ -155,7 +158,7 @@ def test_footer_copy_fallback(images, fixture_file, tmp_path) -> None:  # noqa: 
         assert any("checksums are ignored" in w for w in disk.warnings)
 
 
-def test_truncated_end_footer_uses_copy(images, fixture_file, tmp_path) -> None:  # noqa: ANN001
+def test_truncated_end_footer_uses_copy(images, fixture_file, tmp_path) -> None:
     """A crash that lost the last sector (footer) of a dynamic disk still reads."""
     rel = "vhd/generated-qemu-dynamic-5M.vhd.gz"
     p = tmp_path / "t.vhd"
@@ -165,7 +168,7 @@ def test_truncated_end_footer_uses_copy(images, fixture_file, tmp_path) -> None:
         assert disk_sha(disk) == images[rel]["sha256"]
 
 
-def test_mixed_chain_refused(tmp_path, fixture_file) -> None:  # noqa: ANN001
+def test_mixed_chain_refused(tmp_path, fixture_file) -> None:
     child = fixture_file("vhd/dfvfs-fat-differential.vhd.gz")
     vx = tmp_path / "p.vhdx"
     vhdx.create(vx, 4 << 20)
@@ -184,7 +187,7 @@ def test_mixed_chain_refused(tmp_path, fixture_file) -> None:  # noqa: ANN001
         vhdx.open(kid, parents=[fixture_file("vhd/generated-fat-parent-synthetic.vhd.gz")])
 
 
-def test_cli_info_map_hash(images, fixture_file) -> None:  # noqa: ANN001
+def test_cli_info_map_hash(images, fixture_file) -> None:
     import json
 
     rel = "vhd/dissect-dynamic.vhd.gz"
@@ -204,7 +207,7 @@ def test_cli_info_map_hash(images, fixture_file) -> None:  # noqa: ANN001
     assert file_sha(path) == before
 
 
-def test_extents_match_reads(images, fixture_file) -> None:  # noqa: ANN001
+def test_extents_match_reads(images, fixture_file) -> None:
     rel = "vhd/dfvfs-fat-differential.vhd.gz"
     with vhdx.open(fixture_file(rel), parents=[fixture_file(images[rel]["parent"])]) as disk:
         whole = disk.read_at(0, disk.size)

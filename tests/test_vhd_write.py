@@ -11,13 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from vhd_helpers import dissect_bytes, file_sha, libvhdi_bytes, qemu_check, qemu_raw
 
 import vhdx
 from vhdx.errors import VhdxError
 from vhdx.vhd import VhdFile
 from vhdx.vhd import structures as VS
-
-from vhd_helpers import dissect_bytes, file_sha, libvhdi_bytes, qemu_check, qemu_raw
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -31,7 +30,7 @@ def cli(*args: object, rc: int | None = 0) -> subprocess.CompletedProcess:
     return p
 
 
-def _random_writes(disk, model: bytearray, rng: random.Random, n: int, align: int = 1,  # noqa: ANN001
+def _random_writes(disk, model: bytearray, rng: random.Random, n: int, align: int = 1,
                    max_len: int = 300_000) -> None:
     size = len(model)
     for _ in range(n):
@@ -132,12 +131,11 @@ def test_create_errors(tmp_path) -> None:
     vhdx.create(vx, 2 * MiB)
     with pytest.raises(VhdxError, match="mixed"):
         vhdx.create(tmp_path / "c2.avhd", parent=vx)
-    with vhdx.open(base, "r+") as d:
-        with pytest.raises(VhdxError):
-            d.write_at(2 * MiB - 10, bytes(20))
+    with vhdx.open(base, "r+") as d, pytest.raises(VhdxError):
+        d.write_at(2 * MiB - 10, bytes(20))
 
 
-def test_fixed_and_empty_dynamic_match_windows_pattern(tmp_path, fixture_file) -> None:  # noqa: ANN001
+def test_fixed_and_empty_dynamic_match_windows_pattern(tmp_path, fixture_file) -> None:
     """An empty 10 MiB dynamic disk has the first-block position of the Windows
     fixture (bitmap at 7680, data at 8192): the footer sits at the next bitmap."""
     p = tmp_path / "e.vhd"

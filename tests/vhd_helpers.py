@@ -8,8 +8,8 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import pytest
 
@@ -35,7 +35,7 @@ def file_sha(path: PathLike) -> str:
     return h.hexdigest()
 
 
-def disk_sha(disk, chunk: int = 4 << 20) -> str:  # noqa: ANN001 - VirtualDisk
+def disk_sha(disk, chunk: int = 4 << 20) -> str:
     h = hashlib.sha256()
     buf = bytearray(chunk)
     pos = 0
@@ -46,7 +46,7 @@ def disk_sha(disk, chunk: int = 4 << 20) -> str:  # noqa: ANN001 - VirtualDisk
     return h.hexdigest()
 
 
-def disk_bytes(disk) -> bytes:  # noqa: ANN001
+def disk_bytes(disk) -> bytes:
     return disk.read_at(0, disk.size)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import ntpath
 import os
 import stat
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from urllib.parse import unquote, urlparse
 
 from ..errors import ParentMismatchError, ParentNotFoundError, VhdxError
@@ -53,9 +53,7 @@ def candidate_paths(child: VhdFile, search_dirs: Iterable[PathLike] = ()) -> lis
         names.append(ntpath.basename(value))
 
     def absolute(value: str) -> None:
-        if os.name == "nt":
-            out.append(value)
-        elif value.startswith("/"):
+        if os.name == "nt" or value.startswith("/"):
             out.append(value)
         names.append(ntpath.basename(value))
 

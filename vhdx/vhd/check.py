@@ -10,8 +10,9 @@ CHS; per link: Unique Id linkage and time stamp (the open path's own rules).
 
 from __future__ import annotations
 
+import itertools
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..check import CheckReport, Finding
 from ..errors import ChecksumError, VhdxError
@@ -35,7 +36,7 @@ def _open(path: str, report: CheckReport) -> VhdFile | None:
 
 
 def _check_file(f: VhdFile, report: CheckReport) -> None:
-    add = lambda sev, msg: report.findings.append(Finding(f.path, sev, msg))  # noqa: E731
+    add = lambda sev, msg: report.findings.append(Finding(f.path, sev, msg))
     for w in f.warnings:
         if "checksums are ignored" not in w:
             add("warning", w)
@@ -49,7 +50,7 @@ def _check_file(f: VhdFile, report: CheckReport) -> None:
     report.blocks_checked += f.blocks
     span = f.bitmap_size + f.block_size
     blocks = sorted((off, b) for b, off in f.allocated_blocks())
-    for (a, ba), (b, bb) in zip(blocks, blocks[1:]):
+    for (a, ba), (b, bb) in itertools.pairwise(blocks):
         if b < a + span:
             add("error", f"BAT entries {ba} and {bb} overlap (blocks at {a:#x} and {b:#x})")
     locs = [(x["data_offset"], x["data_offset"] + x["data_length"], x["slot"]) for x in f.locators

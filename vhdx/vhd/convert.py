@@ -20,7 +20,7 @@ a file size of N MiB + 512 bytes.
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 from ..errors import InvalidArgumentError, VhdxError
 from ..storage import DeferredSyncStorage, fsync_dir
@@ -32,7 +32,7 @@ __all__ = ["convert_to_vhd"]
 MiB = 1 << 20
 
 
-def _open_source(source: str, parents, search_dirs, ignore_linkage: bool, ignore_checksums: bool):  # noqa: ANN001, ANN202
+def _open_source(source: str, parents, search_dirs, ignore_linkage: bool, ignore_checksums: bool):
     """(disk or None, raw fd or None) for ``source``."""
     from ..convert import is_vhdx_file
     from ..disk import open as open_disk
@@ -47,8 +47,8 @@ def _open_source(source: str, parents, search_dirs, ignore_linkage: bool, ignore
 
 
 def convert_to_vhd(source: str | os.PathLike[str], output: str | os.PathLike[str], *,
-                   type: str = "dynamic", block_size: int | None = None, azure: bool = False,  # noqa: A002
-                   parents=None, search_dirs=(), ignore_linkage: bool = False,  # noqa: ANN001
+                   type: str = "dynamic", block_size: int | None = None, azure: bool = False,
+                   parents=None, search_dirs=(), ignore_linkage: bool = False,
                    ignore_checksums: bool = False, force: bool = False,
                    progress: Callable[[int], None] | None = None) -> str:
     """Write ``source`` as a new standalone VHD at ``output``; returns ``output``."""
@@ -57,7 +57,7 @@ def convert_to_vhd(source: str | os.PathLike[str], output: str | os.PathLike[str
 
     source, output = os.fspath(source), os.fspath(output)
     if azure:
-        type = "fixed"  # noqa: A001
+        type = "fixed"
     if type not in ("dynamic", "fixed"):
         raise InvalidArgumentError(f"type must be 'dynamic' or 'fixed', not {type!r}")
     if os.path.exists(output) and not force:

@@ -26,7 +26,7 @@ from ..errors import InvalidArgumentError, VhdxError
 from ..storage import fsync_dir
 from . import structures as S
 
-__all__ = ["create_vhd", "plan_new_dynamic", "footer_for", "VHD_SUFFIXES"]
+__all__ = ["VHD_SUFFIXES", "create_vhd", "footer_for", "plan_new_dynamic"]
 
 VHD_SUFFIXES = (".vhd", ".avhd")
 DEFAULT_BLOCK_SIZE = 2 * 1024 * 1024
@@ -131,13 +131,13 @@ def _relative(child: str, parent: str) -> str:
     return rel if rel.startswith("..") else ".\\" + rel
 
 
-def parent_fields(child_path: str, parent) -> dict:  # noqa: ANN001 - VhdFile
+def parent_fields(child_path: str, parent) -> dict:
     return {"unique_id": parent.unique_id, "timestamp": parent.footer.timestamp,
             "name": _windows_path(parent.path), "w2ku": _windows_path(parent.path),
             "w2ru": _relative(child_path, parent.path)}
 
 
-def create_vhd(path: str | os.PathLike[str], size: int | None = None, *, type: str = "dynamic",  # noqa: A002
+def create_vhd(path: str | os.PathLike[str], size: int | None = None, *, type: str = "dynamic",
                block_size: int | None = None, parent: str | os.PathLike[str] | None = None,
                unique_id: bytes | None = None, exact_chs: bool = False) -> str:
     """Create a new VHD/AVHD at ``path`` (never overwrites) and return the path.

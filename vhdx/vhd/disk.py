@@ -20,7 +20,7 @@ from __future__ import annotations
 import bisect
 import os
 import uuid
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..disk import UNALLOCATED, ZERO, Segment, VirtualDisk, _emit
 from ..errors import InvalidArgumentError
@@ -44,7 +44,7 @@ class VhdDisk(VirtualDisk):
         self._fds = [f.fd for f in self.chain]
         self._native = None
 
-    def _make_native(self):  # noqa: ANN202 - VHDX tables only
+    def _make_native(self):
         return None
 
     # --- properties --------------------------------------------------------------

@@ -15,9 +15,14 @@ import sys
 import threading
 import uuid
 from array import array
-from typing import Iterator
+from collections.abc import Iterator
 
-from ..errors import ChecksumError, CorruptImageError, UnsupportedFeatureError, VhdxError
+from ..errors import (
+    ChecksumError,
+    CorruptImageError,
+    UnsupportedFeatureError,
+    VhdxError,
+)
 from ..image import open_regular_file, pread_into
 from ..native import bitmap_runs
 from . import structures as S
@@ -258,7 +263,7 @@ class VhdFile:
                 raise CorruptImageError(f"{self.path}: BAT entry {b} puts the block at {off:#x}, over the "
                                         "footer copy, header or BAT")
 
-    def _load_parent_fields(self, h) -> None:  # noqa: ANN001 - construct container
+    def _load_parent_fields(self, h) -> None:
         self.parent_unique_id = bytes(h.parent_unique_id) if self.disk_type == S.TYPE_DIFFERENCING else None
         self.parent_timestamp = h.parent_timestamp
         name = bytes(h.parent_unicode_name)
@@ -292,7 +297,7 @@ class VhdFile:
             loc["parent_unicode_name"] = self.parent_name
         self.parent_locator = loc if self.disk_type == S.TYPE_DIFFERENCING else None
 
-    def _locator_problem(self, code: bytes, ent) -> str | None:  # noqa: ANN001
+    def _locator_problem(self, code: bytes, ent) -> str | None:
         if code not in S.PLATFORM_CODES:
             return f"unknown platform code {code!r}"
         if ent.data_length == 0:
@@ -389,8 +394,7 @@ class VhdFile:
 
     def sector_present(self, block: int, sector: int) -> bool:
         runs = self.block_runs(block)
-        s, n, present = runs[bisect.bisect_right(runs, (sector, 1 << 62, True)) - 1]
-        return present
+        return runs[bisect.bisect_right(runs, (sector, 1 << 62, True)) - 1][2]
 
     # --- description -----------------------------------------------------------------
     def info(self) -> dict:
@@ -426,7 +430,7 @@ class VhdFile:
         self.fd = -1
         self._runs = {}
 
-    def __enter__(self) -> "VhdFile":
+    def __enter__(self) -> VhdFile:
         return self
 
     def __exit__(self, *exc: object) -> None:

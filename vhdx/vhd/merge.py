@@ -25,10 +25,16 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from .. import native
-from ..errors import CancelledError, DependentDisksError, InvalidArgumentError, UnsupportedFeatureError, VhdxError
+from ..errors import (
+    CancelledError,
+    DependentDisksError,
+    InvalidArgumentError,
+    UnsupportedFeatureError,
+    VhdxError,
+)
 from ..merge_engine import MergeSummary
 from ..storage import fsync_dir
 from . import structures as S
@@ -114,7 +120,7 @@ def merge_vhd(child: PathLike, into: PathLike | None = None, output: PathLike | 
 
 
 def _flatten(child: PathLike, output: str, dry_run: bool, progress: ProgressFn | None,
-             parents, search_dirs, ignore_linkage: bool, t0: float) -> MergeSummary:  # noqa: ANN001
+             parents, search_dirs, ignore_linkage: bool, t0: float) -> MergeSummary:
     from ..disk import open as open_disk
 
     with open_disk(child, parents=parents, search_dirs=search_dirs, ignore_linkage=ignore_linkage) as d:
@@ -141,7 +147,7 @@ def _flatten(child: PathLike, output: str, dry_run: bool, progress: ProgressFn |
     return summary
 
 
-def _plan(upper_disk: VhdDisk, upper: list[VhdFile], target: VhdFile):  # noqa: ANN202
+def _plan(upper_disk: VhdDisk, upper: list[VhdFile], target: VhdFile):
     """Per target block: [(virtual offset, length, upper index, file offset)] defined above."""
     size = upper_disk.size
     bs = target.block_size if not target.is_fixed else 2 * 1024 * 1024
@@ -161,7 +167,7 @@ def _plan(upper_disk: VhdDisk, upper: list[VhdFile], target: VhdFile):  # noqa: 
 
 
 def _merge_into(chain: list[VhdFile], k: int, dry_run: bool, keep: bool, force: bool,
-                progress: ProgressFn | None, search_dirs: Sequence, storage_factory, t0: float,  # noqa: ANN001
+                progress: ProgressFn | None, search_dirs: Sequence, storage_factory, t0: float,
                 warnings: list[str]) -> MergeSummary:
     from .writer import VhdWritableDisk
 

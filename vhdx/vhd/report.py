@@ -12,9 +12,9 @@ def _human(n: int) -> str:
 
 
 def info_lines(f: dict) -> list[str]:
-    out = [f"VHD {f['type']}, virtual size {_human(f['virtual_size'])} ({f['virtual_size']} bytes)"
-           + (f", block size {_human(f['block_size'])}" if f["block_size"] else "")
-           + ", sectors 512/512",
+    bs = f", block size {_human(f['block_size'])}" if f["block_size"] else ""
+    out = [f"VHD {f['type']}, virtual size {_human(f['virtual_size'])} ({f['virtual_size']} bytes){bs}, "
+           "sectors 512/512",
            f"creator {f['creator']!r} on {f['creator_os']!r}, file size {f['file_size']}, "
            f"created {f['timestamp_utc']}",
            f"unique id {f['unique_id']} (as GUID {f['virtual_disk_id']}), footer used: {f['footer_used']}",

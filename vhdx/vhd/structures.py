@@ -169,8 +169,8 @@ def chs_geometry(size: int) -> tuple[int, int, int]:
 def bitmap_bytes(block_size: int) -> int:
     """Bytes a block's sector bitmap occupies on disk: one bit per sector, padded
     to a whole sector (ref §5.2)."""
-    spb = block_size // SECTOR
-    return -(-(-(-spb // 8)) // SECTOR) * SECTOR
+    used = (block_size // SECTOR + 7) // 8
+    return (used + SECTOR - 1) // SECTOR * SECTOR
 
 
 # MSB-first VHD bitmaps become LSB-first (the order vhdx.native.bitmap_runs

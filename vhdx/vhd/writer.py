@@ -27,8 +27,9 @@ current sector through the chain first.
 
 from __future__ import annotations
 
+import itertools
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..errors import CorruptImageError, InvalidArgumentError, ReadOnlyError, VhdxError
 from ..storage import FileStorage
@@ -66,7 +67,7 @@ class VhdWritableDisk(VhdDisk):
 
     def __init__(self, path: PathLike, *, parents: Sequence[PathLike] | None = None,
                  search_dirs: Sequence[PathLike] = (), ignore_linkage: bool = False,
-                 storage=None) -> None:  # noqa: ANN001 - a vhdx.storage.Storage
+                 storage=None) -> None:
         from .chain import open_chain
 
         self._storage = storage if storage is not None else FileStorage.open(path, writable=True)
@@ -103,7 +104,7 @@ class VhdWritableDisk(VhdDisk):
         span = self._bm + top.block_size
         ends = [e * S.SECTOR + span for e in top.bat if e != S.UNUSED]
         starts = sorted(e * S.SECTOR for e in top.bat if e != S.UNUSED)
-        if any(b - a < span for a, b in zip(starts, starts[1:])):
+        if any(b - a < span for a, b in itertools.pairwise(starts)):
             raise CorruptImageError(f"{top.path}: blocks overlap; refusing to write (run vhdx check)")
         locs = [x["data_offset"] + x["data_length"] for x in top.locators if not x.get("problem")]
         meta_end = max([top.header_offset + S.HEADER_SIZE, top.table_offset + 4 * top.max_table_entries]
@@ -282,7 +283,7 @@ class VhdWritableDisk(VhdDisk):
         self._maps.pop(block, None)
 
     @property
-    def storage(self):  # noqa: ANN201 - the vhdx.storage.Storage written through
+    def storage(self):
         return self._storage
 
     # --- lifecycle -----------------------------------------------------------------
@@ -301,5 +302,5 @@ class VhdWritableDisk(VhdDisk):
         else:
             super().close()
 
-    def resize(self, size: int) -> None:  # noqa: ARG002 - not offered for VHD
+    def resize(self, size: int) -> None:
         raise ReadOnlyError(f"{self.path}: resizing a VHD is not supported")
