@@ -224,3 +224,17 @@ def test_extents_match_reads(images, fixture_file) -> None:
         assert disk.read(70000) == whole[1000:71000]
         buf = bytearray(12345)
         assert disk.readinto_at(69000, buf) == 12345 and bytes(buf) == whole[69000:81345]
+
+
+def test_511_byte_footer(images, fixture_file, tmp_path) -> None:  # noqa: ANN001
+    """Virtual PC before 2004 wrote 511-byte footers (ref §2.1): the missing last
+    byte is reserved (zero), so the checksum still holds."""
+    rel = "vhd/imhex-win10-fixed-3M.vhd.gz"
+    p = tmp_path / "old.vhd"
+    raw = fixture_file(rel).read_bytes()
+    assert raw[-1] == 0
+    p.write_bytes(raw[:-1])
+    with vhdx.open(p) as disk:
+        assert disk.size == images[rel]["virtual_size"]
+        assert disk_sha(disk) == images[rel]["sha256"]
+        assert disk.chain[0].footer_where == "end (511 bytes)"
