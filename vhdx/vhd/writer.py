@@ -31,7 +31,12 @@ import itertools
 import os
 from collections.abc import Sequence
 
-from ..errors import CorruptImageError, InvalidArgumentError, ReadOnlyError, VhdxError
+from ..errors import (
+    CorruptImageError,
+    InvalidArgumentError,
+    UnsupportedFeatureError,
+    VhdxError,
+)
 from ..storage import FileStorage
 from . import structures as S
 from .create import next_block_position
@@ -303,4 +308,4 @@ class VhdWritableDisk(VhdDisk):
             super().close()
 
     def resize(self, size: int) -> None:
-        raise ReadOnlyError(f"{self.path}: resizing a VHD is not supported")
+        raise UnsupportedFeatureError(f"{self.path}: resizing a VHD is not supported")
