@@ -44,7 +44,7 @@ def mixed_chain_error(child: str, parent: str, child_fmt: str = "VHD", parent_fm
 def candidate_paths(child: VhdFile, search_dirs: Iterable[PathLike] = ()) -> list[str]:
     """Where the parent of ``child`` may be, most specific first."""
     child_dir = os.path.dirname(os.path.abspath(child.path))
-    loc = child.parent_locator or {}
+    loc: dict[str, str] = child.parent_locator or {}
     out: list[str] = []
     names: list[str] = []
 
@@ -105,7 +105,7 @@ def check_parent(child: VhdFile, parent: VhdFile, ignore_linkage: bool, warnings
     """Raise ParentMismatchError unless ``parent`` may serve ``child``."""
     if parent.unique_id != child.parent_unique_id:
         msg = (f"{parent.path} is not the parent of {child.path}: its Unique Id {parent.unique_id.hex()} "
-               f"differs from the child's Parent Unique ID {child.parent_unique_id.hex()}")
+               f"differs from the child's Parent Unique ID {(child.parent_unique_id or b'').hex()}")
         if not ignore_linkage:
             raise ParentMismatchError(msg + " (override with ignore_linkage / --ignore-linkage)")
         warnings.append(msg + "; accepted because linkage checks are disabled")
@@ -161,7 +161,7 @@ def find_parent(child: VhdFile, search_dirs: Sequence[PathLike], ignore_linkage:
     if mismatched:
         raise ParentMismatchError(
             f"{child.path}: found {', '.join(mismatched)} but its Unique Id differs from the child's "
-            f"Parent Unique ID {child.parent_unique_id.hex()} (override with --ignore-linkage)")
+            f"Parent Unique ID {(child.parent_unique_id or b'').hex()} (override with --ignore-linkage)")
     if vhdx_found:
         raise mixed_chain_error(child.path, vhdx_found[0])
     where = "; ".join(tried) if tried else "no usable parent locator or name"

@@ -40,7 +40,7 @@ class VhdDisk(VirtualDisk):
         self._maps: dict[int, tuple[list[int], list[Segment]]] = {}
         top = self.chain[0]
         # The block-map cache of VirtualDisk keys on the top file's block size.
-        self._levels = [(top.virtual_size, top.block_size)]
+        self._levels = [(top.virtual_size, top.block_size)]  # type: ignore[list-item]
         self._fds = [f.fd for f in self.chain]
         self._native = None
 
@@ -48,6 +48,10 @@ class VhdDisk(VirtualDisk):
         return None
 
     # --- properties --------------------------------------------------------------
+    @property
+    def top(self) -> VhdFile:  # type: ignore[override]
+        return self.chain[0]
+
     @property
     def format(self) -> str:
         return "vhd"

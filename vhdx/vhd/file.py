@@ -108,6 +108,9 @@ class VhdFile:
         self.ignore_checksums = ignore_checksums
         self.warnings: list[str] = []
         self._runs: dict[int, Runs] = {}
+        self.parent_unique_id: bytes | None = None
+        self.parent_locator: dict[str, str] | None = None
+        self.header: Any = None  # construct container of the dynamic header (None: fixed)
         self._lock = threading.Lock()
         try:
             self._load()
@@ -144,7 +147,8 @@ class VhdFile:
         at offset 0 (dynamic/differencing only), else with ``ignore_checksums`` the
         first copy carrying the cookie; each fallback leaves a warning."""
         cands = footer_candidates(self.fd, self.file_size, self.path)
-        valid, cookie_only = [], []
+        valid: list[tuple] = []
+        cookie_only: list[tuple] = []
         for where, off, raw in cands:
             if raw[:8] != S.COOKIE_FOOTER:
                 continue
@@ -419,7 +423,7 @@ class VhdFile:
                       "max_table_entries": self.max_table_entries,
                       "blocks": {"allocated": sum(1 for _ in self.allocated_blocks()), "total": self.blocks}})
         if self.has_parent:
-            d.update({"parent_unique_id": self.parent_unique_id.hex(),
+            d.update({"parent_unique_id": (self.parent_unique_id or b"").hex(),
                       "parent_timestamp": self.parent_timestamp, "parent_unicode_name": self.parent_name,
                       "parent_locators": self.locators, "parent_locator": self.parent_locator})
         return d

@@ -208,13 +208,14 @@ def _merge_into(chain: list[VhdFile], k: int, dry_run: bool, keep: bool, force: 
         out_fd = getattr(t.storage, "fd", None)
         for i in range(0, len(plan), BATCH_BLOCKS):
             batch = plan[i:i + BATCH_BLOCKS]
+            where: dict[int, int | None]
             if t.top.is_fixed:
                 where = {tb: None for tb, _ in batch}
             else:
                 bs = t.top.block_size
                 wanted = {tb: [((v - tb * bs) // S.SECTOR, ln // S.SECTOR) for v, ln, _, _ in segs]
                           for tb, segs in batch}
-                where = t.prepare_masked(wanted)
+                where = dict(t.prepare_masked(wanted))
             by_src: dict[int, list[tuple[int, int, int]]] = {}
             for tb, segs in batch:
                 for v, ln, src, foff in segs:

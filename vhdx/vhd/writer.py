@@ -124,7 +124,7 @@ class VhdWritableDisk(VhdDisk):
             self.warnings.append(f"{top.path}: the footer at the end of the file was rewritten")
 
     # --- low-level I/O -------------------------------------------------------------
-    def _pwrite(self, offset: int, data: bytes | memoryview) -> None:
+    def _pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self._storage.pwrite(offset, data)
 
     def _barrier(self) -> None:
