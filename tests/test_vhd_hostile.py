@@ -214,3 +214,20 @@ def test_absurd_locators_and_names(bases, tmp_path) -> None:
         assert err is None, change
         with vhdx.open(p, parents=parents) as disk:
             assert any("locator" in w for w in disk.warnings)
+
+
+def test_sparse_file_with_a_huge_table(tmp_path) -> None:
+    """A sparse file can be as large as its fields claim without holding data: a
+    2040 GiB disk of 512-byte blocks would need a 16 GiB BAT in memory."""
+    p = tmp_path / "huge.vhd"
+    size = 0xFF000000 * 512
+    footer = VS.build_footer(current_size=size, original_size=size, disk_type=VS.TYPE_DYNAMIC, data_offset=512)
+    header = VS.build_header(table_offset=1536, max_table_entries=size // 512, block_size=512)
+    end = 1536 + 4 * (size // 512)
+    with open(p, "wb") as fh:
+        fh.write(footer + header)
+        fh.truncate(end)
+        fh.seek(end)
+        fh.write(footer)
+    _, err = _bounded(p)
+    assert err is not None and "BAT entries" in str(err)

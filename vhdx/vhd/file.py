@@ -236,6 +236,9 @@ class VhdFile:
         if h.max_table_entries < self.blocks:
             raise CorruptImageError(f"{self.path}: BAT has {h.max_table_entries} entries but the disk "
                                     f"needs {self.blocks}")
+        if self.blocks > S.MAX_BAT_ENTRIES:
+            raise UnsupportedFeatureError(f"{self.path}: {self.blocks} blocks of {bs} bytes exceed the "
+                                          f"limit of {S.MAX_BAT_ENTRIES} BAT entries")
         toff = h.table_offset
         if toff % 512 or toff < 512 or toff + 4 * self.blocks > limit:
             raise CorruptImageError(f"{self.path}: BAT at {toff:#x} with {self.blocks} entries lies outside the file")

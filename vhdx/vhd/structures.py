@@ -36,6 +36,9 @@ EPOCH_OFFSET = 946684800
 MAX_VIRTUAL_SIZE = 0xFF000000 * SECTOR
 MAX_BLOCK_SIZE = 256 * VS.MiB
 MAX_LOCATOR_LENGTH = 64 * VS.KiB
+# The BAT is held in memory: 2^24 entries (64 MiB) covers 2040 GiB with 128 KiB
+# blocks; a sparse hostile file could otherwise ask for a 16 GiB table.
+MAX_BAT_ENTRIES = 1 << 24
 MAX_PARENT_NAME_UNITS = 256
 
 # Parent locator platform codes (ref §6), as 4-byte strings.
