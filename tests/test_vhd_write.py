@@ -131,6 +131,8 @@ def test_create_errors(tmp_path) -> None:
     vhdx.create(vx, 2 * MiB)
     with pytest.raises(VhdxError, match="mixed"):
         vhdx.create(tmp_path / "c2.avhd", parent=vx)
+    with pytest.raises(VhdxError, match="mixed"):
+        vhdx.create(tmp_path / "c3.avhdx", parent=base)
     with vhdx.open(base, "r+") as d, pytest.raises(VhdxError):
         d.write_at(2 * MiB - 10, bytes(20))
 

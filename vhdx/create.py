@@ -100,6 +100,11 @@ def create(path: str | os.PathLike[str], size: int | str | None = None, *, type:
     if parent is not None:
         if type == "fixed":
             raise InvalidArgumentError("a differencing disk cannot be fixed")
+        from .vhd.file import is_vhd_file
+
+        if is_vhd_file(parent):
+            raise InvalidArgumentError(f"{os.fspath(parent)}: the parent of a VHDX must be a VHDX "
+                                       "(mixed VHD/VHDX chains are not supported; name the child .avhd)")
         pimg = ImageFile(parent)
         try:
             vsize = pimg.virtual_size
