@@ -68,10 +68,13 @@ def is_vhd_fd(fd: int, path: str = "") -> bool:
 
 
 def is_vhd_file(path: str | os.PathLike[str]) -> bool:
-    """Detect a VHD by signature ("conectix" at EOF-512/EOF-511 or at 0), never by name."""
+    """Detect a VHD by signature ("conectix" at EOF-512/EOF-511 or at 0), never by name.
+    Anything but a path (an open file object) is not probed: False."""
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        return False
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except OSError:
+    except (OSError, ValueError):
         return False
     try:
         import stat
