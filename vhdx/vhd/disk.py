@@ -42,7 +42,10 @@ class VhdDisk(VirtualDisk):
         # The block-map cache of VirtualDisk keys on the top file's block size.
         self._levels = [(top.virtual_size, top.block_size)]  # type: ignore[list-item]
         self._fds = [f.fd for f in self.chain]
+        # The VHDX C chain reader does not apply (VHDX tables only): both of its
+        # entry points (the newer base class also has ``_native_read``) stay off.
         self._native = None
+        self._native_read = None
 
     def _make_native(self):
         return None

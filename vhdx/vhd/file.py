@@ -375,6 +375,10 @@ class VhdFile:
             if e != S.UNUSED:
                 yield b, e * S.SECTOR
 
+    def pread_into(self, mv: memoryview, offset: int) -> None:
+        """Fill ``mv`` from file ``offset`` (zeros past EOF), as ImageFile does."""
+        pread_into(self.fd, mv, offset, self.path)
+
     def read_bitmap(self, block: int) -> bytes:
         off = self.block_offset(block)
         if off is None:
