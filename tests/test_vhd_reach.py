@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from vhd_helpers import vhd_expected
 
 REPO = Path(__file__).resolve().parent.parent
@@ -25,7 +24,7 @@ def _has_command(name: str) -> bool:
     return p.returncode == 0
 
 
-def _wait_for(pred, timeout: float = 20.0) -> bool:  # noqa: ANN001
+def _wait_for(pred, timeout: float = 20.0) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if pred():
@@ -34,7 +33,7 @@ def _wait_for(pred, timeout: float = 20.0) -> bool:  # noqa: ANN001
     return False
 
 
-def test_nbd_serves_a_vhd_chain(shared_dir, fixture_file, tmp_path) -> None:  # noqa: ANN001
+def test_nbd_serves_a_vhd_chain(shared_dir, fixture_file, tmp_path) -> None:
     if shutil.which("nbdcopy") is None or not _has_command("serve"):
         pytest.skip("vhdx serve or nbdcopy not available")
     images = vhd_expected(shared_dir)
@@ -53,7 +52,7 @@ def test_nbd_serves_a_vhd_chain(shared_dir, fixture_file, tmp_path) -> None:  # 
         proc.wait(timeout=30)
 
 
-def test_mount_shows_a_vhd(shared_dir, fixture_file, tmp_path) -> None:  # noqa: ANN001
+def test_mount_shows_a_vhd(shared_dir, fixture_file, tmp_path) -> None:
     if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None or not _has_command("mount"):
         pytest.skip("FUSE or vhdx mount not available")
     images = vhd_expected(shared_dir)
