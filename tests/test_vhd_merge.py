@@ -97,6 +97,18 @@ def test_merge_middle_repoints_the_child(tmp_path) -> None:
         assert disk.read_at(0, SIZE) == models[2]
 
 
+def test_merge_refused_while_the_child_is_open_for_writing(tmp_path) -> None:
+    from vhdx.errors import LockedError
+
+    paths, models = make_chain(tmp_path, 1, seed=9)
+    with vhdx.open(paths[1], "r+"):
+        with pytest.raises(LockedError):
+            vhdx.merge(paths[1])
+    vhdx.merge(paths[1])
+    with vhdx.open(paths[0]) as disk:
+        assert disk.read_at(0, SIZE) == models[1]
+
+
 def test_siblings_refused_unless_forced(tmp_path) -> None:
     paths, models = make_chain(tmp_path, 1, seed=5)
     sib = tmp_path / "sibling.avhd"

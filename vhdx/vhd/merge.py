@@ -200,6 +200,10 @@ def _merge_into(chain: list[VhdFile], k: int, dry_run: bool, keep: bool, force: 
         summary.bytes_copied = total
         summary.seconds = time.monotonic() - t0
         return summary
+    from ..writer import lock_exclusive
+
+    for f in upper:  # no writer may change what is being merged (LockedError otherwise)
+        lock_exclusive(f.fd, f.path)
     storage = storage_factory(target.path) if storage_factory else None
     done = 0
     target_path = target.path
