@@ -6,27 +6,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
-from vhd_helpers import file_sha, make_zero_fixed_parent
+from vhd_helpers import cli, file_sha, make_zero_fixed_parent
 
 import vhdx
 from vhdx.check import check_chain
 from vhdx.vhd import VhdFile
 from vhdx.vhd import structures as VS
 
-REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
 
-
-def cli(*args: object, rc: int | None = 0) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, "-m", "vhdx", *map(str, args)], capture_output=True,
-                       text=True, timeout=300, cwd=REPO)
-    if rc is not None:
-        assert p.returncode == rc, (p.returncode, p.stdout, p.stderr)
-    return p
 
 
 def test_clean_files_and_report_shape(tmp_path, fixture_file) -> None:

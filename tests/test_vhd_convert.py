@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 import random
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from vhd_helpers import (
+    cli,
     disk_sha,
     file_sha,
     libvhdi_bytes,
@@ -24,16 +24,8 @@ import vhdx
 from vhdx.vhd import VhdFile
 from vhdx.vhd import structures as VS
 
-REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
 
-
-def cli(*args: object, rc: int | None = 0) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, "-m", "vhdx", *map(str, args)], capture_output=True,
-                       text=True, timeout=300, cwd=REPO)
-    if rc is not None:
-        assert p.returncode == rc, (p.returncode, p.stdout, p.stderr)
-    return p
 
 
 @pytest.fixture

@@ -6,30 +6,20 @@ from __future__ import annotations
 
 import random
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 from powerloss import MODES, _apply_op, cut_states, pending_subset
-from vhd_helpers import file_sha, libvhdi_bytes, qemu_raw
+from vhd_helpers import cli, file_sha, libvhdi_bytes, qemu_raw
 
 import vhdx
 from vhdx.storage import FileStorage, RecordingStorage
 from vhdx.vhd import VhdFile
 
-REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
 SIZE = 5 * MiB
 
-
-def cli(*args: object, rc: int | None = 0) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, "-m", "vhdx", *map(str, args)], capture_output=True,
-                       text=True, timeout=300, cwd=REPO)
-    if rc is not None:
-        assert p.returncode == rc, (p.returncode, p.stdout, p.stderr)
-    return p
 
 
 def make_chain(d: Path, depth: int, seed: int, fixed_base: bool = False, align: int = 4096):
@@ -101,9 +91,8 @@ def test_merge_refused_while_the_child_is_open_for_writing(tmp_path) -> None:
     from vhdx.errors import LockedError
 
     paths, models = make_chain(tmp_path, 1, seed=9)
-    with vhdx.open(paths[1], "r+"):
-        with pytest.raises(LockedError):
-            vhdx.merge(paths[1])
+    with vhdx.open(paths[1], "r+"), pytest.raises(LockedError):
+        vhdx.merge(paths[1])
     vhdx.merge(paths[1])
     with vhdx.open(paths[0]) as disk:
         assert disk.read_at(0, SIZE) == models[1]

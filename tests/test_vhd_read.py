@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from vhd_helpers import disk_sha, file_sha, make_zero_fixed_parent, vhd_expected
+from vhd_helpers import cli, disk_sha, file_sha, make_zero_fixed_parent, vhd_expected
 
 import vhdx
 from vhdx.errors import (
@@ -23,18 +20,10 @@ from vhdx.errors import (
 )
 from vhdx.vhd import VhdDisk, VhdFile, is_vhd_file
 
-REPO = Path(__file__).resolve().parent.parent
 HASH_LIMIT = 1 << 30
 SOAK = os.environ.get("VHDX_SOAK") == "1"
 LENIENT = {"vhd/dfvfs-image.vhd.gz", "vhd/dfvfs-image-differential.vhd.gz"}  # bad checksums by design
 
-
-def cli(*args: object, rc: int | None = 0) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, "-m", "vhdx", *map(str, args)], capture_output=True,
-                       text=True, timeout=300, cwd=REPO)
-    if rc is not None:
-        assert p.returncode == rc, (p.returncode, p.stdout, p.stderr)
-    return p
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +215,7 @@ def test_extents_match_reads(images, fixture_file) -> None:
         assert disk.readinto_at(69000, buf) == 12345 and bytes(buf) == whole[69000:81345]
 
 
-def test_511_byte_footer(images, fixture_file, tmp_path) -> None:  # noqa: ANN001
+def test_511_byte_footer(images, fixture_file, tmp_path) -> None:
     """Virtual PC before 2004 wrote 511-byte footers (ref §2.1): the missing last
     byte is reserved (zero), so the checksum still holds."""
     rel = "vhd/imhex-win10-fixed-3M.vhd.gz"
@@ -240,7 +229,7 @@ def test_511_byte_footer(images, fixture_file, tmp_path) -> None:  # noqa: ANN00
         assert disk.chain[0].footer_where == "end (511 bytes)"
 
 
-def test_libvhdi_bitmap_bug_is_real_and_not_reproduced(images, fixture_file) -> None:  # noqa: ANN001
+def test_libvhdi_bitmap_bug_is_real_and_not_reproduced(images, fixture_file) -> None:
     """Why libvhdi is no oracle for partial differencing bitmaps: on the real Windows
     child over the patterned parent it returns the hash expected.json records as
     wrong (first wrong byte 69120, sector 135), and the project does not."""

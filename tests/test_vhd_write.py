@@ -7,27 +7,24 @@ from __future__ import annotations
 import json
 import random
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from vhd_helpers import dissect_bytes, file_sha, libvhdi_bytes, qemu_check, qemu_raw
+from vhd_helpers import (
+    cli,
+    dissect_bytes,
+    file_sha,
+    libvhdi_bytes,
+    qemu_check,
+    qemu_raw,
+)
 
 import vhdx
 from vhdx.errors import VhdxError
 from vhdx.vhd import VhdFile
 from vhdx.vhd import structures as VS
 
-REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
 
-
-def cli(*args: object, rc: int | None = 0) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, "-m", "vhdx", *map(str, args)], capture_output=True,
-                       text=True, timeout=300, cwd=REPO)
-    if rc is not None:
-        assert p.returncode == rc, (p.returncode, p.stdout, p.stderr)
-    return p
 
 
 def _random_writes(disk, model: bytearray, rng: random.Random, n: int, align: int = 1,

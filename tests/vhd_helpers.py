@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +18,16 @@ from vhdx.vhd import structures as VS
 
 MiB = 1 << 20
 PathLike = str | os.PathLike[str]
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: object, rc: int | None = 0) -> subprocess.CompletedProcess:
+    """``python -m vhdx ARGS`` from the repo root; asserts the exit code unless None."""
+    p = subprocess.run([sys.executable, "-m", "vhdx", *map(str, args)], capture_output=True,
+                       text=True, timeout=300, cwd=REPO, check=False)
+    if rc is not None:
+        assert p.returncode == rc, (p.returncode, p.stdout, p.stderr)
+    return p
 
 
 def vhd_expected(shared_dir: Path) -> dict:
@@ -84,7 +95,8 @@ def qemu_raw(path: PathLike, tmp: Path) -> bytes:
 
 def qemu_check(path: PathLike) -> subprocess.CompletedProcess:
     require_tool("qemu-img")
-    return subprocess.run(["qemu-img", "check", "-f", "vpc", os.fspath(path)], capture_output=True, text=True)
+    return subprocess.run(["qemu-img", "check", "-f", "vpc", os.fspath(path)], capture_output=True, text=True,
+                          check=False)
 
 
 def libvhdi_bytes(chain: Sequence[PathLike]) -> bytes | None:

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import ntpath
 import os
-import stat
 from collections.abc import Iterable, Sequence
 from urllib.parse import unquote, urlparse
 
+from ..chain import _is_regular
 from ..errors import ParentMismatchError, ParentNotFoundError, VhdxError
 from . import structures as S
 from .file import VhdFile
@@ -81,13 +81,6 @@ def candidate_paths(child: VhdFile, search_dirs: Iterable[PathLike] = ()) -> lis
         out.append(os.path.join(child_dir, n))
         out.extend(os.path.join(os.fspath(d), n) for d in search_dirs)
     return list(dict.fromkeys(out))
-
-
-def _is_regular(path: str) -> bool:
-    try:
-        return stat.S_ISREG(os.stat(path).st_mode)
-    except OSError:
-        return False
 
 
 def _scan_dirs(search_dirs: Iterable[PathLike]) -> list[str]:

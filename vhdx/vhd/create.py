@@ -22,6 +22,7 @@ import os
 import time
 import uuid
 
+from ..create import _relative  # the same relative-locator rule as VHDX children
 from ..errors import InvalidArgumentError, VhdxError
 from ..storage import fsync_dir
 from . import structures as S
@@ -123,12 +124,6 @@ def plan_new_dynamic(size: int, block_size: int, parent: dict | None = None) -> 
 def _windows_path(path: str) -> str:
     p = os.path.abspath(path)
     return p if os.name == "nt" else p.replace("/", "\\")
-
-
-def _relative(child: str, parent: str) -> str:
-    rel = os.path.relpath(os.path.abspath(parent), os.path.dirname(os.path.abspath(child)))
-    rel = rel.replace(os.sep, "\\").replace("/", "\\")
-    return rel if rel.startswith("..") else ".\\" + rel
 
 
 def parent_fields(child_path: str, parent) -> dict:

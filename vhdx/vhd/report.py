@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:g} {unit}" if unit == "B" else f"{n:.4g} {unit}"
-        n /= 1024
-    return str(n)
+from ..cli import _human  # imported from cmd_info only: the CLI is loaded already
 
 
 def info_lines(f: dict) -> list[str]:
