@@ -79,6 +79,12 @@ def check_chain(path: str | os.PathLike[str], parents: Sequence[str | os.PathLik
     """Validate ``path`` and every ancestor; never raises for problems in the files.
 
     ``confine`` and ``force_share`` as for :func:`vhdx.open`."""
+    from .vhd.file import is_vhd_file
+
+    if is_vhd_file(path):  # legacy VHD/AVHD: vhdx/vhd/check.py
+        from .vhd.check import check_vhd_chain
+
+        return check_vhd_chain(path, parents, search_dirs, ignore_linkage)
     report = CheckReport()
     explicit = list(parents or ())
     current = os.fspath(path)

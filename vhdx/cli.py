@@ -41,12 +41,15 @@ def _chain_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force-share", action="store_true",
                    help="read without taking locks, e.g. the disks of a running VM (as qemu-img -U); "
                         "what is read may be inconsistent")
+    p.add_argument("--ignore-checksums", action="store_true",
+                   help="VHD only: read files whose footer copies and header all fail their checksums")
 
 
 def _open(args: argparse.Namespace) -> VirtualDisk:
     return open_disk(args.image, parents=args.parent, search_dirs=args.search_dir,
                      ignore_linkage=args.ignore_linkage, confine=getattr(args, "confine", None),
-                     force_share=getattr(args, "force_share", False))
+                     force_share=getattr(args, "force_share", False),
+                     ignore_checksums=getattr(args, "ignore_checksums", False))
 
 
 def _guid(g: Any) -> str:
@@ -135,12 +138,19 @@ def _open_or_alone(args: argparse.Namespace) -> "VirtualDisk | _LoneImage":
     except ParentNotFoundError as e:
         if args.parent:
             raise
-        return _LoneImage(ImageFile(args.image, force_share=getattr(args, "force_share", False)), str(e))
+        from .vhd.file import VhdFile, is_vhd_file
+
+        if is_vhd_file(args.image):
+            lone = VhdFile(args.image, ignore_checksums=getattr(args, "ignore_checksums", False))
+        else:
+            lone = ImageFile(args.image, force_share=getattr(args, "force_share", False))
+        return _LoneImage(lone, str(e))
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     with _open_or_alone(args) as disk:
-        chain = [image_info(img) for img in disk.chain]
+        # A VHD file describes itself (vhdx.vhd.file.VhdFile.info).
+        chain = [img.info() if hasattr(img, "info") else image_info(img) for img in disk.chain]
         try:
             parts = [p.to_dict() for p in disk.partitions()]
         except VhdxError as e:  # an unreadable table must not hide the rest of the report
@@ -157,6 +167,12 @@ def cmd_info(args: argparse.Namespace) -> int:
         for depth, f in enumerate(chain):
             print(f"{'  ' * depth}{f['path']}")
             ind = "  " * depth + "  "
+            if f.get("format") == "vhd":
+                from .vhd.report import info_lines
+
+                for line in info_lines(f):
+                    print(ind + line)
+                continue
             print(f"{ind}type {f['type']}, virtual size {_human(f['virtual_size'])} ({f['virtual_size']} bytes), "
                   f"block size {_human(f['block_size'])}, sectors {f['logical_sector_size']}/{f['physical_sector_size']}")
             print(f"{ind}creator {f['creator']!r}, file size {f['file_size']}")
@@ -248,6 +264,10 @@ def cmd_hash(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     out = args.output
+    if out.lower().endswith((".vhd", ".avhd")) or args.azure:
+        from .vhd.cli import cmd_convert_to_vhd
+
+        return cmd_convert_to_vhd(args)
     if out.lower().endswith((".vhdx", ".avhdx")):
         return _convert_to_vhdx(args)
     if args.type or args.block_size:
@@ -284,10 +304,11 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 
 def _convert_to_vhdx(args: argparse.Namespace) -> int:
     from .convert import convert_to_vhdx, is_vhdx_file, raw_data_ranges
+    from .vhd.file import is_vhd_file
 
     src = args.image
     total = None
-    if is_vhdx_file(src):
+    if is_vhdx_file(src) or is_vhd_file(src):
         with _open(args) as disk:
             total = sum(e.length for e in disk.extents() if e.kind == "data")
     else:
@@ -300,7 +321,8 @@ def _convert_to_vhdx(args: argparse.Namespace) -> int:
     convert_to_vhdx(src, args.output, type=args.type or "dynamic",
                     block_size=parse_size(args.block_size) if args.block_size else None,
                     parents=args.parent, search_dirs=args.search_dir,
-                    ignore_linkage=args.ignore_linkage, force=args.force, progress=bar)
+                    ignore_linkage=args.ignore_linkage, force=args.force, progress=bar,
+                    ignore_checksums=args.ignore_checksums)
     bar.close()
     return 0
 
@@ -501,8 +523,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("output", help="output file: .vhdx/.avhdx makes a new standalone VHDX, "
                    "anything else a sparse raw image")
     s.add_argument("--force", action="store_true", help="overwrite an existing output")
-    s.add_argument("--type", choices=("dynamic", "fixed"), help="VHDX output type (default dynamic)")
-    s.add_argument("--block-size", metavar="SIZE", help="VHDX output block size (default 32M)")
+    s.add_argument("--type", choices=("dynamic", "fixed"), help="VHDX or VHD output type (default dynamic)")
+    s.add_argument("--block-size", metavar="SIZE", help="output block size (default 32M for VHDX, 2M for VHD)")
+    s.add_argument("--azure", action="store_true",
+                   help="VHD output as Azure accepts it: fixed, size rounded up to a whole MiB")
     s.set_defaults(func=cmd_convert)
 
     s = sub.add_parser("create", help="create a new fixed, dynamic or differencing disk")

@@ -18,6 +18,7 @@ from . import structures as S
 from .create import create
 from .errors import InvalidArgumentError, VhdxError
 from .storage import DeferredSyncStorage, fsync_dir
+from .vhd.file import is_vhd_file
 
 __all__ = ["convert_to_vhdx", "is_vhdx_file", "raw_data_ranges"]
 
@@ -126,8 +127,9 @@ def _copy(ranges: Iterator[tuple[int, int]], readinto: Callable[[int, memoryview
 def convert_to_vhdx(source: str | os.PathLike[str], output: str | os.PathLike[str], *,
                     type: str = "dynamic", block_size: int | None = None,  # noqa: A002
                     parents=None, search_dirs=(), ignore_linkage: bool = False,  # noqa: ANN001
-                    force: bool = False, progress: Callable[[int], None] | None = None) -> str:
-    """Write ``source`` (raw file or VHDX/AVHDX chain) as a new VHDX at ``output``.
+                    force: bool = False, progress: Callable[[int], None] | None = None,
+                    ignore_checksums: bool = False) -> str:
+    """Write ``source`` (raw file, VHDX/AVHDX or VHD/AVHD chain) as a new VHDX at ``output``.
 
     A raw source whose size is not a multiple of 512 is padded with zeros to the
     next sector. Returns ``output``.
@@ -146,9 +148,9 @@ def convert_to_vhdx(source: str | os.PathLike[str], output: str | os.PathLike[st
     src_disk = None
     src_fd = None
     try:
-        if is_vhdx_file(source):
+        if is_vhdx_file(source) or is_vhd_file(source):
             src_disk = open_disk(source, parents=parents, search_dirs=search_dirs,
-                                 ignore_linkage=ignore_linkage)
+                                 ignore_linkage=ignore_linkage, ignore_checksums=ignore_checksums)
             for f in src_disk.chain:
                 if os.path.exists(output) and os.path.samefile(output, f.path):
                     raise VhdxError(f"{output}: is part of the chain being read")

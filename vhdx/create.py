@@ -107,9 +107,21 @@ def create(path: str | os.PathLike[str], size: int | str | None = None, *, type:
     if type not in ("dynamic", "fixed"):
         raise InvalidArgumentError(f"type must be 'dynamic' or 'fixed', not {type!r}")
     bs = parse_size(block_size) if block_size is not None else None
+    if path.lower().endswith((".vhd", ".avhd")):  # legacy VHD: vhdx/vhd/create.py
+        from .vhd.create import create_vhd
+
+        if logical_sector_size != 512:
+            raise InvalidArgumentError("a VHD always has 512-byte sectors")
+        return create_vhd(path, parse_size(size) if size is not None else None, type=type,
+                          block_size=bs, parent=parent)
     if parent is not None:
         if type == "fixed":
             raise InvalidArgumentError("a differencing disk cannot be fixed")
+        from .vhd.file import is_vhd_file
+
+        if is_vhd_file(parent):
+            raise InvalidArgumentError(f"{os.fspath(parent)}: the parent of a VHDX must be a VHDX "
+                                       "(mixed VHD/VHDX chains are not supported; name the child .avhd)")
         pimg = ImageFile(parent)
         try:
             vsize = pimg.virtual_size

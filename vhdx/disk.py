@@ -484,7 +484,8 @@ def open(path: str | os.PathLike[str] | ReadableObject, mode: str = "r", *,  # n
          ignore_linkage: bool = False, force_share: bool = False,
          confine: Sequence[str | os.PathLike[str]] | None = None,
          force: bool = False,
-         opener: Callable[[str], object] | None = None) -> VirtualDisk:
+         opener: Callable[[str], object] | None = None,
+         ignore_checksums: bool = False) -> VirtualDisk:
     """Open a VHDX/AVHDX file and its whole parent chain; ``mode`` "r" (default,
     read-only) or "r+" (writable top file; parents stay read-only).
 
@@ -502,7 +503,17 @@ def open(path: str | os.PathLike[str] | ReadableObject, mode: str = "r", *,  # n
     that other disks depend on (DependentDisksError naming them,
     :mod:`vhdx.dependents`) unless ``force``; forced, ``disk.warnings`` names the
     children that the writes invalidate.
+
+    A legacy VHD/AVHD (detected by signature, not by name) opens as a
+    :class:`vhdx.vhd.VhdDisk`; ``ignore_checksums`` applies to those only.
     """
+    from .vhd.file import is_vhd_file
+
+    if is_vhd_file(path):
+        from .vhd.disk import open_vhd
+
+        return open_vhd(path, mode, parents=parents, search_dirs=search_dirs,
+                        ignore_linkage=ignore_linkage, ignore_checksums=ignore_checksums)
     if mode in ("r+", "r+b", "rb+"):
         if not isinstance(path, (str, os.PathLike)):
             raise InvalidArgumentError("file objects open read-only; give a path for mode 'r+'")

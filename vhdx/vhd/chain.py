@@ -1,0 +1,216 @@
+"""Differencing VHD / AVHD chains: finding, validating and opening parents.
+
+Linkage (ref §8.3): the parent's footer Unique Id must equal the child's Parent
+Unique ID, compared as raw bytes (producers disagree on GUID byte order); a
+Parent Time Stamp that matches neither the parent's footer Time Stamp nor its
+file mtime is only a warning (Windows writes 0). Candidates are tried in the
+order of ref §6: W2ru (relative to the child), W2ku, the Parent Unicode Name,
+the deprecated single-byte Wi2r/Wi2k and MacX; absolute Windows paths only
+contribute their file name off Windows. A VHDX found where a VHD parent should
+be is refused: Hyper-V chains never mix the formats.
+"""
+
+from __future__ import annotations
+
+import ntpath
+import os
+from collections.abc import Iterable, Sequence
+from urllib.parse import unquote, urlparse
+
+from ..chain import _is_regular
+from ..errors import ParentMismatchError, ParentNotFoundError, VhdxError
+from . import structures as S
+from .file import VhdFile
+
+MAX_CHAIN_DEPTH = 256
+VHD_SUFFIXES = (".vhd", ".avhd")
+PathLike = str | os.PathLike[str]
+
+
+def _is_vhdx(path: str) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(8) == b"vhdxfile"
+    except OSError:
+        return False
+
+
+def mixed_chain_error(child: str, parent: str, child_fmt: str = "VHD", parent_fmt: str = "VHDX") -> ParentMismatchError:
+    return ParentMismatchError(
+        f"{child}: a {child_fmt} differencing disk cannot have the {parent_fmt} parent {parent} "
+        "(mixed VHD/VHDX chains are not supported; convert the whole chain to one format)")
+
+
+def candidate_paths(child: VhdFile, search_dirs: Iterable[PathLike] = ()) -> list[str]:
+    """Where the parent of ``child`` may be, most specific first."""
+    child_dir = os.path.dirname(os.path.abspath(child.path))
+    loc: dict[str, str] = child.parent_locator or {}
+    out: list[str] = []
+    names: list[str] = []
+
+    def relative(value: str) -> None:
+        out.append(os.path.normpath(os.path.join(child_dir, *value.replace("\\", "/").split("/"))))
+        names.append(ntpath.basename(value))
+
+    def absolute(value: str) -> None:
+        if os.name == "nt" or value.startswith("/"):
+            out.append(value)
+        names.append(ntpath.basename(value))
+
+    if loc.get("W2ru"):
+        relative(loc["W2ru"])
+    if loc.get("W2ku"):
+        absolute(loc["W2ku"])
+    name = loc.get("parent_unicode_name")
+    if name:
+        if ntpath.isabs(name) or name.startswith("/"):
+            absolute(name)
+        else:
+            relative(name)
+    if loc.get("Wi2r"):
+        relative(loc["Wi2r"])
+    if loc.get("Wi2k"):
+        absolute(loc["Wi2k"])
+    if loc.get("MacX"):
+        u = urlparse(loc["MacX"])
+        if u.scheme == "file":
+            p = unquote(u.path)
+            out.append(p)
+            names.append(os.path.basename(p))
+    for n in dict.fromkeys(n for n in names if n and n not in (".", "..")):
+        out.append(os.path.join(child_dir, n))
+        out.extend(os.path.join(os.fspath(d), n) for d in search_dirs)
+    return list(dict.fromkeys(out))
+
+
+def _scan_dirs(search_dirs: Iterable[PathLike]) -> list[str]:
+    found = []
+    for d in search_dirs:
+        try:
+            names = sorted(os.listdir(d))
+        except OSError:
+            continue
+        found += [os.path.join(os.fspath(d), n) for n in names if n.lower().endswith(VHD_SUFFIXES)]
+    return found
+
+
+def check_parent(child: VhdFile, parent: VhdFile, ignore_linkage: bool, warnings: list[str]) -> None:
+    """Raise ParentMismatchError unless ``parent`` may serve ``child``."""
+    if parent.unique_id != child.parent_unique_id:
+        msg = (f"{parent.path} is not the parent of {child.path}: its Unique Id {parent.unique_id.hex()} "
+               f"differs from the child's Parent Unique ID {(child.parent_unique_id or b'').hex()}")
+        if not ignore_linkage:
+            raise ParentMismatchError(msg + " (override with ignore_linkage / --ignore-linkage)")
+        warnings.append(msg + "; accepted because linkage checks are disabled")
+    ts = child.parent_timestamp
+    if ts:
+        try:
+            mtime = int(os.fstat(parent.fd).st_mtime) - S.EPOCH_OFFSET
+        except OSError:
+            mtime = None
+        if ts not in (parent.footer.timestamp, mtime):
+            warnings.append(f"{child.path}: Parent Time Stamp {ts} matches neither the parent's footer "
+                            f"time stamp nor its modification time (the parent may have changed)")
+    if parent.virtual_size < child.virtual_size:
+        warnings.append(f"{parent.path}: parent is smaller ({parent.virtual_size} bytes) than the child "
+                        f"({child.virtual_size}); the rest reads as zeros")
+
+
+def _open_candidate(path: str, ignore_checksums: bool) -> VhdFile:
+    if _is_vhdx(path):
+        raise ParentMismatchError(f"{path} is a VHDX file")
+    return VhdFile(path, ignore_checksums=ignore_checksums)
+
+
+def find_parent(child: VhdFile, search_dirs: Sequence[PathLike], ignore_linkage: bool,
+                ignore_checksums: bool = False) -> VhdFile:
+    """Locate and open the parent of ``child``."""
+    tried: list[str] = []
+    mismatched: list[str] = []
+    vhdx_found: list[str] = []
+    candidates = candidate_paths(child, search_dirs)
+    extra = [p for p in _scan_dirs(search_dirs) if p not in candidates]
+    for path in candidates + extra:
+        listed = path in candidates
+        if not _is_regular(path) or os.path.samefile(path, child.path):
+            if listed:
+                tried.append(path)
+            continue
+        if _is_vhdx(path):
+            if listed:
+                vhdx_found.append(path)
+            continue
+        try:
+            parent = VhdFile(path, ignore_checksums=ignore_checksums)
+        except VhdxError as e:
+            if listed:
+                tried.append(f"{path} ({e})")
+            continue
+        if parent.unique_id == child.parent_unique_id or (ignore_linkage and listed):
+            return parent
+        if listed:
+            mismatched.append(path)
+        parent.close()
+    if mismatched:
+        raise ParentMismatchError(
+            f"{child.path}: found {', '.join(mismatched)} but its Unique Id differs from the child's "
+            f"Parent Unique ID {(child.parent_unique_id or b'').hex()} (override with --ignore-linkage)")
+    if vhdx_found:
+        raise mixed_chain_error(child.path, vhdx_found[0])
+    where = "; ".join(tried) if tried else "no usable parent locator or name"
+    raise ParentNotFoundError(f"{child.path}: parent not found (tried: {where}); "
+                              "give it with --parent or --search-dir")
+
+
+def open_chain(path: PathLike, parents: Sequence[PathLike] | None = None,
+               search_dirs: Sequence[PathLike] = (), ignore_linkage: bool = False,
+               ignore_checksums: bool = False, max_depth: int = MAX_CHAIN_DEPTH,
+               top: VhdFile | None = None) -> tuple[list[VhdFile], list[str]]:
+    """Open ``path`` (or use ``top``) and every ancestor, child first; (chain, warnings)."""
+    own_top = top is None
+    if top is None:
+        top = VhdFile(path, ignore_checksums=ignore_checksums)
+    chain = [top]
+    warnings: list[str] = []
+    explicit = [os.fspath(p) for p in (parents or ())]
+    try:
+        seen = {top.unique_id}
+        idents = {_identity(top)}
+        while chain[-1].has_parent:
+            cur = chain[-1]
+            if len(chain) > max_depth:
+                raise ParentMismatchError(f"chain is deeper than {max_depth} files; refusing")
+            if explicit:
+                p = explicit.pop(0)
+                if _is_vhdx(p):
+                    raise mixed_chain_error(cur.path, p)
+                parent = VhdFile(p, ignore_checksums=ignore_checksums)
+            else:
+                parent = find_parent(cur, search_dirs, ignore_linkage, ignore_checksums)
+            try:
+                check_parent(cur, parent, ignore_linkage, warnings)
+                ident = _identity(parent)
+                if ident in idents or (parent.unique_id in seen and not ignore_linkage):
+                    raise ParentMismatchError(f"{parent.path}: parent chain loops back onto itself")
+            except VhdxError:
+                parent.close()
+                raise
+            idents.add(ident)
+            seen.add(parent.unique_id)
+            chain.append(parent)
+        if explicit:
+            warnings.append(f"{len(explicit)} extra parent(s) given but the chain ends at {chain[-1].path}")
+        out = []
+        for f in chain:
+            out += [f"{f.path}: {w}" for w in f.warnings]
+        return chain, out + warnings
+    except BaseException:
+        for f in chain:
+            if f is not top or own_top:
+                f.close()
+        raise
+
+
+def _identity(f: VhdFile) -> tuple[int, int]:
+    st = os.fstat(f.fd)
+    return st.st_dev, st.st_ino
