@@ -56,8 +56,7 @@ def _check_file(img: ImageFile, report: CheckReport) -> None:
         else:
             add("warning", "header LogGuid is set but the log is empty")
     for p in img.bat_problems:
-        add("error" if p.fatal else "warning",
-            (f"BAT entry {p.index}: " if p.index >= 0 else "BAT: ") + p.message)
+        add("error" if p.fatal else "warning", p.describe())
     geo = img.geometry
     report.blocks_checked += geo.payload_blocks
     # PARTIALLY_PRESENT blocks need their chunk's sector bitmap (2.5.1.1).

@@ -162,7 +162,7 @@ class ImageFile:
         self.bat_problems = validate_table(self.bat, self.geometry, self.logical_size,
                                            self._reserved_spans(), self.bat_spans)
         raise_fatal(self.bat_problems)
-        self.warnings += [f"BAT entry {p.index}: {p.message}" for p in self.bat_problems]
+        self.warnings += [p.describe() for p in self.bat_problems]
         self._runs: dict[int, Runs] = {}
         self._lock = threading.Lock()
 
