@@ -470,3 +470,60 @@ def test_payload_runs_and_state_counts(tmp_path, seed):
             assert sum(counts.values()) == geo.payload_blocks
             for st, n in counts.items():
                 assert n == sum(1 for e in per_block if e & 7 == st)
+
+
+# --- space an interrupted merge left --------------------------------------------------------
+def test_check_reports_the_tail_an_interrupted_merge_left(tmp_path):
+    """A merge killed after moving data but before its commit leaves allocated,
+    unreferenced blocks at the end of the target: a leak (not corruption), with its
+    size; the chain still reads as before, and rerunning the merge completes it."""
+    from vhdx.check import check_chain
+
+    d = tmp_path
+    vhdx.create(d / "base.vhdx", 64 * MiB, block_size=MiB)
+    vhdx.create(d / "child.avhdx", parent=d / "base.vhdx", block_size=MiB)
+    with vhdx.open(d / "child.avhdx", "r+") as disk:
+        disk.write_at(8 * MiB, random.Random(7).randbytes(6 * MiB))
+    with vhdx.open(d / "child.avhdx") as disk:
+        expected = disk.read_at(0, disk.size)
+    base_size = (d / "base.vhdx").stat().st_size
+    assert check_chain(d / "base.vhdx").findings == []
+    # Move (and report) every block, never commit by time, and die at the first report:
+    # the data is in the target's new blocks, the BAT change that exposes it is not.
+    kill = ("import os, sys, vhdx, vhdx.merge_engine as ME\n"
+            "ME.CHUNK_BYTES = 1 << 20\nME.BATCH_SECONDS = 1e9\n"
+            "vhdx.merge(sys.argv[1], progress=lambda done, total: os._exit(9))\n")
+    p = subprocess.run([sys.executable, "-c", kill, str(d / "child.avhdx")], cwd=REPO, timeout=120)
+    assert p.returncode == 9
+    grown = (d / "base.vhdx").stat().st_size - base_size
+    assert grown > 0
+    report = check_chain(d / "base.vhdx")
+    leaks = [f for f in report.findings if f.severity == "leak"]
+    # The log entry the merge wrote first (its new DataWriteGuid) is pending too.
+    assert len(leaks) == 1 and all("unapplied" in f.message for f in report.findings if f not in leaks)
+    assert report.leaked_bytes == grown
+    assert leaks[0].message == \
+        f"{grown} bytes unused at the end of {d / 'base.vhdx'} (an interrupted merge?)"
+    r = measure(tmp_path, "check", "--json", d / "base.vhdx")
+    assert json.loads(r["stdout"])["leaked_bytes"] == grown
+    with vhdx.open(d / "child.avhdx") as disk:
+        assert disk.read_at(0, disk.size) == expected
+    vhdx.merge(d / "child.avhdx")  # rerunning completes it
+    with vhdx.open(d / "base.vhdx") as disk:
+        assert disk.read_at(0, disk.size) == expected
+
+
+def test_no_leak_reported_for_padding_or_whole_files(tmp_path):
+    """Less than a MiB past the last structure (Disk2VHD pads 512 bytes) is no leak,
+    nor is a file that ends at its last block."""
+    from vhdx.check import check_chain
+
+    c = build_chain(tmp_path, [ImageSpec(virtual_size=8 * MiB, name="pad", blocks={0: Block(FULLY)})])
+    assert check_chain(c.top).findings == []
+    with open(c.top, "ab") as fh:
+        fh.write(bytes(512))
+    assert check_chain(c.top).findings == []
+    with open(c.top, "ab") as fh:
+        fh.write(bytes(MiB))
+    report = check_chain(c.top)
+    assert [(f.severity, report.leaked_bytes) for f in report.findings] == [("leak", MiB)]

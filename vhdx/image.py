@@ -405,6 +405,28 @@ class ImageFile:
         if run_count and run_entry:
             yield run_block, run_count, run_entry
 
+    def allocation_end(self) -> int:
+        """End of the last byte a structure uses (header section, log, regions,
+        payload blocks, sector bitmaps), rounded up to 1 MiB: the file need not be
+        longer. A max per span of the table, in C: no per-entry Python work."""
+        end = max(e for _s, e, _n in self._reserved_spans())
+        geo = self.geometry
+        cr, cr1 = geo.chunk_ratio, geo.chunk_ratio + 1
+        table = self.bat
+        for lo, hi in normalize_spans(self.bat_spans, len(table)):
+            for base in range(lo, hi, _RUN_STRIDE):
+                stop = min(base + _RUN_STRIDE, hi)
+                vals = table[base:stop].tolist() if isinstance(table, memoryview) else list(table[base:stop])
+                k0 = (cr - base % cr1) % cr1
+                sb = vals[k0::cr1]
+                del vals[k0::cr1]
+                if vals and max(vals) >= 1 << 20:
+                    end = max(end, (max(vals) & S.BAT_OFFSET_MASK) + geo.block_size)
+                present = [e for e in sb if e & S.BAT_STATE_MASK == S.SB_BLOCK_PRESENT]
+                if present:
+                    end = max(end, (max(present) & S.BAT_OFFSET_MASK) + S.SECTOR_BITMAP_BLOCK_SIZE)
+        return -(-end // S.MiB) * S.MiB
+
     def block_state_counts(self) -> dict[int, int]:
         """Payload blocks per BAT state (NOT_PRESENT included), by runs."""
         counts: dict[int, int] = {}
