@@ -13,6 +13,9 @@ import random
 import re
 from array import array
 
+import pytest
+
+import vhdx.bat as bat_mod
 from vhdx import structures as S
 from vhdx.bat import Geometry, validate_table
 
@@ -165,7 +168,10 @@ def compare(seed: int) -> set[str]:
     return {kind_of(m) for _i, m, _f in ref}
 
 
-def test_same_findings_as_the_per_entry_rules():
+@pytest.mark.parametrize("overlaps_by", ["map", "sort"])
+def test_same_findings_as_the_per_entry_rules(monkeypatch, overlaps_by):
+    if overlaps_by == "sort":  # the path of files beyond 64 TiB
+        monkeypatch.setattr(bat_mod, "_MAP_MAX_UNITS", 0)
     seen: set[str] = set()
     for seed in range(40):
         seen |= compare(seed)
@@ -198,3 +204,22 @@ def test_a_bat_full_of_errors_is_one_finding_with_a_count():
     assert by["past_eof"].count == by["reserved"].count == geo.payload_blocks
     assert by["past_eof"].index == 0 and by["past_eof"].fatal and not by["reserved"].fatal
     assert re.search(r"and \d+ more entries like it", by["past_eof"].describe())
+
+
+@pytest.mark.parametrize("overlaps_by", ["map", "sort"])
+def test_overlap_messages_name_both_sides(monkeypatch, overlaps_by):
+    if overlaps_by == "sort":
+        monkeypatch.setattr(bat_mod, "_MAP_MAX_UNITS", 0)
+    geo = Geometry(64 * MiB, 2 * MiB, 512, False)
+    reserved = [(0, MiB, "header section"), (2 * MiB, 3 * MiB, "region metadata")]
+    t = array("Q", bytes(8 * geo.total_entries))
+    t[3] = S.bat_entry(6, 10 * MiB)
+    t[7] = S.bat_entry(6, 11 * MiB)  # starts inside entry 3's block
+    t[9] = S.bat_entry(6, 20 * MiB)
+    got = validate_table(memoryview(t.tobytes()).cast("Q"), geo, 64 * MiB, reserved)
+    assert [p.describe() for p in got] == ["BAT: BAT entry 3 at 0xa00000 overlaps BAT entry 7 at 0xb00000"]
+    t[3] = S.bat_entry(6, MiB)  # its second MiB is the metadata region
+    got = validate_table(memoryview(t.tobytes()).cast("Q"), geo, 64 * MiB, reserved)
+    assert [p.describe() for p in got] == ["BAT: BAT entry 3 at 0x100000 overlaps region metadata at 0x200000"]
+    t[3] = S.bat_entry(6, 30 * MiB)
+    assert validate_table(memoryview(t.tobytes()).cast("Q"), geo, 64 * MiB, reserved) == []
