@@ -26,13 +26,6 @@ from array import array
 from pathlib import Path
 
 import pytest
-
-import vhdx
-from vhdx import structures as S
-from vhdx.disk import VirtualDisk
-from vhdx.image import ImageFile
-from vhdx.layout import ParentInfo, plan_layout, write_new_image
-
 from builder import (
     FULLY,
     Block,
@@ -43,6 +36,12 @@ from builder import (
     poke,
     rewrite_headers,
 )
+
+import vhdx
+from vhdx import structures as S
+from vhdx.disk import VirtualDisk
+from vhdx.image import ImageFile
+from vhdx.layout import ParentInfo, plan_layout, write_new_image
 
 MiB = S.MiB
 GiB = S.GiB
@@ -115,16 +114,22 @@ def sha(path: Path) -> str:
 
 
 # --- strings from the file ------------------------------------------------------------------
+def _child_with_locator(d: Path, **locator: str) -> tuple[Path, Path]:
+    """base.vhdx and child.avhdx linked to it, with these parent locator strings."""
+    base = d / "base.vhdx"
+    vhdx.create(base, 64 * MiB)
+    with vhdx.open(base) as disk:
+        guid = disk.data_write_guid
+    child = d / "child.avhdx"
+    write_new_image(child, plan_layout(64 * MiB, 2 * MiB, parent=ParentInfo(guid, **locator)))
+    return child, base
+
+
 def test_nul_in_a_locator_path_is_one_line(tmp_path):
     """Before: ``ValueError: embedded null byte`` and a 30-line traceback from
     info/check/map (os.stat saw the string)."""
-    base = tmp_path / "base.vhdx"
-    vhdx.create(base, 64 * MiB)
-    with vhdx.open(base) as d:
-        guid = d.data_write_guid
-    child = tmp_path / "child.avhdx"
-    write_new_image(child, plan_layout(64 * MiB, 2 * MiB, parent=ParentInfo(
-        guid, relative_path=".\\ba\0se.vhdx", absolute_win32_path="C:\\vms\\ba\0se.vhdx")))
+    child, _base = _child_with_locator(tmp_path, relative_path=".\\ba\0se.vhdx",
+                                       absolute_win32_path="C:\\vms\\ba\0se.vhdx")
     before = sha(child)
     with pytest.raises(vhdx.CorruptImageError, match="NUL"):
         vhdx.open(child)
@@ -137,13 +142,7 @@ def test_nul_in_a_locator_path_is_one_line(tmp_path):
 
 def test_a_terminating_nul_in_a_locator_is_dropped(tmp_path):
     """Some producers count a terminating NUL in the string: the path still works."""
-    base = tmp_path / "base.vhdx"
-    vhdx.create(base, 64 * MiB)
-    with vhdx.open(base) as d:
-        guid = d.data_write_guid
-    child = tmp_path / "child.avhdx"
-    write_new_image(child, plan_layout(64 * MiB, 2 * MiB, parent=ParentInfo(
-        guid, relative_path=".\\base.vhdx\0")))
+    child, base = _child_with_locator(tmp_path, relative_path=".\\base.vhdx\0")
     with vhdx.open(child) as d:
         assert d.parent_locator["relative_path"] == ".\\base.vhdx"
         assert os.path.samefile(d.chain[1].path, base)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import bisect
 import sys
 from array import array
-from typing import Callable
 from dataclasses import dataclass
+from typing import Callable
 
 from . import structures as S
 from .errors import CorruptImageError
@@ -443,35 +443,35 @@ def _overlaps_by_map(table: Table, geo: Geometry, placed: _Placed,
     for start, end, _name in reserved_spans:
         if start >= S.HEADER_SECTION_SIZE:  # blocks at offset 0 were reported already
             owner[start >> 20:-(-end // S.MiB)] = b"\1" * (-(-end // S.MiB) - (start >> 20))
-    clashes: list[tuple[int, int]] = []  # (unit, size in units) of blocks that hit something
+    clashes: list[tuple[int, int]] = []  # (unit, size in units) of the first block that hit something
+    count = _mark(owner, placed.payload, bs_units, clashes) + _mark(owner, placed.sb, 1, clashes)
+    del owner
+    if clashes:
+        _report_clash(table, geo, placed, reserved_spans, out, entry_spans, clashes[0], count)
+
+
+def _mark(owner: bytearray, entries: array, size: int, clashes: list[tuple[int, int]]) -> int:
+    """Mark the ``size`` MiB units of each block of ``entries`` (raw entries or
+    offsets) in ``owner``; returns how many found a unit taken already."""
     count = 0
-    if bs_units == 1:
-        for e in placed.payload:
+    if size == 1:
+        for e in entries:
             u = e >> 20
             if owner[u]:
                 count += 1
                 if not clashes:
                     clashes.append((u, 1))
             owner[u] = 2
-    else:
-        mark = b"\2" * bs_units
-        for e in placed.payload:
-            u = e >> 20
-            if owner[u:u + bs_units] != bytes(bs_units):
-                count += 1
-                if not clashes:
-                    clashes.append((u, bs_units))
-            owner[u:u + bs_units] = mark
-    for off in placed.sb:
-        u = off >> 20
-        if owner[u]:
+        return count
+    mark, free = b"\2" * size, bytes(size)
+    for e in entries:
+        u = e >> 20
+        if owner[u:u + size] != free:
             count += 1
             if not clashes:
-                clashes.append((u, 1))
-        owner[u] = 2
-    del owner
-    if clashes:
-        _report_clash(table, geo, placed, reserved_spans, out, entry_spans, clashes[0], count)
+                clashes.append((u, size))
+        owner[u:u + size] = mark
+    return count
 
 
 def _report_clash(table: Table, geo: Geometry, placed: _Placed,

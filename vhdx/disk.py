@@ -275,7 +275,13 @@ class VirtualDisk(io.RawIOBase):
             return
         bs = img.block_size
         pos = lo
-        for block, n, e in img.payload_runs(lo // bs, -(-hi // bs)):
+        b0, b1 = lo // bs, -(-hi // bs)
+        if b1 - b0 <= 8:  # a few blocks (a bitmap run's hole): direct lookups are cheaper
+            bat, cr = img.bat, img.geometry.chunk_ratio
+            runs = [(b, 1, e) for b in range(b0, b1) if (e := bat[b + b // cr])]
+        else:
+            runs = img.payload_runs(b0, b1)
+        for block, n, e in runs:
             rs, re = max(lo, block * bs), min(hi, (block + n) * bs)
             if pos < rs:
                 self._resolve_runs(level + 1, pos, rs, base, out)
@@ -285,9 +291,9 @@ class VirtualDisk(io.RawIOBase):
                     a, z = max(rs, b * bs), min(re, (b + 1) * bs)
                     _emit(out, a - base, z - a, level, (e & _OFFSET_MASK) + a - b * bs)
             elif state == S.PAYLOAD_BLOCK_PARTIALLY_PRESENT:
-                for b in range(block, block + n):
+                for b in range(block, block + n):  # the bitmap's holes: under one block each
                     a, z = max(rs, b * bs), min(re, (b + 1) * bs)
-                    self._runs_partial(level, img, b, b * bs, e & _OFFSET_MASK, a, z, base, out)
+                    self._resolve_partial(level, img, b, b * bs, e & _OFFSET_MASK, a, z - a, base, out)
             elif state == S.PAYLOAD_BLOCK_NOT_PRESENT:  # state 0 with stray bits: still absent
                 self._resolve_runs(level + 1, rs, re, base, out)
             else:  # ZERO, UNDEFINED, UNMAPPED
@@ -295,22 +301,6 @@ class VirtualDisk(io.RawIOBase):
             pos = re
         if pos < hi:
             self._resolve_runs(level + 1, pos, hi, base, out)
-
-    def _runs_partial(self, level: int, img: ImageFile, block: int, bstart: int, foff: int,
-                      lo: int, hi: int, base: int, out: list[Segment]) -> None:
-        runs = img.block_runs(block)
-        lss = img.logical_sector_size
-        rel, rel_end = lo - bstart, hi - bstart
-        i = bisect.bisect_right(runs, (rel // lss, 1 << 62, True)) - 1
-        while rel < rel_end:
-            s, cnt, present = runs[i]
-            run_end = min((s + cnt) * lss, rel_end)
-            if present:
-                _emit(out, bstart + rel - base, run_end - rel, level, foff + rel)
-            else:
-                self._resolve_runs(level + 1, bstart + rel, bstart + run_end, base, out)
-            rel = run_end
-            i += 1
 
     # --- positional reads (thread-safe) ----------------------------------------------
     def _locate(self, offset: int, size: int) -> tuple[int, int]:

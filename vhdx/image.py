@@ -8,6 +8,7 @@ are built in chain.py.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import mmap
 import os
@@ -202,6 +203,8 @@ class ImageFile:
         self.warnings += [p.describe() for p in self.bat_problems]
         self._runs: dict[int, Runs] = {}
         self._lock = threading.Lock()
+        self._norm: Spans = []
+        self._norm_key: tuple[int, int, int, int] | None = None
 
     def _reserved_spans(self) -> list[tuple[int, int, str]]:
         hs = self.header_section
@@ -245,6 +248,14 @@ class ImageFile:
         del mv
         table = decode_table(mem, count)
         return table, [(s // 8, -(-e // 8)) for s, e in byte_spans]
+
+    def _normalized_spans(self) -> Spans:
+        """``bat_spans`` sorted and merged, cached until a writer notes an entry."""
+        key = (id(self.bat_spans), len(self.bat_spans), id(self.bat), len(self.bat))
+        if self._norm_key != key:
+            self._norm = normalize_spans(self.bat_spans, len(self.bat))
+            self._norm_key = key
+        return self._norm
 
     def note_bat_entry(self, index: int) -> None:
         """A writer set entry ``index``: later scans must look at it."""
@@ -374,11 +385,17 @@ class ImageFile:
         stop = geo.payload_blocks if stop is None else min(stop, geo.payload_blocks)
         if first >= stop:
             return
-        lo_idx, hi_idx = geo.payload_index(first), geo.payload_index(stop - 1) + 1
-        spans = [(max(a, lo_idx), min(b, hi_idx)) for a, b in normalize_spans(self.bat_spans, len(self.bat))
-                 if a < hi_idx and b > lo_idx]
-        table = self.bat
         cr = geo.chunk_ratio
+        lo_idx, hi_idx = first + first // cr, stop - 1 + (stop - 1) // cr + 1
+        norm = self._normalized_spans()
+        j = max(0, bisect.bisect_right(norm, (lo_idx, 1 << 62)) - 1)
+        spans = []
+        while j < len(norm) and norm[j][0] < hi_idx:
+            a, b = norm[j]
+            if b > lo_idx:
+                spans.append((max(a, lo_idx), min(b, hi_idx)))
+            j += 1
+        table = self.bat
         cr1 = cr + 1
         run_block = run_count = run_entry = 0
         for lo, hi in spans:

@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 
 from . import native
 from . import structures as S
-from .bat import Geometry, iter_nonzero
+from .bat import Geometry
 from .chain import IMAGE_SUFFIXES, accepted_linkages, open_chain
 from .disk import ZERO, VirtualDisk
 from .errors import (
