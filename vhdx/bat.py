@@ -11,7 +11,7 @@ import bisect
 import sys
 from array import array
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 from . import structures as S
 from .errors import CorruptImageError
@@ -347,6 +347,7 @@ def _check_placed(used: list[int], index_of: Callable[[int], int], block_size: i
     past = -(-file_size // S.MiB) * _UNIT  # entries from here start at or past EOF
     ext = max(1, (file_size - block_size) // S.MiB + 1) * _UNIT  # from here they run past EOF
     lo, hi = min(used), max(used)
+    bad: Sequence[int]
     if lo < _UNIT:
         bad = [j for j, v in enumerate(used) if v < _UNIT]
         out.add("header", index_of(bad[0]), "block at 0x0 overlaps the header section", True, len(bad))

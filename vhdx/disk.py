@@ -21,7 +21,7 @@ import io
 import os
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from . import structures as S
 from .errors import InvalidArgumentError, VhdxError
@@ -276,6 +276,7 @@ class VirtualDisk(io.RawIOBase):
         bs = img.block_size
         pos = lo
         b0, b1 = lo // bs, -(-hi // bs)
+        runs: Iterable[tuple[int, int, int]]
         if b1 - b0 <= 8:  # a few blocks (a bitmap run's hole): direct lookups are cheaper
             bat, cr = img.bat, img.geometry.chunk_ratio
             runs = [(b, 1, e) for b in range(b0, b1) if (e := bat[b + b // cr])]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import bisect
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from . import structures as S
 from .crc import checksum_of
@@ -159,7 +159,7 @@ def _parse_entry(ring: _Ring, offset: int, log_guid: uuid.UUID, keep_data: bool 
     if desc_sectors * SECTOR > h.entry_length:
         return None
     descs = ring.read(offset, desc_sectors * SECTOR)
-    parsed: list[tuple[str, object]] = []
+    parsed: list[tuple[str, Any]] = []  # ("zero" | "data", the parsed descriptor)
     data_index = 0
     for i in range(count):
         d = descs[64 + 32 * i: 96 + 32 * i]
