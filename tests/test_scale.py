@@ -246,6 +246,65 @@ def test_sparse_dirty_log_is_read_entry_by_entry(tmp_path, log_gib):
     assert sha(path) == before
 
 
+def test_many_descriptors_replay_in_n_log_n(tmp_path):
+    """One CRC-valid entry of 12,000 data descriptors, then 12,000 zero descriptors
+    over separate sectors elsewhere. The overlay used to rescan every data sector
+    and every zero range per zero descriptor (quadratic: 11 s CPU here); now
+    1.6 s CPU (parsing 24,000 descriptors)."""
+    c = build_chain(tmp_path, [ImageSpec(virtual_size=8 * MiB, name="mix", blocks={0: Block(FULLY)})])
+    img = c.images[0]
+    size = img.path.stat().st_size
+    log_off = -(-size // MiB) * MiB
+    L = 64 * MiB
+    area = log_off + L  # the replay's target range, past the log: no structure there
+    n = 12000
+    rng = random.Random(3)
+    data = [rng.randbytes(4096) for _ in range(n)]
+    descs = [("data", area + k * 4096, data[k]) for k in range(n)]
+    zero_at = area + n * 4096 + 4096
+    descs += [("zero", zero_at + 2 * k * 4096, 4096) for k in range(n)]
+    fsz = zero_at + 2 * n * 4096
+    os.truncate(img.path, fsz)
+    poke(img.path, zero_at, b"\xff" * (2 * n * 4096))  # what the zero descriptors clear
+    guid = uuid.uuid4()
+    poke(img.path, log_off, build_log_entry(9, 0, guid, descs, fsz, fsz))
+    rewrite_headers(img.path, img.plan, log_guid=guid, log_offset=log_off, log_length=L)
+    r = measure(tmp_path, "info", "--json", img.path)
+    assert r["rc"] == 0, r["stderr"]
+    assert json.loads(r["stdout"])["chain"][0]["log"]["entries_replayed"] == 1
+    assert r["cpu"] < 3.0 and r["hwm"] < 250 * MiB, r
+    with ImageFile(img.path) as f:
+        assert f.read_file(area + 4096 * 1234, 4096) == data[1234]
+        assert f.read_file(zero_at + 2 * 77 * 4096, 8192) == bytes(4096) + b"\xff" * 4096
+
+
+def test_overlay_equals_replaying_the_updates_in_order():
+    from vhdx.log import Overlay, Update
+
+    sector = S.LOG_SECTOR_SIZE
+    size = 64 * sector
+    for seed in range(200):
+        rng = random.Random(seed)
+        ups = []
+        for _ in range(rng.randint(0, 40)):
+            off = rng.randrange(60) * sector
+            if rng.random() < 0.5:
+                ups.append(Update(off, sector, rng.randbytes(sector)))
+            else:
+                ups.append(Update(off, min(rng.randrange(6) * sector, size - off), None))
+        ref = bytearray(b"\xee" * size)
+        for u in ups:
+            ref[u.file_offset:u.end] = bytes(u.length) if u.data is None else u.data
+        ov = Overlay(ups)
+        for _ in range(10):
+            a = rng.randrange(size)
+            b = rng.randrange(a, size + 1)
+            buf = bytearray(b"\xee" * size)
+            if ov.touches(a, b - a):
+                ov.patch(a, memoryview(buf)[a:b])
+            assert buf[a:b] == ref[a:b], (seed, a, b)
+
+
 def test_log_scan_without_hole_reports(tmp_path, monkeypatch):
     """Where SEEK_DATA is refused every sector is looked at, chunk by chunk: same plan."""
     import vhdx.image as image_mod

@@ -19,7 +19,7 @@ from __future__ import annotations
 import bisect
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from . import structures as S
 from .crc import checksum_of
@@ -298,37 +298,38 @@ def plan_replay(log_data: bytes | ReadFn, log_length: int, log_guid: uuid.UUID, 
 
 class Overlay:
     """The result of replaying a plan, kept in memory (MS-VHDX 2.3.3 footnote:
-    a read-only open replays into memory). Later updates win over earlier ones."""
+    a read-only open replays into memory). Later updates win over earlier ones.
 
-    def __init__(self, updates: list[Update] = ()) -> None:
+    Built from the last update backwards, keeping only what no later update
+    covers: the cost is O(n log n) in the updates, however a hostile entry
+    interleaves zero and data descriptors.
+    """
+
+    def __init__(self, updates: Sequence[Update] = ()) -> None:
         self._sectors: dict[int, bytes] = {}
-        self._zeros: list[tuple[int, int]] = []  # sorted, disjoint [start, end)
-        self.end = 0  # highest byte touched
-        for u in updates:
-            self._apply(u)
+        covered = _Intervals()
+        zeros = _Intervals()
+        self.end = max((u.end for u in updates), default=0)  # highest byte touched
+        for u in reversed(updates):
+            start, end = u.file_offset, u.end
+            if start == end:
+                continue
+            if u.data is not None:
+                # Data and zero ranges are whole sectors: one is covered entirely or not at all.
+                if not covered.covers(start):
+                    self._sectors[start] = u.data
+                    covered.add(start, end)
+                continue
+            for a, b in covered.gaps(start, end):
+                zeros.add(a, b)
+            covered.add(start, end)
+        self._zeros = zeros.spans  # sorted, disjoint [start, end)
+        self._zero_starts = [a for a, _ in self._zeros]
         self._sorted = sorted(self._sectors)
-        self.lo = min([*self._sorted, *(s for s, _ in self._zeros)], default=0)
+        self.lo = min([*self._sorted[:1], *self._zero_starts[:1]], default=0)
 
     def __bool__(self) -> bool:
         return bool(self._sectors or self._zeros)
-
-    def _apply(self, u: Update) -> None:
-        self.end = max(self.end, u.end)
-        if u.data is not None:
-            self._sectors[u.file_offset] = u.data
-            return
-        start, end = u.file_offset, u.end
-        if start == end:
-            return
-        for k in [k for k in self._sectors if start <= k < end]:
-            del self._sectors[k]
-        merged = [(s, e) for s, e in self._zeros if e < start or s > end]
-        for s, e in self._zeros:
-            if not (e < start or s > end):
-                start, end = min(s, start), max(e, end)
-        merged.append((start, end))
-        merged.sort()
-        self._zeros = merged
 
     def touches(self, offset: int, size: int) -> bool:
         return bool(self) and offset < self.end and offset + size > self.lo
@@ -336,10 +337,13 @@ class Overlay:
     def patch(self, offset: int, buf: memoryview) -> None:
         """Apply the overlay to ``buf``, which holds file bytes from ``offset``."""
         end = offset + len(buf)
-        for s, e in self._zeros:
+        i = max(0, bisect.bisect_right(self._zero_starts, offset) - 1)
+        while i < len(self._zeros) and self._zeros[i][0] < end:
+            s, e = self._zeros[i]
             a, b = max(s, offset), min(e, end)
             if a < b:
                 buf[a - offset:b - offset] = bytes(b - a)
+            i += 1
         i = bisect.bisect_left(self._sorted, offset - SECTOR + 1)
         while i < len(self._sorted) and self._sorted[i] < end:
             k = self._sorted[i]
@@ -357,3 +361,42 @@ class Overlay:
     def sectors(self) -> Iterator[tuple[int, bytes]]:
         for k in self._sorted:
             yield k, self._sectors[k]
+
+
+class _Intervals:
+    """Sorted, disjoint, non-touching [start, end) ranges."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[int, int]] = []
+        self._starts: list[int] = []
+
+    def covers(self, pos: int) -> bool:
+        i = bisect.bisect_right(self._starts, pos) - 1
+        return i >= 0 and self.spans[i][1] > pos
+
+    def gaps(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The parts of [start, end) not covered."""
+        out = []
+        i = max(0, bisect.bisect_right(self._starts, start) - 1)
+        pos = start
+        while i < len(self.spans) and self.spans[i][0] < end:
+            s, e = self.spans[i]
+            if s > pos:
+                out.append((pos, s))
+            pos = max(pos, e)
+            i += 1
+        if pos < end:
+            out.append((pos, end))
+        return out
+
+    def add(self, start: int, end: int) -> None:
+        i = bisect.bisect_left(self._starts, start)
+        if i > 0 and self.spans[i - 1][1] >= start:  # joins the one before
+            i -= 1
+            start = self.spans[i][0]
+        j = i
+        while j < len(self.spans) and self.spans[j][0] <= end:  # swallows those it reaches
+            end = max(end, self.spans[j][1])
+            j += 1
+        self.spans[i:j] = [(start, end)]
+        self._starts[i:j] = [start]
