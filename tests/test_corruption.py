@@ -237,10 +237,12 @@ def _set_region_tables(path: Path, entries) -> None:
 
 
 def _must_fail(vhdx_mod, chain: BuiltChain, exc=None) -> None:
+    """The open must fail with exactly ``exc`` (not a subclass, not a sibling)."""
     r = attempt(vhdx_mod, chain)
     assert isinstance(r, Exception), "hostile image was accepted"
     if exc is not None:
-        assert isinstance(r, exc), repr(r)
+        assert type(r) is exc, repr(r)
+        assert str(chain.top) in str(r) or any(str(p) in str(r) for p in chain.paths), repr(r)
 
 
 HOSTILE_REGIONS: list[tuple[str, Callable]] = [
@@ -264,7 +266,7 @@ HOSTILE_REGIONS: list[tuple[str, Callable]] = [
 def test_hostile_region_table(vhdx_mod, tmp_path: Path, name: str, entries) -> None:
     chain = _fresh(tmp_path)
     _set_region_tables(chain.top, entries(chain.images[0].plan))
-    exc = vhdx_mod.UnsupportedFeatureError if name == "unknown_required" else None
+    exc = vhdx_mod.UnsupportedFeatureError if name == "unknown_required" else vhdx_mod.CorruptImageError
     _must_fail(vhdx_mod, chain, exc)
 
 
@@ -286,7 +288,7 @@ def test_region_table_entry_count_huge(vhdx_mod, tmp_path: Path) -> None:
         rt = bytearray(peek(chain.top, off, 65536))
         rt[8:12] = (0xFFFFFFFF).to_bytes(4, "little")
         poke(chain.top, off, bytes(seal(rt)))
-    _must_fail(vhdx_mod, chain)
+    _must_fail(vhdx_mod, chain, vhdx_mod.CorruptImageError)
 
 
 def _metadata_mutation(chain: BuiltChain, fn: Callable[[bytearray], None]) -> None:
@@ -341,7 +343,7 @@ HOSTILE_METADATA: list[tuple[str, Callable[[bytearray], None]]] = [
 def test_hostile_metadata(vhdx_mod, tmp_path: Path, name: str, fn) -> None:
     chain = _fresh(tmp_path)
     _metadata_mutation(chain, fn)
-    exc = vhdx_mod.UnsupportedFeatureError if name == "unknown_required_item" else None
+    exc = vhdx_mod.UnsupportedFeatureError if name == "unknown_required_item" else vhdx_mod.CorruptImageError
     _must_fail(vhdx_mod, chain, exc)
 
 
@@ -378,13 +380,13 @@ def test_hostile_bat(vhdx_mod, tmp_path: Path, name: str, fn) -> None:
     plan = chain.images[0].plan
     for idx, raw in fn(chain).items():
         poke(chain.top, plan.bat_offset + 8 * idx, raw.to_bytes(8, "little"))
-    _must_fail(vhdx_mod, chain)
+    _must_fail(vhdx_mod, chain, vhdx_mod.CorruptImageError)
 
 
 def test_partial_without_sector_bitmap(vhdx_mod, tmp_path: Path) -> None:
     base = ImageSpec(virtual_size=4 * MiB, name="base", blocks={0: Block(FULLY)})
     child = ImageSpec(virtual_size=4 * MiB, name="child", blocks={0: Block(PARTIAL)}, sb_states={0: s.SB_BLOCK_NOT_PRESENT})
-    _must_fail(vhdx_mod, build_chain(tmp_path, [base, child]))
+    _must_fail(vhdx_mod, build_chain(tmp_path, [base, child]), vhdx_mod.CorruptImageError)
 
 
 def test_sb_entry_past_eof(vhdx_mod, tmp_path: Path) -> None:
@@ -394,7 +396,7 @@ def test_sb_entry_past_eof(vhdx_mod, tmp_path: Path) -> None:
     img = chain.images[0]
     sb = img.plan.chunk_ratio
     poke(img.path, img.plan.bat_offset + 8 * sb, s.bat_entry(s.SB_BLOCK_PRESENT, 1 << 40).to_bytes(8, "little"))
-    _must_fail(vhdx_mod, chain)
+    _must_fail(vhdx_mod, chain, vhdx_mod.CorruptImageError)
 
 
 # --- headers ------------------------------------------------------------------------------
@@ -406,11 +408,12 @@ def test_both_headers_bad(vhdx_mod, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("field,value,exc", [
-    ("version", 2, None),  # a header with Version != 1 is invalid (ref §2.1) or unsupported
-    ("log_version", 1, None),
-    ("log_offset", 0, None),
-    ("log_length", 3 * MiB // 2, None),
-    ("log_offset", 1 << 50, None),
+    ("version", 2, "CorruptImageError"),  # a header with Version != 1 is invalid (ref §2.1)
+    ("log_version", 1, "UnsupportedFeatureError"),
+    ("log_offset", 0, "CorruptImageError"),
+    ("log_length", 3 * MiB // 2, "CorruptImageError"),
+    ("log_offset", 1 << 50, "CorruptImageError"),
+    ("log_length", 0, "CorruptImageError"),  # LogGuid set, no region: was a ZeroDivisionError
 ])
 def test_hostile_header_fields(vhdx_mod, tmp_path: Path, field: str, value: int, exc) -> None:
     chain = _fresh(tmp_path, dirty_log=DirtyLog(entries=1, stale=0))
@@ -534,8 +537,9 @@ def test_not_a_vhdx(vhdx_mod, tmp_path: Path) -> None:
                        ("random", random.Random(1).randbytes(3 * MiB))):
         p = tmp_path / name
         p.write_bytes(data)
-        with pytest.raises(vhdx_mod.VhdxError):
+        with pytest.raises(vhdx_mod.CorruptImageError) as info:
             vhdx_mod.open(p)
+        assert type(info.value) is vhdx_mod.CorruptImageError and str(p) in str(info.value)
     with pytest.raises(vhdx_mod.VhdxError):
         vhdx_mod.open(tmp_path / "does-not-exist.vhdx")
     os.mkdir(tmp_path / "dir.vhdx")

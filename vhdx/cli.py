@@ -60,11 +60,7 @@ def image_info(img) -> dict:  # noqa: ANN001 - ImageFile
     hs = img.header_section
     md = img.metadata
     geo = img.geometry
-    states: dict[str, int] = {}
-    for _, info in img.allocated_blocks():
-        name = S.PAYLOAD_STATE_NAMES.get(info.state, str(info.state))
-        states[name] = states.get(name, 0) + 1
-    states["NOT_PRESENT"] = geo.payload_blocks - sum(states.values())
+    states = {S.PAYLOAD_STATE_NAMES.get(st, str(st)): n for st, n in img.block_state_counts().items()}
     return {
         "path": img.path,
         "creator": img.creator,

@@ -162,6 +162,9 @@ def validate_log_fields(header: Header) -> None:
     """MS-VHDX 2.2.2 LogVersion/LogOffset/LogLength rules (ref §6.4 steps 2-3)."""
     if header.log_version != 0 and header.log_dirty:
         raise UnsupportedFeatureError(f"log version {header.log_version} is not supported")
+    if header.log_dirty and header.log_length == 0:
+        # No region to hold the entries the LogGuid promises (and nothing to scan).
+        raise CorruptImageError("header LogGuid is set but LogLength is 0")
     if header.log_length % S.ALIGNMENT:
         raise CorruptImageError(f"log length {header.log_length:#x} is not a multiple of 1 MiB")
     if header.log_length and (header.log_offset % S.ALIGNMENT or header.log_offset < S.HEADER_SECTION_SIZE):

@@ -101,18 +101,15 @@ class MergeSummary:
 # --- planning ------------------------------------------------------------------------
 def defined_ranges(upper: Sequence[ImageFile], size: int) -> list[tuple[int, int]]:
     """Sorted, merged virtual ranges in which any upper file has a non-NOT_PRESENT block,
-    plus the ranges past a smaller upper file's end (which read zeros there)."""
+    plus the ranges past a smaller upper file's end (which read zeros there).
+    Built from runs of equal entries: a fully discarded 16 TiB child is one range."""
     spans: list[tuple[int, int]] = []
     for img in upper:
-        geo = img.geometry
-        bs = geo.block_size
+        bs = img.geometry.block_size
         # Every non-zero payload entry matters here: ZERO/UNDEFINED/UNMAPPED define zeros.
-        for i, e in iter_nonzero(img.bat, spans=img.bat_spans):
-            if geo.is_sb_index(i) or e & S.BAT_STATE_MASK == S.PAYLOAD_BLOCK_NOT_PRESENT:
-                continue
-            block = geo.block_of_index(i)
-            if block < geo.payload_blocks:
-                spans.append((block * bs, min(size, (block + 1) * bs)))
+        for block, n, e in img.payload_runs():
+            if e & S.BAT_STATE_MASK != S.PAYLOAD_BLOCK_NOT_PRESENT:
+                spans.append((block * bs, min(size, (block + n) * bs)))
         if img.virtual_size < size:
             spans.append((img.virtual_size, size))
     spans.sort()
@@ -139,32 +136,82 @@ class BlockPlan:
     fully_defined: bool
 
 
-def plan_blocks(upper_disk: VirtualDisk, ranges: list[tuple[int, int]], block_size: int):  # noqa: ANN201
-    """Yield a :class:`BlockPlan` for every target block that the upper chain touches."""
+PLAN_PIECE = 1 << 34  # virtual bytes resolved at once by the plan (bounds the segment list)
+_READS_ZERO = (S.PAYLOAD_BLOCK_UNDEFINED, S.PAYLOAD_BLOCK_ZERO, S.PAYLOAD_BLOCK_UNMAPPED)
+
+
+def plan_blocks(upper_disk: VirtualDisk, ranges: list[tuple[int, int]], block_size: int,  # noqa: ANN201
+                target: object = None):
+    """Yield a :class:`BlockPlan` for every target block that the upper chain touches.
+
+    The upper chain is resolved piece by piece into runs (:meth:`VirtualDisk.segments`).
+    With ``target`` (the target's ImageFile, or a stand-in with ``payload_runs``
+    and ``has_parent``), target blocks that a run of zeros covers whole and that
+    already read zeros with nothing to change are not yielded at all (they would
+    plan nothing): a discarded 16 TiB child costs its runs, not its blocks.
+    """
     current: BlockPlan | None = None
     size = upper_disk.size
     for start, end in ranges:
-        pos = start
-        while pos < end:
-            block = pos // block_size
-            bstart = block * block_size
-            bend = min(bstart + block_size, size)
-            n = min(end, bend) - pos
-            if current is None or current.block != block:
-                if current is not None:
-                    _finish(current)
-                    yield current
-                current = BlockPlan(block, bstart, bend - bstart, [], [], False)
-            for rel, length, src, foff in upper_disk.segments(pos, n):
-                v = pos + rel
-                if src >= 0:
-                    current.data.append((v, length, src, foff))
-                elif src == ZERO:
-                    current.zeros.append((v, length))
-            pos += n
+        for pstart in range(start, end, PLAN_PIECE):
+            pend = min(end, pstart + PLAN_PIECE)
+            for rel, length, src, foff in upper_disk.segments(pstart, pend - pstart):
+                v, vend = pstart + rel, pstart + rel + length
+                while v < vend:
+                    block = v // block_size
+                    bstart = block * block_size
+                    bend = min(bstart + block_size, size)
+                    if (target is not None and src == ZERO and v == bstart and vend >= bend
+                            and (current is None or current.block != block)):
+                        # Whole target blocks of zeros: only those with something to change.
+                        stop = block + (min(vend, size) - bstart) // block_size
+                        if min(vend, size) == size and size % block_size:
+                            stop = -(-size // block_size)  # the short last block, covered whole
+                        if current is not None:
+                            _finish(current)
+                            yield current
+                            current = None
+                        yield from _zero_blocks(target, block, stop, block_size, size)
+                        v = min(vend, stop * block_size)
+                        continue
+                    if current is None or current.block != block:
+                        if current is not None:
+                            _finish(current)
+                            yield current
+                        current = BlockPlan(block, bstart, bend - bstart, [], [], False)
+                    n = min(vend, bend) - v
+                    if src >= 0:
+                        current.data.append((v, n, src, foff + (v - pstart - rel)))
+                    elif src == ZERO:
+                        current.zeros.append((v, n))
+                    v += n
     if current is not None:
         _finish(current)
         yield current
+
+
+def _zero_blocks(target: object, first: int, stop: int, block_size: int, size: int):  # noqa: ANN202
+    """BlockPlans "all zeros" for the target blocks in [first, stop) that do not read
+    zeros already by their own state: FULLY/PARTIALLY_PRESENT ones, and NOT_PRESENT
+    ones of a differencing target (which would expose its parent otherwise)."""
+    has_parent = target.has_parent  # type: ignore[attr-defined]
+
+    def plan(b: int) -> BlockPlan:
+        bstart = b * block_size
+        n = min(block_size, size - bstart)
+        return BlockPlan(b, bstart, n, [], [(bstart, n)], True)
+
+    pos = first
+    for b, n, e in target.payload_runs(first, stop):  # type: ignore[attr-defined]
+        if has_parent:
+            yield from (plan(k) for k in range(pos, b))  # NOT_PRESENT gap
+        state = e & S.BAT_STATE_MASK
+        if state in (S.PAYLOAD_BLOCK_FULLY_PRESENT, S.PAYLOAD_BLOCK_PARTIALLY_PRESENT) or (
+                has_parent and state not in _READS_ZERO):
+            yield from (plan(k) for k in range(b, b + n))
+        pos = b + n
+    if has_parent:
+        yield from (plan(k) for k in range(pos, stop))
 
 
 def _finish(p: BlockPlan) -> None:
@@ -792,7 +839,7 @@ def _execute(t: WritableDisk, upper_disk: VirtualDisk, upper: list[ImageFile], s
     mover = None if dry_run else _Mover(t, upper, summary, allow_clone)
     done = pending = 0
     committed = time.monotonic()
-    for p in plan_blocks(upper_disk, ranges, t.image.geometry.block_size):
+    for p in plan_blocks(upper_disk, ranges, t.image.geometry.block_size, t.image):
         _apply_block(t, p, mover, summary)
         pending += p.length
         if mover is None:
@@ -839,6 +886,9 @@ class _EmptyImage:
         self.geometry = geometry
         self.virtual_size = geometry.virtual_size
         self.bat = _ZeroBat()
+
+    def payload_runs(self, first: int = 0, stop: int | None = None):  # noqa: ANN201
+        return iter(())  # every block NOT_PRESENT
 
 
 class _ZeroBat:

@@ -87,7 +87,12 @@ def parse_parent_locator(data: bytes) -> dict[str, str]:
                 strings.append(data[off:off + ln].decode("utf-16-le"))
             except UnicodeDecodeError:
                 raise CorruptImageError("parent locator entry is not valid UTF-16") from None
-        key, value = strings
+        # Strings from the file reach system calls as paths: a NUL inside one would
+        # make them raise (ValueError) instead of failing the lookup. A terminating
+        # NUL (counted in the length by some producers) is dropped.
+        key, value = (x.rstrip("\0") for x in strings)
+        if "\0" in key or "\0" in value:
+            raise CorruptImageError(f"parent locator entry {key.replace(chr(0), '?')!r} holds a NUL character")
         if key in out:
             raise CorruptImageError(f"parent locator key {key!r} appears twice")
         out[key] = value
