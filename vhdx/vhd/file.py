@@ -16,6 +16,7 @@ import threading
 import uuid
 from array import array
 from collections.abc import Iterator
+from typing import Any
 
 from ..errors import (
     ChecksumError,
