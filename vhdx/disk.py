@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from . import structures as S
-from .errors import InvalidArgumentError, VhdxError
+from .errors import InvalidArgumentError, NotCopyableError, ReadOnlyError, VhdxError
 from .image import ImageFile, pread_into
 
 ZERO = -1  # segment source: reads zeros because the chain defines zeros
@@ -388,6 +388,22 @@ class VirtualDisk(io.RawIOBase):
     # --- io.RawIOBase ------------------------------------------------------------
     def readable(self) -> bool:
         return True
+
+    def write(self, data) -> int:  # noqa: ANN001 - io.RawIOBase signature
+        """Refused: this disk is read-only (``vhdx.open(path, "r+")`` opens it writable)."""
+        raise ReadOnlyError(f"{self.path}: opened read-only (open it with mode 'r+' to write)")
+
+    # A copy would share the chain's descriptors and locks: closing it would close
+    # them under the original, whose reads would then hit whatever file reuses the
+    # numbers. Copies and pickles are therefore refused; open the path again instead.
+    def __copy__(self) -> "VirtualDisk":
+        raise NotCopyableError(f"{self.path}: an open disk cannot be copied; open the file again")
+
+    def __deepcopy__(self, memo: dict) -> "VirtualDisk":
+        raise NotCopyableError(f"{self.path}: an open disk cannot be copied; open the file again")
+
+    def __reduce_ex__(self, protocol: object) -> object:
+        raise NotCopyableError(f"{self.path}: an open disk cannot be pickled; pickle its path instead")
 
     def seekable(self) -> bool:
         return True

@@ -19,7 +19,8 @@ from typing import Iterator
 
 from . import structures as S
 from .bat import Geometry, Spans, Table, decode_table, iter_nonzero, raise_fatal, validate_table
-from .errors import CorruptImageError, InvalidArgumentError, VhdxError
+from .errors import (CorruptImageError, ImageNotFoundError, InvalidArgumentError, NotCopyableError,
+                     VhdxError, VhdxIOError)
 from .headers import HeaderSection, read_header_section
 from .log import Overlay, ReplayPlan, plan_replay
 from .metadata import Metadata, parse_metadata
@@ -40,9 +41,9 @@ def open_regular_file(path: str | os.PathLike[str]) -> int:
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise VhdxError(f"{os.fspath(path)}: no such file") from None
+        raise ImageNotFoundError(os.fspath(path)) from None
     except OSError as e:
-        raise VhdxError(f"{os.fspath(path)}: {e.strerror}") from None
+        raise VhdxIOError.from_os(e, os.fspath(path)) from None
     if not stat.S_ISREG(st.st_mode):
         raise InvalidArgumentError(f"{os.fspath(path)}: not a regular file")
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
@@ -50,9 +51,12 @@ def open_regular_file(path: str | os.PathLike[str]) -> int:
         # O_NOATIME keeps even the access time of evidence unchanged where allowed.
         fd = os.open(path, flags | getattr(os, "O_NOATIME", 0))
     except PermissionError:
-        fd = os.open(path, flags)
+        try:
+            fd = os.open(path, flags)
+        except OSError as e:
+            raise VhdxIOError.from_os(e, os.fspath(path)) from None
     except OSError as e:
-        raise VhdxError(f"{os.fspath(path)}: {e.strerror}") from None
+        raise VhdxIOError.from_os(e, os.fspath(path)) from None
     st2 = os.fstat(fd)
     if not stat.S_ISREG(st2.st_mode) or (st2.st_dev, st2.st_ino) != (st.st_dev, st.st_ino):
         os.close(fd)
@@ -114,6 +118,12 @@ class ImageFile:
         self.fd = open_regular_file(path) if fd is None else fd
         try:
             self._load()
+        except VhdxError as e:
+            self.close()
+            # Parsers below know nothing of paths; a message must name its file.
+            if self.path not in str(e) and type(e).__init__ is VhdxError.__init__:
+                raise type(e)(f"{self.path}: {e}") from None
+            raise
         except BaseException:
             self.close()
             raise
@@ -338,6 +348,16 @@ class ImageFile:
     @property
     def closed(self) -> bool:
         return self.fd < 0
+
+    # A copy would share (and on close, close) the descriptor: refused, as for VirtualDisk.
+    def __copy__(self) -> "ImageFile":
+        raise NotCopyableError(f"{self.path}: an open image cannot be copied; open the file again")
+
+    def __deepcopy__(self, memo: dict) -> "ImageFile":
+        raise NotCopyableError(f"{self.path}: an open image cannot be copied; open the file again")
+
+    def __reduce_ex__(self, protocol: object) -> object:
+        raise NotCopyableError(f"{self.path}: an open image cannot be pickled; pickle its path instead")
 
     def __enter__(self) -> "ImageFile":
         return self
