@@ -24,7 +24,7 @@ from . import structures as S
 from .check import check_chain
 from .create import parse_size
 from .disk import VirtualDisk, open as open_disk
-from .errors import InvalidArgumentError, UsageError, VhdxError
+from .errors import ImageNotFoundError, InvalidArgumentError, UsageError, VhdxError
 from .progress import Progress, clear_all, configure as configure_progress
 
 CHUNK = 4 << 20
@@ -335,6 +335,8 @@ def _repair(args: argparse.Namespace) -> None:
 def cmd_check(args: argparse.Namespace) -> int:
     if args.dry_run and not args.repair:
         raise UsageError(f"{args.image}: --dry-run needs --repair")
+    if not os.path.lexists(args.image):  # nothing to check: an error (1), not corruption (2)
+        raise ImageNotFoundError(args.image)
     if args.repair:
         _repair(args)
         if args.dry_run:

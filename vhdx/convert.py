@@ -224,10 +224,17 @@ def open_source(source: str | os.PathLike[str], *, parents=None, search_dirs=(),
             raise UsageError(f"{path}: a raw image has no parents (--parent applies to VHDX sources)")
         if size == 0:
             raise InvalidArgumentError(f"{path}: empty file")
-        try:
-            ranges = list(raw_data_ranges(fd, size))
-        except OSError:  # a device or file system that cannot tell holes
+        import stat
+
+        if stat.S_ISBLK(os.fstat(fd).st_mode):
+            # SEEK_DATA on a device node says nothing true about its contents
+            # (Linux reports it as all hole): read it all; zero pieces stay sparse.
             ranges = [(0, size)]
+        else:
+            try:
+                ranges = list(raw_data_ranges(fd, size))
+            except OSError:  # a file system that cannot tell holes
+                ranges = [(0, size)]
     except BaseException:
         os.close(fd)
         raise

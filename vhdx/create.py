@@ -81,6 +81,17 @@ def plan_new(path: str | os.PathLike[str], size: int | str | None = None, *, typ
              parent: str | os.PathLike[str] | None = None) -> LayoutPlan:
     """The layout :func:`create` would write at ``path`` (same arguments), validated."""
     path = os.fspath(path)
+    try:
+        return _plan_new(path, size, type, block_size, logical_sector_size, physical_sector_size, parent)
+    except InvalidArgumentError as e:
+        if path in str(e):
+            raise
+        raise InvalidArgumentError(f"{path}: {e}") from None  # layout limits name no file
+
+
+def _plan_new(path: str, size: int | str | None, type: str, block_size: int | str | None,  # noqa: A002
+              logical_sector_size: int, physical_sector_size: int,
+              parent: str | os.PathLike[str] | None) -> LayoutPlan:
     if type not in ("dynamic", "fixed"):
         raise InvalidArgumentError(f"{path}: the type must be dynamic or fixed, not {type!r}")
     bs = parse_size(block_size) if block_size is not None else None

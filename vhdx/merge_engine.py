@@ -615,10 +615,11 @@ def _flatten(chain: list[ImageFile], output: str, dry_run: bool, progress: Progr
              warnings: list[str]) -> MergeSummary:
     from .layout import plan_layout, write_new_image
 
+    from . import fileio
+
     top = chain[0]
     summary = MergeSummary("flatten", output, [f.path for f in chain], dry_run, warnings=list(warnings))
-    if os.path.exists(output):
-        raise VhdxError(f"{output}: already exists")
+    fileio.inspect_output(output, allow_block=False)  # refuses an existing output or missing folder
     plan = plan_layout(top.virtual_size, top.block_size, top.logical_sector_size,
                        top.physical_sector_size, virtual_disk_id=top.virtual_disk_id)
     upper_disk = VirtualDisk(chain)
@@ -627,11 +628,20 @@ def _flatten(chain: list[ImageFile], output: str, dry_run: bool, progress: Progr
         _execute(_PlanOnly(_EmptyImage(geo)), upper_disk, chain, summary, True, progress, allow_clone)
         summary.seconds = time.monotonic() - t0
         return summary
-    tmp = output + ".part"
-    write_new_image(tmp, plan)
+    # Created exclusively under an unpredictable name: a planted OUT.part symlink
+    # (CWE-59) is never opened, let alone written through.
+    fd, tmp = fileio.create_temp(output)
     try:
+        with os.fdopen(os.dup(fd), "w+b") as fh:
+            write_new_image(fh, plan)
         # Invisible until renamed: one fsync before the rename (DeferredSyncStorage).
-        storage = storage_factory(tmp) if storage_factory else DeferredSyncStorage.open(tmp)
+        # The descriptor is kept: reopening the name could open a swapped-in file.
+        if storage_factory:
+            os.close(fd)
+            storage = storage_factory(tmp)
+        else:
+            storage = DeferredSyncStorage(fd)
+        fd = -1
         with WritableDisk(tmp, storage=storage) as t:
             t.log.mark_data_changed()
             _execute(t, upper_disk, chain, summary, False, progress, allow_clone)
@@ -642,8 +652,9 @@ def _flatten(chain: list[ImageFile], output: str, dry_run: bool, progress: Progr
         os.replace(tmp, output)
         fsync_dir(output)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if fd >= 0:
+            os.close(fd)
+        fileio.discard_temp(tmp)
         raise
     summary.seconds = time.monotonic() - t0
     return summary
