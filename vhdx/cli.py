@@ -571,8 +571,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    configure_progress(False if getattr(args, "quiet", False) else
-                       True if getattr(args, "progress", False) else None)
+    old_mode = configure_progress(False if getattr(args, "quiet", False) else
+                                  True if getattr(args, "progress", False) else None)
     try:
         old_term = signal.signal(signal.SIGTERM, _on_sigterm)
     except ValueError:  # not the main thread (an embedding program): leave SIGTERM alone
@@ -615,6 +615,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     finally:
+        configure_progress(old_mode)  # main() may run again in this process (tests, embedders)
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
 

@@ -286,6 +286,7 @@ def convert_to_vhdx(source: str | os.PathLike[str] | Source, output: str | os.Pa
             # Invisible until renamed: one fsync before the rename stands for every
             # intermediate flush (see DeferredSyncStorage).
             storage = DeferredSyncStorage(fd)
+            storage.path = output  # messages name the output, not the hidden temp
             fd = -1  # the storage owns it now
             with WritableDisk(tmp, storage=storage) as out:
                 _copy(iter(src.ranges), src.readinto, out.write_at, progress, src.data_bytes)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from . import structures as S
-from .errors import InvalidArgumentError, NotCopyableError, ReadOnlyError, VhdxError
+from .errors import InvalidArgumentError, NotCopyableError, ReadOnlyError, VhdxError, VhdxIOError  # noqa: F401
 from .image import ImageFile, pread_into
 
 ZERO = -1  # segment source: reads zeros because the chain defines zeros
@@ -334,7 +334,7 @@ class VirtualDisk(io.RawIOBase):
                 try:
                     self._gather(img.fd, mv, batch)
                 except OSError as e:
-                    raise VhdxError(f"{img.path}: read failed: {e.strerror or e}") from None
+                    raise VhdxIOError.from_os(e, img.path, "read failed") from None
             else:
                 for pos, foff, length in batch:
                     pread_into(img.fd, mv[pos:pos + length], foff, img.path)
@@ -383,7 +383,7 @@ class VirtualDisk(io.RawIOBase):
     def _raise_read_error(self, src: int, e: OSError) -> None:
         if self.closed:
             raise ValueError("I/O operation on closed disk") from None
-        raise VhdxError(f"{self.chain[src].path}: read failed: {e.strerror}") from None
+        raise VhdxIOError.from_os(e, self.chain[src].path, "read failed") from None
 
     # --- io.RawIOBase ------------------------------------------------------------
     def readable(self) -> bool:

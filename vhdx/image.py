@@ -75,7 +75,7 @@ def pread_into(fd: int, mv: memoryview, offset: int, path: str) -> None:
                 break
             got += k
     except OSError as e:
-        raise VhdxError(f"{path}: read failed at {offset:#x}: {e.strerror}") from None
+        raise VhdxIOError.from_os(e, path, f"read failed at {offset:#x}") from None
     if got < n:
         mv[got:] = bytes(n - got)
 
@@ -230,7 +230,7 @@ class ImageFile:
         try:
             return os.pread(self.fd, size, offset)
         except OSError as e:
-            raise VhdxError(f"{self.path}: read failed at {offset:#x}: {e.strerror}") from None
+            raise VhdxIOError.from_os(e, self.path, f"read failed at {offset:#x}") from None
 
     def read_file(self, offset: int, size: int) -> bytes:
         """``size`` bytes of the file as replayed (overlay applied; zeros past EOF)."""

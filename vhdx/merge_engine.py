@@ -641,6 +641,7 @@ def _flatten(chain: list[ImageFile], output: str, dry_run: bool, progress: Progr
             storage = storage_factory(tmp)
         else:
             storage = DeferredSyncStorage(fd)
+            storage.path = output  # messages name the output, not the hidden temp
         fd = -1
         with WritableDisk(tmp, storage=storage) as t:
             t.log.mark_data_changed()

@@ -18,10 +18,12 @@ _mode: bool | None = None
 _live: "weakref.WeakSet[Progress]" = weakref.WeakSet()
 
 
-def configure(enabled: bool | None) -> None:
-    """Set the process-wide default: None (terminal only), True or False."""
+def configure(enabled: bool | None) -> bool | None:
+    """Set the process-wide default: None (terminal only), True or False; returns
+    the previous one (to restore it)."""
     global _mode
-    _mode = enabled
+    old, _mode = _mode, enabled
+    return old
 
 
 class Progress:
