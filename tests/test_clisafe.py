@@ -611,3 +611,43 @@ def test_help_says_what_merge_deletes_and_what_repair_writes():
     assert "deleted" in merge and "unless --keep" in merge
     check = " ".join(run("check", "--help").stdout.decode().split())
     assert "--repair WRITES" in check.replace("--repair  WRITES", "--repair WRITES") or "WRITES to IMAGE" in check
+
+
+@pytest.mark.parametrize("name", ["o.raw", "o.vhdx"])
+def test_interrupted_convert_leaves_no_temp_and_keeps_the_old_output(chain, tmp_path, monkeypatch, capsys, name):
+    from vhdx import cli, progress
+
+    out = tmp_path / name
+    out.write_bytes(b"previous output")
+
+    def interrupting(self, done, total=None):  # noqa: ANN001, ANN202
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(progress.Progress, "__call__", interrupting)
+    assert cli.main(["convert", str(chain.top), str(out), "--force"]) == 130
+    last = capsys.readouterr().err.split("\r")[-1]
+    assert last.startswith("vhdx: interrupted: the source is unchanged and no output was written")
+    assert f"run 'vhdx convert {chain.top} {out} --force'" in last
+    assert out.read_bytes() == b"previous output"
+    assert not list(tmp_path.glob("*.part"))
+
+
+def test_storage_os_errors_keep_errno_and_name_the_file(tmp_path):
+    import errno
+
+    from vhdx.storage import FileStorage
+
+    p = tmp_path / "ro.bin"
+    p.write_bytes(b"x" * 4096)
+    st = FileStorage(os.open(p, os.O_RDONLY))  # writable=True over a read-only descriptor
+    st.path = str(p)
+    try:
+        with pytest.raises(E.VhdxIOError) as ei:
+            st.pwrite(0, b"y")
+        assert isinstance(ei.value, OSError) and ei.value.errno == errno.EBADF
+        assert str(ei.value).startswith(f"{p}: write failed at 0x0")
+    finally:
+        st.close()
+    with pytest.raises(E.VhdxIOError) as ei:
+        FileStorage.open(tmp_path / "absent.bin")
+    assert ei.value.errno == errno.ENOENT and str(tmp_path / "absent.bin") in str(ei.value)
