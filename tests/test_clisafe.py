@@ -401,6 +401,7 @@ def _error_table(tmp: Path, top: Path, base: Path) -> list[tuple[list, int, str]
         (["convert", top, tmp / "nodir" / "o.raw"], 1, "o.raw"),
         (["convert", top, tmp / "o.raw", "--type", "fixed"], 2, "o.raw"),
         (["convert", top, tmp / "o.qcow2"], 2, "o.qcow2"),
+        (["convert", top, "-", "--format", "vhdx"], 2, "-: only raw"),
         (["convert", top, tmp / "o.vhdx", "--block-size", "3M"], 1, "o.vhdx"),
         (["convert", top, tmp / "o.raw", "--block-size", "zz"], 2, "--block-size"),
         (["create", tmp / "exists.vhdx", "--size", "8M"], 1, "exists.vhdx"),
@@ -651,3 +652,22 @@ def test_storage_os_errors_keep_errno_and_name_the_file(tmp_path):
     with pytest.raises(E.VhdxIOError) as ei:
         FileStorage.open(tmp_path / "absent.bin")
     assert ei.value.errno == errno.ENOENT and str(tmp_path / "absent.bin") in str(ei.value)
+
+
+def test_convert_refuses_a_mounted_block_device(chain, tmp_path, loopdev):
+    if shutil.which("mkfs.ext4") is None:
+        pytest.skip("mkfs.ext4 not installed")
+    dev = loopdev(16 * MiB, b"\0")
+    subprocess.run(["mkfs.ext4", "-q", "-F", dev], check=True, capture_output=True)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    # Read-only: nothing writes the device meanwhile, and O_EXCL still sees it held.
+    if subprocess.run(["mount", "-o", "ro", dev, str(mnt)], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount here")
+    try:
+        before = hashlib.sha256(_read_dev(dev, 16 * MiB)).hexdigest()
+        err = one_error_line(run("convert", chain.top, dev, "--force", rc=1), dev)
+        assert "in use" in err
+        assert hashlib.sha256(_read_dev(dev, 16 * MiB)).hexdigest() == before
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)

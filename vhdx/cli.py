@@ -227,6 +227,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     out = args.output
     fmt = output_format(out, args.format)
+    if out == "-" and fmt != "raw":
+        raise UsageError(f"-: only raw bytes can be streamed to stdout, not {fmt.upper()}")
     if fmt != "vhdx" and (args.type or args.block_size):
         raise UsageError(f"{out}: --type and --block-size apply to VHDX outputs only")
     if fmt == "vhd":
