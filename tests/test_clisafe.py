@@ -511,11 +511,17 @@ def test_sigterm_clears_the_bar_and_says_one_line(tmp_path):
     vhdx.create(big, 256 * S.GiB)  # empty: hashing it reads zeros for a long while
     p = subprocess.Popen([sys.executable, "-m", "vhdx", "hash", str(big), "--progress"], cwd=REPO,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    time.sleep(1.5)
+    import select
+
+    # Wait for the bar (the handler is installed before it is drawn), however slow
+    # the machine is, then a little more so that the hash is under way.
+    assert select.select([p.stderr], [], [], 60)[0], "no progress bar within 60 s"
+    first = os.read(p.stderr.fileno(), 65536)
+    time.sleep(0.3)
     p.send_signal(signal.SIGTERM)
     out, err = p.communicate(timeout=30)
     assert p.returncode == 143, err
-    text = err.decode()
+    text = (first + err).decode()
     assert "\r" in text  # the bar was drawn ...
     last = text.split("\r")[-1]
     assert last.startswith("vhdx: terminated: ") and last.count("\n") == 1, text[-300:]
