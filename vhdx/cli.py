@@ -231,8 +231,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise UsageError(f"-: only raw bytes can be streamed to stdout, not {fmt.upper()}")
     if fmt != "vhdx" and (args.type or args.block_size):
         raise UsageError(f"{out}: --type and --block-size apply to VHDX outputs only")
+    if out != "-":  # refuse a wrong target before the (maybe long) open of the source
+        from .fileio import inspect_output
+
+        inspect_output(out, force=args.force, allow_block=fmt == "raw")
     if fmt == "vhd":
         try:
+            if not _own_module("vhdx.vhd"):
+                raise ImportError("vhdx.vhd")
             from .vhd import convert_to_vhd  # type: ignore[attr-defined]
         except ImportError:
             raise VhdxError(f"{out}: VHD output is not supported by this build") from None
@@ -511,10 +517,33 @@ _COMMAND_MODULES = (
 )
 
 
+def _own_module(name: str) -> bool:
+    """True when command module ``name`` exists in this very package directory.
+
+    An editable install elsewhere can make ``vhdx.x`` resolve to another copy of
+    the package; mixing modules of two copies breaks at import, so a command
+    whose module lives elsewhere is treated as not part of this build.
+    """
+    import importlib.util
+
+    sub = ".".join(name.split(".")[:2])  # vhdx.hyperv for vhdx.hyperv.cli (imports nothing of it)
+    try:
+        spec = importlib.util.find_spec(sub)
+    except (ImportError, ValueError):
+        return False
+    if spec is None:
+        return False
+    where = spec.origin or next(iter(spec.submodule_search_locations or []), "")
+    here = os.path.dirname(os.path.abspath(__file__))
+    return os.path.abspath(where).startswith(here + os.sep)
+
+
 def _register_extra_commands(sub: Any) -> None:
     import importlib
 
     for name in _COMMAND_MODULES:
+        if not _own_module(name):
+            continue  # that command is not part of this build
         try:
             mod = importlib.import_module(name)
         except ModuleNotFoundError as e:
