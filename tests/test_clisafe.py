@@ -678,3 +678,37 @@ def test_convert_refuses_a_mounted_block_device(chain, tmp_path, loopdev):
         assert hashlib.sha256(_read_dev(dev, 16 * MiB)).hexdigest() == before
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_convert_refuses_up_front_when_the_output_cannot_fit(tmp_path, loopdev):
+    """A small loop-mounted file system: the numbers in one line, nothing written."""
+    import random
+
+    if shutil.which("mkfs.ext4") is None:
+        pytest.skip("mkfs.ext4 not installed")
+    dev = loopdev(24 * MiB, b"\0")
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", dev], check=True, capture_output=True)
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", dev, str(mnt)], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount here")
+    try:
+        src = tmp_path / "big.raw"
+        src.write_bytes(random.Random(3).randbytes(40 * MiB))  # more than the file system holds
+        free = os.statvfs(mnt).f_bavail
+        for name in ("o.raw", "o.vhdx"):
+            err = one_error_line(run("convert", src, mnt / name, rc=1), mnt / name)
+            import re
+
+            m = re.search(r"needs up to (\d+) bytes, .* has (\d+) free", err)
+            assert "not enough space" in err and m, err
+            assert int(m.group(1)) >= 40 * MiB and int(m.group(2)) == free * os.statvfs(mnt).f_frsize
+            assert not (mnt / name).exists()
+            assert [p.name for p in mnt.iterdir()] == ["lost+found"]
+            assert os.statvfs(mnt).f_bavail == free
+        small = tmp_path / "small.raw"
+        small.write_bytes(random.Random(4).randbytes(2 * MiB))
+        run("convert", small, mnt / "ok.raw")  # what fits is written
+        assert (mnt / "ok.raw").read_bytes() == small.read_bytes()
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)

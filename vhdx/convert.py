@@ -279,6 +279,13 @@ def convert_to_vhdx(source: str | os.PathLike[str] | Source, output: str | os.Pa
         plan = plan_new(output, src.size, type=type, block_size=block_size,
                         logical_sector_size=src.logical_sector_size,
                         physical_sector_size=src.physical_sector_size)
+        # Upper bound of the growth: a fixed disk's whole file (its payload is laid
+        # out up front, as Hyper-V allocates it); for a dynamic one, the source's
+        # data rounded to whole blocks plus the new file's own structures.
+        bs = plan.block_size
+        blocks = sum(-(-(o + n) // bs) - o // bs for o, n in src.ranges)
+        needed = plan.file_size if type == "fixed" else plan.file_size + blocks * bs
+        fileio.check_free_space(output, needed, "the new VHDX")
         fd, tmp = fileio.create_temp(output)
         try:
             with os.fdopen(os.dup(fd), "w+b") as fh:
@@ -339,6 +346,7 @@ def convert_to_raw(source: str | os.PathLike[str] | Source, output: str | os.Pat
             _to_block_device(src, output, progress)
         else:
             _refuse_self(output, src)
+            fileio.check_free_space(output, src.data_bytes, "the raw image")
             fd, tmp = fileio.create_temp(output)
             try:
                 _copy(iter(src.ranges), src.readinto, _write_fd(fd, output), progress, src.data_bytes)

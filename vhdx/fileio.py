@@ -33,7 +33,7 @@ from .errors import (
 )
 from .storage import fsync_dir
 
-__all__ = ["Target", "inspect_output", "create_temp", "commit_temp", "discard_temp",
+__all__ = ["Target", "inspect_output", "check_free_space", "create_temp", "commit_temp", "discard_temp",
            "open_block_device", "open_source", "zero_range", "kind_name"]
 
 _BLKGETSIZE64 = 0x80081272  # _IOR(0x12, 114, size_t): size of a block device in bytes
@@ -92,6 +92,21 @@ def inspect_output(path: str | os.PathLike[str], *, force: bool = False,
         return Target(path, "regular")
     raise TargetKindError(f"{path}: is {kind_name(st.st_mode)}; the output must be a regular file"
                           + (" or a block device" if allow_block else ""))
+
+
+def check_free_space(final: str | os.PathLike[str], needed: int, what: str) -> None:
+    """Refuse, with the numbers, when the output's file system cannot hold
+    ``needed`` more bytes (statvfs; skipped where it cannot be asked)."""
+    final = os.fspath(final)
+    folder = os.path.dirname(os.path.abspath(final))
+    try:
+        st = os.statvfs(folder)
+    except (OSError, AttributeError):
+        return
+    free = st.f_bavail * st.f_frsize
+    if needed > free:
+        raise VhdxIOError(errno.ENOSPC, f"not enough space for {what}: it needs up to {needed} bytes, "
+                          f"{folder} has {free} free; nothing was written", final)
 
 
 def create_temp(final: str | os.PathLike[str], mode: int = 0o644) -> tuple[int, str]:
