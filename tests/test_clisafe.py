@@ -706,6 +706,18 @@ def test_convert_refuses_up_front_when_the_output_cannot_fit(tmp_path, loopdev):
             assert not (mnt / name).exists()
             assert [p.name for p in mnt.iterdir()] == ["lost+found"]
             assert os.statvfs(mnt).f_bavail == free
+        # Past the check (as when something else fills the disk meanwhile): ENOSPC
+        # mid-way is one line naming the output, and every byte is given back.
+        for name in ("o.raw", "o.vhdx"):
+            p = subprocess.run(
+                [sys.executable, "-c", "import sys, vhdx.fileio as f, vhdx.cli as c; "
+                 "f.check_free_space = lambda *a: None; sys.exit(c.main(sys.argv[1:]))",
+                 "convert", str(src), str(mnt / name)], cwd=REPO, capture_output=True, timeout=120)
+            assert p.returncode == 1
+            err = one_error_line(p, mnt / name)
+            assert "No space left on device" in err and "run the command again" in err
+            assert [q.name for q in mnt.iterdir()] == ["lost+found"]
+            assert os.statvfs(mnt).f_bavail == free
         small = tmp_path / "small.raw"
         small.write_bytes(random.Random(4).randbytes(2 * MiB))
         run("convert", small, mnt / "ok.raw")  # what fits is written

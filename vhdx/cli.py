@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import builtins
+import errno
 import hashlib
 import json
 import os
@@ -621,7 +622,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except VhdxError as e:
         clear_all()
-        print(f"vhdx: error: {_name_file(args, _one_line(str(e)))}", file=sys.stderr)
+        hint = ""
+        if getattr(e, "errno", None) == errno.ENOSPC and "nothing was written" not in str(e):
+            hint = "; the inputs are unchanged: free some space and run the command again"
+        print(f"vhdx: error: {_name_file(args, _one_line(str(e)))}{hint}", file=sys.stderr)
         return 1
     except BrokenPipeError:
         # Output closed early (| head): not an error worth a traceback.
