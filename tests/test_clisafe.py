@@ -724,3 +724,67 @@ def test_convert_refuses_up_front_when_the_output_cannot_fit(tmp_path, loopdev):
         assert (mnt / "ok.raw").read_bytes() == small.read_bytes()
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_eio_while_reading_a_source_is_one_line_and_leaves_nothing(tmp_path, loopdev):
+    """A device-mapper device whose 64 KiB at 4 MiB fail every read (dm 'error')."""
+    if shutil.which("dmsetup") is None or not os.path.exists("/dev/mapper/control"):
+        pytest.skip("needs dmsetup and device-mapper")
+    dev = loopdev(8 * MiB, b"\x11")
+    name = f"vhdx-test-{uuid.uuid4().hex[:12]}"
+    sec = 512
+    table = (f"0 {4 * MiB // sec} linear {dev} 0\n"
+             f"{4 * MiB // sec} {65536 // sec} error\n"
+             f"{(4 * MiB + 65536) // sec} {(4 * MiB - 65536) // sec} linear {dev} {(4 * MiB + 65536) // sec}\n")
+    if subprocess.run(["dmsetup", "create", name], input=table.encode(), capture_output=True).returncode:
+        pytest.skip("dmsetup create failed")
+    bad = f"/dev/mapper/{name}"
+    try:
+        for out in (tmp_path / "p.vhdx", tmp_path / "p.raw"):
+            err = one_error_line(run("convert", bad, out, rc=1), bad)
+            assert "Input/output error" in err and "read failed" in err
+            assert not out.exists() and not list(tmp_path.glob("*.part"))
+    finally:
+        subprocess.run(["dmsetup", "remove", name], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def eio_shim(tmp_path_factory):  # noqa: ANN001, ANN201
+    """tests/shims/eio_shim.c built for LD_PRELOAD (skips without a C compiler)."""
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        pytest.skip("no C compiler for the EIO shim")
+    so = tmp_path_factory.mktemp("shim") / "eio_shim.so"
+    p = subprocess.run([cc, "-shared", "-fPIC", "-O1", "-o", str(so),
+                        str(REPO / "tests" / "shims" / "eio_shim.c"), "-ldl"], capture_output=True, text=True)
+    if p.returncode:
+        pytest.skip(f"cannot build the EIO shim: {p.stderr.strip()[:200]}")
+    return so
+
+
+def test_eio_at_many_offsets_is_one_line_naming_the_file(chain, tmp_path, eio_shim):
+    """Reads of a chain file fail at headers, BAT, metadata and every payload block
+    in turn: each command answers one line naming that file; nothing is left."""
+    before = [sha(p) for p in chain.paths]
+    # Where reads really happen: the header of each file (at open) and the first
+    # sector of every data extent (hash and convert read all data).
+    cases = [(os.path.realpath(p), S.HEADER_OFFSETS[0]) for p in chain.paths]
+    with vhdx.open(chain.top) as d:
+        cases += [(os.path.realpath(d.chain[e.source].path), e.file_offset)
+                  for e in d.extents() if e.kind == "data"]
+    assert len(cases) >= 8
+    cmds = [("convert", "{out}.raw"), ("convert", "{out}.vhdx"), ("hash",)]
+    for i, (path, offset) in enumerate(cases):
+        env = dict(os.environ, LD_PRELOAD=str(eio_shim), VHDX_EIO_PATH=path,
+                   VHDX_EIO_OFFSET=str(offset), VHDX_EIO_LENGTH="512")
+        cmd = cmds[i % len(cmds)]
+        out = tmp_path / f"out{i}"
+        args = [cmd[0], chain.top] + [a.format(out=out) for a in cmd[1:]]
+        p = run(*args, rc=None, env=env)
+        assert p.returncode == 1, (args, offset, p.stderr)
+        err = one_error_line(p, path)
+        assert "Input/output error" in err, err
+        assert not list(tmp_path.glob("out*")) and not list(tmp_path.glob(".out*"))
+    # Without the fault everything works, and no input changed.
+    assert run("hash", chain.top).stdout.split()[0].decode() == hashlib.sha256(chain.expected()).hexdigest()
+    assert [sha(p) for p in chain.paths] == before

@@ -350,12 +350,11 @@ def convert_to_raw(source: str | os.PathLike[str] | Source, output: str | os.Pat
             fd, tmp = fileio.create_temp(output)
             try:
                 _copy(iter(src.ranges), src.readinto, _write_fd(fd, output), progress, src.data_bytes)
-                os.ftruncate(fd, src.size)
-                os.fsync(fd)
-            except OSError as e:
-                os.close(fd)
-                fileio.discard_temp(tmp)
-                raise VhdxIOError.from_os(e, output, "write failed") from None
+                try:
+                    os.ftruncate(fd, src.size)
+                    os.fsync(fd)
+                except OSError as e:
+                    raise VhdxIOError.from_os(e, output, "write failed") from None
             except BaseException:
                 os.close(fd)
                 fileio.discard_temp(tmp)
