@@ -656,9 +656,16 @@ def test_storage_os_errors_keep_errno_and_name_the_file(tmp_path):
         assert str(ei.value).startswith(f"{p}: write failed at 0x0")
     finally:
         st.close()
-    with pytest.raises(E.VhdxIOError) as ei:
+    with pytest.raises(E.ImageNotFoundError) as ei:
         FileStorage.open(tmp_path / "absent.bin")
     assert ei.value.errno == errno.ENOENT and str(tmp_path / "absent.bin") in str(ei.value)
+    with pytest.raises(FileNotFoundError):
+        vhdx.open(tmp_path / "absent.vhdx", "r+")
+    d = tmp_path / "adir"
+    d.mkdir()
+    with pytest.raises(E.VhdxIOError) as ei:  # EISDIR: an OSError that names the folder
+        FileStorage.open(d)
+    assert ei.value.errno == errno.EISDIR and str(d) in str(ei.value)
 
 
 def test_convert_refuses_a_mounted_block_device(chain, tmp_path, loopdev):

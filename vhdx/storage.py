@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
-from .errors import InvalidArgumentError, VhdxIOError
+from .errors import ImageNotFoundError, InvalidArgumentError, VhdxIOError
 
 __all__ = [
     "Storage",
@@ -89,6 +89,8 @@ class FileStorage:
         flags = (os.O_RDWR if writable else os.O_RDONLY) | getattr(os, "O_BINARY", 0)
         try:
             st = cls(os.open(path, flags), owns_fd=True, writable=writable)
+        except FileNotFoundError:
+            raise ImageNotFoundError(os.fspath(path)) from None
         except OSError as e:
             raise VhdxIOError.from_os(e, os.fspath(path)) from None
         st.path = os.fspath(path)
