@@ -8,13 +8,20 @@ from .errors import (
     ChecksumError,
     CorruptImageError,
     DependentDisksError,
+    ImageNotFoundError,
     InvalidArgumentError,
     LockedError,
+    NotCopyableError,
+    OutputDirectoryError,
+    OutputExistsError,
     ParentMismatchError,
     ParentNotFoundError,
     ReadOnlyError,
+    TargetKindError,
     UnsupportedFeatureError,
+    UsageError,
     VhdxError,
+    VhdxIOError,
 )
 from .image import ImageFile
 
@@ -28,4 +35,6 @@ __all__ = [
     "VhdxError", "CorruptImageError", "ChecksumError", "UnsupportedFeatureError",
     "ParentNotFoundError", "ParentMismatchError", "InvalidArgumentError",
     "ReadOnlyError", "LockedError", "CancelledError", "DependentDisksError",
+    "ImageNotFoundError", "OutputExistsError", "OutputDirectoryError", "VhdxIOError",
+    "TargetKindError", "UsageError", "NotCopyableError",
 ]

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from . import structures as S
-from .errors import InvalidArgumentError, NotCopyableError, ReadOnlyError, VhdxError, VhdxIOError  # noqa: F401
-from .image import ImageFile, pread_into
+from .errors import InvalidArgumentError, ReadOnlyError, VhdxError, VhdxIOError  # noqa: F401
+from .image import ImageFile, NotCopyable, pread_into
 
 ZERO = -1  # segment source: reads zeros because the chain defines zeros
 UNALLOCATED = -2  # segment source: nothing in the chain ever wrote here
@@ -68,7 +68,7 @@ def _emit(out: list[Segment], pos: int, length: int, source: int, file_offset: i
     out.append([pos, length, source, file_offset])
 
 
-class VirtualDisk(io.RawIOBase):
+class VirtualDisk(NotCopyable, io.RawIOBase):
     """A read-only virtual disk over a chain of VHDX/AVHDX files (child first).
 
     ``read_at``/``readinto_at`` are safe to call from several threads at once;
@@ -393,17 +393,6 @@ class VirtualDisk(io.RawIOBase):
         """Refused: this disk is read-only (``vhdx.open(path, "r+")`` opens it writable)."""
         raise ReadOnlyError(f"{self.path}: opened read-only (open it with mode 'r+' to write)")
 
-    # A copy would share the chain's descriptors and locks: closing it would close
-    # them under the original, whose reads would then hit whatever file reuses the
-    # numbers. Copies and pickles are therefore refused; open the path again instead.
-    def __copy__(self) -> "VirtualDisk":
-        raise NotCopyableError(f"{self.path}: an open disk cannot be copied; open the file again")
-
-    def __deepcopy__(self, memo: dict) -> "VirtualDisk":
-        raise NotCopyableError(f"{self.path}: an open disk cannot be copied; open the file again")
-
-    def __reduce_ex__(self, protocol: object) -> object:
-        raise NotCopyableError(f"{self.path}: an open disk cannot be pickled; pickle its path instead")
 
     def seekable(self) -> bool:
         return True

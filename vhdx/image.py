@@ -107,7 +107,27 @@ class BlockInfo:
     file_offset: int  # 0 when the state has no data in this file
 
 
-class ImageFile:
+class NotCopyable:
+    """Refuses copy.copy, copy.deepcopy and pickling of an object holding open
+    descriptors: a copy would share them, and closing it would close them under
+    the original, whose reads would then hit whatever file reuses the numbers."""
+
+    path: str
+
+    def _refuse(self, what: str) -> NotCopyableError:
+        return NotCopyableError(f"{self.path}: an open disk cannot be {what}; open the file again")
+
+    def __copy__(self) -> None:
+        raise self._refuse("copied")
+
+    def __deepcopy__(self, memo: dict) -> None:
+        raise self._refuse("copied")
+
+    def __reduce_ex__(self, protocol: object) -> None:
+        raise self._refuse("pickled")
+
+
+class ImageFile(NotCopyable):
     """A single VHDX or AVHDX file, read-only. Thread-safe for reads."""
 
     def __init__(self, path: str | os.PathLike[str], fd: int | None = None) -> None:
@@ -348,16 +368,6 @@ class ImageFile:
     @property
     def closed(self) -> bool:
         return self.fd < 0
-
-    # A copy would share (and on close, close) the descriptor: refused, as for VirtualDisk.
-    def __copy__(self) -> "ImageFile":
-        raise NotCopyableError(f"{self.path}: an open image cannot be copied; open the file again")
-
-    def __deepcopy__(self, memo: dict) -> "ImageFile":
-        raise NotCopyableError(f"{self.path}: an open image cannot be copied; open the file again")
-
-    def __reduce_ex__(self, protocol: object) -> object:
-        raise NotCopyableError(f"{self.path}: an open image cannot be pickled; pickle its path instead")
 
     def __enter__(self) -> "ImageFile":
         return self
