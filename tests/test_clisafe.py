@@ -795,3 +795,46 @@ def test_eio_at_many_offsets_is_one_line_naming_the_file(chain, tmp_path, eio_sh
     # Without the fault everything works, and no input changed.
     assert run("hash", chain.top).stdout.split()[0].decode() == hashlib.sha256(chain.expected()).hexdigest()
     assert [sha(p) for p in chain.paths] == before
+
+
+def test_progress_bar_fits_a_narrow_terminal_and_shows_eta(tmp_path):
+    """On a 60-column terminal every redraw fits the line (no wrapping), and the bar
+    carries bytes done/total, rate and ETA."""
+    import re
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    img = tmp_path / "e.vhdx"
+    vhdx.create(img, 2 * S.GiB)  # empty: hashing it is quick but long enough to redraw
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 60, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    p = subprocess.Popen([sys.executable, "-m", "vhdx", "hash", str(img)], cwd=REPO, env=env,
+                         stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL)
+    os.close(slave)
+    seen = b""
+    try:
+        while True:
+            r, _, _ = select.select([master], [], [], 60)
+            if not r:
+                break
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        p.wait(timeout=120)
+        os.close(master)
+    assert p.returncode == 0
+    frames = [f for f in seen.decode(errors="replace").split("\r") if f.strip()]
+    assert frames, seen[:200]
+    assert all(len(f.rstrip("\n")) <= 60 for f in frames), max(frames, key=len)
+    # e.g. "hash:  40%|###  | 819M/2.00G [00:01<00:01, 560MB/s]"
+    shown = re.compile(r"\d+%.*\| *[\d.]+[kMG]?/2\.00G \[\d\d:\d\d<\d\d:\d\d, *[\d.]+[kMG]?B/s\]")
+    assert any(shown.search(f) for f in frames), frames[:4]
