@@ -395,7 +395,18 @@ def _to_block_device(src: Source, path: str, progress: Callable[[int, int], obje
 
 def _stream(src: Source, progress: Callable[[int, int], object] | None) -> None:
     """Every byte in order to stdout (a pipe cannot seek over holes)."""
-    out = os.fdopen(os.dup(1), "wb", buffering=0)
+    raw = os.fdopen(os.dup(1), "wb", buffering=0)
+
+    class _All:  # a raw write may be short (a signal, a non-blocking pipe): loop
+        @staticmethod
+        def write(data: memoryview) -> None:
+            while len(data):
+                n = raw.write(data)
+                data = data[n or 0:]
+
+        close = staticmethod(raw.close)
+
+    out = _All()
     buf = bytearray(CHUNK)
     mv = memoryview(buf)
     zeros = memoryview(bytes(CHUNK))

@@ -61,10 +61,12 @@ class Target:
 
 
 def inspect_output(path: str | os.PathLike[str], *, force: bool = False,
-                   allow_block: bool = True) -> Target:
+                   allow_block: bool = True,
+                   exists_hint: str = "use --force to overwrite") -> Target:
     """Classify ``path`` as an output, refusing what must not be written.
 
-    An existing regular file or block device needs ``force``. A symlink is
+    An existing regular file or block device needs ``force`` (``exists_hint``
+    says what to do instead, for commands without that option). A symlink is
     followed to decide the kind (``/dev/vg/lv`` links to ``/dev/dm-N``), but a
     regular file behind a link is replaced by the rename, never written through.
     """
@@ -88,7 +90,7 @@ def inspect_output(path: str | os.PathLike[str], *, force: bool = False,
         return Target(path, "block")
     if stat.S_ISREG(st.st_mode):
         if not force:
-            raise OutputExistsError(path, "already exists (use --force to overwrite)")
+            raise OutputExistsError(path, f"already exists ({exists_hint})")
         return Target(path, "regular")
     raise TargetKindError(f"{path}: is {kind_name(st.st_mode)}; the output must be a regular file"
                           + (" or a block device" if allow_block else ""))

@@ -619,7 +619,8 @@ def _flatten(chain: list[ImageFile], output: str, dry_run: bool, progress: Progr
 
     top = chain[0]
     summary = MergeSummary("flatten", output, [f.path for f in chain], dry_run, warnings=list(warnings))
-    fileio.inspect_output(output, allow_block=False)  # refuses an existing output or missing folder
+    # Refuses an existing output, a special file, a missing folder.
+    fileio.inspect_output(output, allow_block=False, exists_hint="choose another name or remove it")
     plan = plan_layout(top.virtual_size, top.block_size, top.logical_sector_size,
                        top.physical_sector_size, virtual_disk_id=top.virtual_disk_id)
     upper_disk = VirtualDisk(chain)
