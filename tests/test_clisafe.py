@@ -838,3 +838,39 @@ def test_progress_bar_fits_a_narrow_terminal_and_shows_eta(tmp_path):
     # e.g. "hash:  40%|###  | 819M/2.00G [00:01<00:01, 560MB/s]"
     shown = re.compile(r"\d+%.*\| *[\d.]+[kMG]?/2\.00G \[\d\d:\d\d<\d\d:\d\d, *[\d.]+[kMG]?B/s\]")
     assert any(shown.search(f) for f in frames), frames[:4]
+
+
+def test_an_unexpected_exception_is_one_line_unless_debugging(chain, monkeypatch, capsys):
+    from vhdx import cli
+
+    def boom(args):  # noqa: ANN001, ANN202
+        raise RuntimeError("something\nunforeseen")
+
+    real = cli.build_parser
+
+    def parser():  # noqa: ANN202
+        p = real()
+        for a in p._actions:
+            if hasattr(a, "choices") and isinstance(a.choices, dict) and "info" in a.choices:
+                a.choices["info"].set_defaults(func=boom)
+        return p
+
+    monkeypatch.setattr(cli, "build_parser", parser)
+    monkeypatch.delenv("VHDX_DEBUG", raising=False)
+    assert cli.main(["info", str(chain.top)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(chain.top) in err and "internal error (RuntimeError" in err
+    monkeypatch.setenv("VHDX_DEBUG", "1")
+    with pytest.raises(RuntimeError):
+        cli.main(["info", str(chain.top)])
+
+
+def test_a_closed_pipe_is_quiet(chain):
+    for args in (["convert", str(chain.top), "-"], ["map", str(chain.top)]):
+        p = subprocess.Popen([sys.executable, "-m", "vhdx", *args], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert len(p.stdout.read(10)) == 10
+        p.stdout.close()  # like `| head -c 10`
+        err = p.stderr.read()
+        p.wait(timeout=60)
+        assert err == b"", err  # no traceback, no "Exception ignored"
