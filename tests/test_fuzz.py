@@ -25,6 +25,9 @@ import harness  # noqa: E402
 import parsers_target  # noqa: E402
 
 REGRESSIONS = sorted((FUZZ / "regressions").glob("*"))
+# The corpora the coverage-guided runs built (inputs that reached new code): small
+# files, replayed by default so that every path they reached is checked each run.
+CORPUS = {t: sorted((FUZZ / "corpus" / t).glob("*")) for t in ("vhdx", "parsers")}
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +58,17 @@ def test_regression_inputs_stay_inside_the_error_hierarchy(runner, path):
         assert _seed_digests(runner) == before  # the harness restored its seed
 
 
+def test_fuzz_corpora_stay_inside_the_error_hierarchy(runner):
+    if not CORPUS["vhdx"] and not CORPUS["parsers"]:
+        pytest.skip("no corpus stored")
+    before = _seed_digests(runner)
+    for p in CORPUS["vhdx"]:
+        runner.one(p.read_bytes())
+    for p in CORPUS["parsers"]:
+        parsers_target.one(p.read_bytes())
+    assert _seed_digests(runner) == before
+
+
 def test_structured_sweep(runner):
     """A few hundred structured random edits, resealed or not, with check."""
     before = _seed_digests(runner)
@@ -74,9 +88,12 @@ def test_coverage_guided_fuzzing_finds_nothing(tmp_path, target):
     seconds = int(os.environ.get("VHDX_FUZZ_SECONDS", "120"))
     corpus = tmp_path / "corpus"
     corpus.mkdir()
+    kind = "parsers" if target == "fuzz_parsers.py" else "vhdx"
     for p in REGRESSIONS:
-        if p.name.startswith("parsers-") == (target == "fuzz_parsers.py"):
+        if p.name.startswith("parsers-") == (kind == "parsers"):
             (corpus / p.name).write_bytes(p.read_bytes())
+    for p in CORPUS[kind]:  # start where the stored runs stopped
+        (corpus / p.name).write_bytes(p.read_bytes())
     proc = subprocess.run(
         [sys.executable, str(FUZZ / target), f"-max_total_time={seconds}", "-timeout=10",
          "-rss_limit_mb=3072", f"-max_len={70000 if 'parsers' in target else 600}",
