@@ -492,7 +492,20 @@ def build_parser() -> argparse.ArgumentParser:
     for cmd in sub.choices.values():
         if "--quiet" not in cmd._option_string_actions:
             _output_options(cmd, argparse.SUPPRESS)
+        _fill_help(cmd)
     return p
+
+
+def _fill_help(p: argparse.ArgumentParser) -> None:
+    """Options every command spells alike get their help text here when a command
+    module left it out, so that --help documents every option (nested commands too)."""
+    common = {"--json": "print the result as JSON"}
+    for a in p._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for nested in a.choices.values():
+                _fill_help(nested)
+        elif not a.help and len(a.option_strings) == 1 and a.option_strings[0] in common:
+            a.help = common[a.option_strings[0]]
 
 
 def _output_options(p: argparse.ArgumentParser, default: object) -> None:
