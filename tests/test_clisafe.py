@@ -874,3 +874,21 @@ def test_a_closed_pipe_is_quiet(chain):
         err = p.stderr.read()
         p.wait(timeout=60)
         assert err == b"", err  # no traceback, no "Exception ignored"
+
+
+def test_nul_in_a_locator_path_is_one_line(chain):
+    """The issue's crafted case (a NUL inside relative_path, checksums valid): info,
+    map and hash answer one line; check reports it; no traceback anywhere."""
+    from vhdx.writer import WritableDisk
+
+    with WritableDisk(chain.top, standalone=True) as w:
+        w.update_parent_locator({"relative_path": ".\\ba\0se.vhdx",
+                                 "absolute_win32_path": "\\\\?\\C:\\x\\ba\0se.vhdx"})
+    for cmd in ("map", "hash"):
+        one_error_line(run(cmd, chain.top, rc=1), chain.top)
+    p = run("info", chain.top, rc=None)  # may describe the lone file instead (exit 0)
+    assert b"Traceback" not in p.stderr and p.returncode in (0, 1)
+    if p.returncode:
+        one_error_line(p, chain.top)
+    p = run("check", chain.top, rc=2)
+    assert b"parent not found" in p.stdout and b"Traceback" not in p.stderr
