@@ -27,7 +27,9 @@ import parsers_target  # noqa: E402
 REGRESSIONS = sorted((FUZZ / "regressions").glob("*"))
 # The corpora the coverage-guided runs built (inputs that reached new code): small
 # files, replayed by default so that every path they reached is checked each run.
-CORPUS = {t: sorted((FUZZ / "corpus" / t).glob("*")) for t in ("vhdx", "parsers")}
+# Stored one input per line, hex, in tests/fuzz/corpus/<target>.hex.
+CORPUS = {t: [bytes.fromhex(line) for line in (FUZZ / "corpus" / f"{t}.hex").read_text().split()]
+          if (FUZZ / "corpus" / f"{t}.hex").exists() else [] for t in ("vhdx", "parsers")}
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +64,10 @@ def test_fuzz_corpora_stay_inside_the_error_hierarchy(runner):
     if not CORPUS["vhdx"] and not CORPUS["parsers"]:
         pytest.skip("no corpus stored")
     before = _seed_digests(runner)
-    for p in CORPUS["vhdx"]:
-        runner.one(p.read_bytes())
-    for p in CORPUS["parsers"]:
-        parsers_target.one(p.read_bytes())
+    for data in CORPUS["vhdx"]:
+        runner.one(data)
+    for data in CORPUS["parsers"]:
+        parsers_target.one(data)
     assert _seed_digests(runner) == before
 
 
@@ -92,8 +94,8 @@ def test_coverage_guided_fuzzing_finds_nothing(tmp_path, target):
     for p in REGRESSIONS:
         if p.name.startswith("parsers-") == (kind == "parsers"):
             (corpus / p.name).write_bytes(p.read_bytes())
-    for p in CORPUS[kind]:  # start where the stored runs stopped
-        (corpus / p.name).write_bytes(p.read_bytes())
+    for i, data in enumerate(CORPUS[kind]):  # start where the stored runs stopped
+        (corpus / f"stored-{i}").write_bytes(data)
     proc = subprocess.run(
         [sys.executable, str(FUZZ / target), f"-max_total_time={seconds}", "-timeout=10",
          "-rss_limit_mb=3072", f"-max_len={70000 if 'parsers' in target else 600}",
