@@ -287,7 +287,7 @@ def test_repair_real_hyperv_dirty_log(tmp_path, fixture_file, expected):
 def test_check_dry_run_needs_repair(tmp_path):
     p = tmp_path / "a.vhdx"
     run("create", p, "--size", "8M")
-    run("check", p, "--dry-run", rc=1)
+    run("check", p, "--dry-run", rc=2)  # a usage error
 
 
 def test_standalone_open_edits_metadata_but_refuses_parent_reads(tmp_path):

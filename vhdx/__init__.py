@@ -9,17 +9,24 @@ from .errors import (
     ConfinementError,
     CorruptImageError,
     DependentDisksError,
+    ImageNotFoundError,
     InsufficientSpaceError,
     InvalidArgumentError,
     LockedError,
+    NotCopyableError,
     NotWritableError,
     OperationFailedError,
+    OutputDirectoryError,
+    OutputExistsError,
     ParentMismatchError,
     ParentNotFoundError,
     PartitionTableError,
     ReadOnlyError,
+    TargetKindError,
     UnsupportedFeatureError,
+    UsageError,
     VhdxError,
+    VhdxIOError,
 )
 from .image import ImageFile
 
@@ -36,4 +43,6 @@ __all__ = [
     "ParentNotFoundError", "ParentMismatchError", "InvalidArgumentError",
     "ReadOnlyError", "LockedError", "CancelledError", "DependentDisksError", "PartitionTableError",
     "NotWritableError", "InsufficientSpaceError", "OperationFailedError", "ConfinementError",
+    "ImageNotFoundError", "OutputExistsError", "OutputDirectoryError", "VhdxIOError",
+    "TargetKindError", "UsageError", "NotCopyableError",
 ]

@@ -83,7 +83,9 @@ def candidate_paths(child_path: str, locator: dict[str, str],
     for name in dict.fromkeys(n for n in names if n):
         out.append(os.path.join(child_dir, name))
         out.extend(os.path.join(os.fspath(d), name) for d in search_dirs)
-    return list(dict.fromkeys(out))
+    # A NUL cannot be in a path: such a locator entry names no file (and the OS
+    # calls would raise ValueError). Found by fuzzing.
+    return [p for p in dict.fromkeys(out) if "\0" not in p]
 
 
 def _is_regular(path: str) -> bool:

@@ -1,30 +1,60 @@
-"""The ``vhdx`` command line.
+"""The vhdx command line.
 
-Every command that opens an image takes the same chain options. Failures print
-one line to stderr and exit non-zero: 1 for problems with the images or the
-operation, 2 for wrong usage.
+Every command that opens an image takes the same chain options. Exit codes are
+qemu-img's: 0 success, 1 error, 2 wrong usage (check: 2 corruption, 3 only
+warnings or leaks). A failure prints one line to stderr naming the file, never a
+traceback; warnings raised when opening go to stderr (and into --json).
 """
 
 from __future__ import annotations
 
 import argparse
 import builtins
+import errno
 import hashlib
 import json
 import os
+import re
+import shlex
+import signal
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 from . import __version__
 from . import structures as S
 from .check import check_chain
 from .create import parse_size
 from .disk import VirtualDisk, open as open_disk
-from .errors import ParentNotFoundError, VhdxError, naming
+from .errors import ImageNotFoundError, InvalidArgumentError, ParentNotFoundError, UsageError, VhdxError, naming
 from .image import ImageFile
-from .progress import Progress
+from .progress import Progress, clear_all, configure as configure_progress
 
 CHUNK = 4 << 20
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line and exit 2, like every usage error."""
+
+    def error(self, message: str) -> "NoReturn":  # type: ignore[override]
+        clear_all()
+        self.exit(2, f"vhdx: error: {message} (see '{self.prog} --help')\n")
+
+
+def _size_arg(text: str) -> int:
+    """argparse type for SIZE options: bad values are usage errors (exit 2)."""
+    try:
+        n = parse_size(text)
+    except InvalidArgumentError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"size {text!r} must be more than 0")
+    return n
+
+
+def _warn(warnings: Sequence[str]) -> None:
+    """Open-time warnings, one line each on stderr (stdout stays the command's output)."""
+    for w in warnings:
+        print(f"vhdx: warning: {w}", file=sys.stderr)
 
 
 def _chain_options(p: argparse.ArgumentParser) -> None:
@@ -46,10 +76,12 @@ def _chain_options(p: argparse.ArgumentParser) -> None:
 
 
 def _open(args: argparse.Namespace) -> VirtualDisk:
-    return open_disk(args.image, parents=args.parent, search_dirs=args.search_dir,
+    disk = open_disk(args.image, parents=args.parent, search_dirs=args.search_dir,
                      ignore_linkage=args.ignore_linkage, confine=getattr(args, "confine", None),
                      force_share=getattr(args, "force_share", False),
                      ignore_checksums=getattr(args, "ignore_checksums", False))
+    _warn(disk.warnings)
+    return disk
 
 
 def _guid(g: Any) -> str:
@@ -140,7 +172,9 @@ def _open_or_alone(args: argparse.Namespace) -> "VirtualDisk | _LoneImage":
             lone = VhdFile(args.image, ignore_checksums=getattr(args, "ignore_checksums", False))
         else:
             lone = ImageFile(args.image, force_share=getattr(args, "force_share", False))
-        return _LoneImage(lone, str(e))
+        alone = _LoneImage(lone, str(e))
+        _warn(alone.warnings)
+        return alone
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -152,6 +186,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         except VhdxError as e:  # an unreadable table must not hide the rest of the report
             parts = []
             disk.warnings.append(f"partition table: {e}")
+            _warn([f"partition table: {e}"])
         if args.json:
             out = {"virtual_size": disk.size, "chain": chain, "partitions": parts,
                    "warnings": disk.warnings}
@@ -193,8 +228,6 @@ def cmd_info(args: argparse.Namespace) -> int:
                              " extended" if p["container"] else ""))
             print(f"  {p['number']:>3}: @{p['offset']:#x}+{p['length']:#x} ({_human(p['length'])}) "
                   f"type {p['type']}{extra}")
-        for w in disk.warnings:
-            print(f"warning: {w}")
     return 0
 
 
@@ -216,7 +249,8 @@ def cmd_map(args: argparse.Namespace) -> int:
         extents = disk.extents()
         if args.json:
             json.dump({"virtual_size": disk.size, "files": [f.path for f in disk.chain],
-                       "extents": [e.to_dict(disk.chain) for e in extents]}, sys.stdout, indent=1)
+                       "extents": [e.to_dict(disk.chain) for e in extents],
+                       "warnings": disk.warnings}, sys.stdout, indent=1)
             print()
             return 0
         print(f"{'offset':>18} {'length':>18}  kind         source")
@@ -248,8 +282,20 @@ def copy_disk(disk: VirtualDisk, sink: Callable[[int, memoryview], None],
                 progress(done)
 
 
+def _missing_bytes(warnings: Sequence[str]) -> list[str]:
+    """The warnings saying that data lies past the end of a file (read as zeros)."""
+    return [w for w in warnings if "past the end" in w]
+
+
 def cmd_hash(args: argparse.Namespace) -> int:
     with _open(args) as disk:
+        missing = _missing_bytes(disk.warnings)
+        if missing:
+            print(f"vhdx: warning: {args.image}: the hash covers data missing from a truncated file "
+                  "(read as zeros); it is not the hash of the original disk", file=sys.stderr)
+        if args.strict and disk.warnings:
+            raise VhdxError(f"{args.image}: not hashed: {len(disk.warnings)} warning(s) when opening "
+                            "(--strict)")
         h = hashlib.new(args.algorithm)
         bar = Progress(disk.size, "hash")
         copy_disk(disk, lambda _off, data: h.update(data), bar)
@@ -259,67 +305,37 @@ def cmd_hash(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert_to_raw, convert_to_vhdx, open_source, output_format
+
     out = args.output
-    if out.lower().endswith((".vhd", ".avhd")) or args.azure:
+    fmt = output_format(out, args.format)
+    if out == "-" and fmt != "raw":
+        raise UsageError(f"-: only raw bytes can be streamed to stdout, not {fmt.upper()}")
+    if fmt == "raw" and (args.type or args.block_size):
+        raise UsageError(f"{out}: --type and --block-size apply to VHDX and VHD outputs only")
+    if args.azure and fmt != "vhd":
+        raise UsageError(f"{out}: --azure makes a VHD; name the output .vhd or use --format vhd")
+    if out != "-":  # refuse a wrong target before the (maybe long) open of the source
+        from .fileio import inspect_output
+
+        inspect_output(out, force=args.force, allow_block=fmt == "raw")
+    if fmt == "vhd":  # legacy VHD output: vhdx/vhd/cli.py
         from .vhd.cli import cmd_convert_to_vhd
 
         return cmd_convert_to_vhd(args)
-    if out.lower().endswith((".vhdx", ".avhdx")):
-        return _convert_to_vhdx(args)
-    if args.type or args.block_size:
-        raise VhdxError(f"{out}: --type and --block-size apply to .vhdx/.avhdx outputs only")
-    if os.path.exists(out) and not args.force:
-        raise VhdxError(f"{out}: already exists (use --force to overwrite)")
-    with _open(args) as disk:
-        for f in disk.chain:
-            if os.path.exists(out) and os.path.samefile(out, f.path):
-                raise VhdxError(f"{out}: is part of the chain being read")
-        tmp = out + ".part"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    with open_source(args.image, parents=args.parent, search_dirs=args.search_dir,
+                     ignore_linkage=args.ignore_linkage,
+                     ignore_checksums=getattr(args, "ignore_checksums", False)) as src:
+        _warn(src.warnings)
+        bar = Progress(src.data_bytes, "convert")
         try:
-            data_bytes = sum(e.length for e in disk.extents() if e.kind == "data")
-            bar = Progress(data_bytes, "convert")
-            copy_disk(disk, lambda off, data: _pwrite_all(fd, data, off), bar, skip_holes=True)
-            os.ftruncate(fd, disk.size)
-            os.fsync(fd)
-            bar.close()
-        except BaseException:
-            os.close(fd)
-            os.unlink(tmp)
-            raise
-        os.close(fd)
-        os.replace(tmp, out)
-    return 0
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while len(data):
-        n = os.pwrite(fd, data, offset)
-        data, offset = data[n:], offset + n
-
-
-def _convert_to_vhdx(args: argparse.Namespace) -> int:
-    from .convert import convert_to_vhdx, is_vhdx_file, raw_data_ranges
-    from .vhd.file import is_vhd_file
-
-    src = args.image
-    total = None
-    if is_vhdx_file(src) or is_vhd_file(src):
-        with _open(args) as disk:
-            total = sum(e.length for e in disk.extents() if e.kind == "data")
-    else:
-        fd = os.open(src, os.O_RDONLY)
-        try:
-            total = sum(n for _, n in raw_data_ranges(fd, os.fstat(fd).st_size))
+            if fmt == "vhdx":
+                convert_to_vhdx(src, out, type=args.type or "dynamic", block_size=args.block_size,
+                                force=args.force, progress=bar)
+            else:
+                convert_to_raw(src, out, force=args.force, progress=bar)
         finally:
-            os.close(fd)
-    bar = Progress(total, "convert")
-    convert_to_vhdx(src, args.output, type=args.type or "dynamic",
-                    block_size=parse_size(args.block_size) if args.block_size else None,
-                    parents=args.parent, search_dirs=args.search_dir,
-                    ignore_linkage=args.ignore_linkage, force=args.force, progress=bar,
-                    ignore_checksums=args.ignore_checksums)
-    bar.close()
+            bar.close()
     return 0
 
 
@@ -327,10 +343,10 @@ def cmd_create(args: argparse.Namespace) -> int:
     from .create import create
 
     if args.parent and (args.size or args.type or args.logical_sector_size or args.physical_sector_size):
-        raise VhdxError("--parent takes the size, type and sector sizes from the parent; "
-                        "use only --block-size with it")
+        raise UsageError(f"{args.output}: --parent takes the size, type and sector sizes from the parent; "
+                         "use only --block-size with it")
     if not args.parent and not args.size:
-        raise VhdxError("--size or --parent is required")
+        raise UsageError(f"{args.output}: --size or --parent is required")
     kw = {}
     if args.logical_sector_size:
         kw["logical_sector_size"] = args.logical_sector_size
@@ -429,9 +445,11 @@ def _repair(args: argparse.Namespace) -> None:
 
 def cmd_check(args: argparse.Namespace) -> int:
     if args.dry_run and not args.repair:
-        raise VhdxError("--dry-run needs --repair")
+        raise UsageError(f"{args.image}: --dry-run needs --repair")
+    if not os.path.lexists(args.image):  # nothing to check: an error (1), not corruption (2)
+        raise ImageNotFoundError(args.image)
     if args.repair and args.force_share:
-        raise VhdxError(f"{args.image}: --repair writes; it cannot be combined with --force-share")
+        raise UsageError(f"{args.image}: --repair writes; it cannot be combined with --force-share")
     if args.repair:
         _repair(args)
         if args.dry_run:
@@ -447,12 +465,15 @@ def cmd_check(args: argparse.Namespace) -> int:
         n_err, n_warn = len(report.errors), len(report.findings) - len(report.errors)
         state = "clean" if report.clean else f"{n_err} error(s), {n_warn} warning(s)"
         print(f"{len(report.files)} file(s), {report.blocks_checked} blocks checked: {state}")
-    return 0 if report.clean else 1
+    # qemu-img check's codes: 2 corruption, 3 only leaks / warnings.
+    return 0 if report.clean else (2 if report.errors else 3)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from .merge_engine import merge
 
+    if args.into and args.output:
+        raise UsageError(f"{args.image}: give either --into or --output, not both")
     bar = Progress(0, "dry run" if args.dry_run else "merge")
     if args.force_share:
         raise VhdxError(f"{args.image}: --force-share is for read-only commands")
@@ -461,8 +482,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
                     search_dirs=args.search_dir, ignore_linkage=args.ignore_linkage,
                     confine=args.confine)
     bar.close()
+    _warn(summary.warnings)
     if args.json:
-        json.dump(summary.to_dict(), sys.stdout, indent=1)
+        d = summary.to_dict()
+        if summary.dry_run:
+            d["would_delete"] = [] if summary.mode == "flatten" or args.keep else list(summary.merged)
+        json.dump(d, sys.stdout, indent=1)
         print()
         return 0
     if summary.mode == "completion":
@@ -492,13 +517,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vhdx", description=__doc__.splitlines()[0])
+    p = _Parser(prog="vhdx", description=__doc__.splitlines()[0],
+                epilog="Exit codes: 0 success, 1 error, 2 wrong usage (check: 2 corruption, 3 warnings).")
     p.add_argument("--version", action="version", version=f"vhdx {__version__}")
+    _output_options(p, argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("info", help="describe the whole chain: headers, regions, metadata, log")
     _chain_options(s)
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print the description as JSON")
     s.set_defaults(func=cmd_info)
 
     s = sub.add_parser("map", help="extent map: where every virtual byte comes from")
@@ -511,60 +538,110 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("hash", help="hash the virtual disk")
     _chain_options(s)
-    s.add_argument("--algorithm", choices=("sha256", "sha1", "md5"), default="sha256")
+    s.add_argument("--algorithm", choices=("sha256", "sha1", "md5"), default="sha256",
+                   help="hash algorithm (default sha256)")
+    s.add_argument("--strict", action="store_true",
+                   help="fail (exit 1) instead of hashing when opening raised any warning, "
+                        "such as data missing from a truncated file")
     s.set_defaults(func=cmd_hash)
 
-    s = sub.add_parser("convert", help="write the virtual disk to a sparse raw file or a new standalone VHDX")
+    s = sub.add_parser("convert", help="write the virtual disk to a raw image, a block device or a new VHDX",
+                       description="Write the virtual disk (or a raw image or block device) to OUTPUT. "
+                       "The format comes from --format or the name: .raw/.img/.bin raw, .vhdx/.avhdx "
+                       "a standalone VHDX, .vhd/.avhd VHD; - streams raw bytes to stdout. A block "
+                       "device OUTPUT is written in place (raw; --force needed).")
     _chain_options(s)
-    s.add_argument("output", help="output file: .vhdx/.avhdx makes a new standalone VHDX, "
-                   "anything else a sparse raw image")
-    s.add_argument("--force", action="store_true", help="overwrite an existing output")
-    s.add_argument("--type", choices=("dynamic", "fixed"), help="VHDX or VHD output type (default dynamic)")
-    s.add_argument("--block-size", metavar="SIZE", help="output block size (default 32M for VHDX, 2M for VHD)")
+    s.add_argument("output", help="output file, block device, or - for stdout")
+    s.add_argument("--format", choices=("raw", "vhdx", "vhd"),
+                   help="output format (default: from the output name)")
+    s.add_argument("--force", action="store_true",
+                   help="overwrite an existing output file or block device")
+    s.add_argument("--type", choices=("dynamic", "fixed"), help="VHDX output type (default dynamic)")
+    s.add_argument("--block-size", metavar="SIZE", type=_size_arg, help="VHDX output block size (default 32M)")
     s.add_argument("--azure", action="store_true",
                    help="VHD output as Azure accepts it: fixed, size rounded up to a whole MiB")
     s.set_defaults(func=cmd_convert)
 
     s = sub.add_parser("create", help="create a new fixed, dynamic or differencing disk")
     s.add_argument("output", help="new .vhdx or .avhdx file (never overwritten)")
-    s.add_argument("--size", metavar="SIZE", help="virtual size, e.g. 64G (suffixes K, M, G, T)")
-    s.add_argument("--type", choices=("dynamic", "fixed"), help="default dynamic")
-    s.add_argument("--block-size", metavar="SIZE", help="default 32M (2M for differencing disks)")
-    s.add_argument("--logical-sector-size", type=int, choices=(512, 4096))
-    s.add_argument("--physical-sector-size", type=int, choices=(512, 4096))
+    s.add_argument("--size", metavar="SIZE", type=_size_arg,
+                   help="virtual size, e.g. 64G (suffixes K, M, G, T)")
+    s.add_argument("--type", choices=("dynamic", "fixed"), help="disk type (default dynamic)")
+    s.add_argument("--block-size", metavar="SIZE", type=_size_arg,
+                   help="block size (default 32M, 2M for differencing disks)")
+    s.add_argument("--logical-sector-size", type=int, choices=(512, 4096),
+                   help="logical sector size in bytes (default 512)")
+    s.add_argument("--physical-sector-size", type=int, choices=(512, 4096),
+                   help="physical sector size in bytes (default 4096)")
     s.add_argument("--parent", metavar="PARENT", help="make a differencing disk (checkpoint) of PARENT")
     s.set_defaults(func=cmd_create)
 
     s = sub.add_parser("resize", help="grow (or shrink, if the cut range is empty) a disk")
     _chain_options(s)
-    s.add_argument("--size", metavar="SIZE", required=True, help="new virtual size (K, M, G, T)")
+    s.add_argument("--size", metavar="SIZE", type=_size_arg, required=True,
+                   help="new virtual size (K, M, G, T)")
     s.add_argument("--force", action="store_true",
                    help="resize even though other disks depend on this one (they become invalid)")
     s.set_defaults(func=cmd_resize)
 
-    s = sub.add_parser("check", help="validate every file of the chain; exit 0 only when clean")
+    s = sub.add_parser("check", help="validate every file of the chain",
+                       description="Validate every file of the chain. Exit codes: 0 clean, "
+                       "2 corruption found, 3 only warnings or leaks, 1 the check itself failed.")
     _chain_options(s)
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print the report as JSON")
     s.add_argument("--repair", action="store_true",
-                   help="first replay a dirty log of IMAGE into the file")
+                   help="WRITES to IMAGE: first replay its dirty log into the file, then check")
     s.add_argument("--dry-run", action="store_true",
                    help="with --repair: report what the replay would change, write nothing")
     s.set_defaults(func=cmd_check)
 
-    s = sub.add_parser("merge", help="merge a checkpoint into its parent or an ancestor, or flatten a chain")
+    s = sub.add_parser("merge", help="merge a checkpoint into its parent or an ancestor, or flatten a chain",
+                       description="Merge IMAGE into its parent (or --into an ancestor): the merged "
+                       "files are deleted afterwards unless --keep. With --output, flatten the chain "
+                       "into a new standalone VHDX instead and change nothing.")
     _chain_options(s)
     s.add_argument("--into", metavar="ANCESTOR",
                    help="fold the chain down to this ancestor (default: the parent); also names a "
                         "target outside the child's folder, which is refused otherwise")
     s.add_argument("--output", metavar="NEW.vhdx", help="flatten the chain into a new standalone VHDX instead")
-    s.add_argument("--dry-run", action="store_true", help="report what would be cloned, copied and zeroed")
-    s.add_argument("--keep", action="store_true", help="keep the merged files (they stay valid)")
+    s.add_argument("--dry-run", action="store_true",
+                   help="report what would be cloned, copied and zeroed, and which files would be "
+                        "deleted or re-pointed; write nothing")
+    s.add_argument("--keep", action="store_true",
+                   help="keep the merged files (by default they are deleted after the merge)")
     s.add_argument("--force", action="store_true",
                    help="merge even though other disks depend on the target (they become invalid)")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print the summary as JSON")
     s.set_defaults(func=cmd_merge)
     _register_extra_commands(sub)
+    for cmd in sub.choices.values():
+        if "--quiet" not in cmd._option_string_actions:
+            _output_options(cmd, argparse.SUPPRESS)
+        _fill_help(cmd)
     return p
+
+
+def _fill_help(p: argparse.ArgumentParser) -> None:
+    """Options every command spells alike get their help text here when a command
+    module left it out, so that --help documents every option (nested commands too)."""
+    common = {"--json": "print the result as JSON"}
+    for a in p._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for nested in a.choices.values():
+                _fill_help(nested)
+        elif not a.help and len(a.option_strings) == 1 and a.option_strings[0] in common:
+            a.help = common[a.option_strings[0]]
+
+
+def _output_options(p: argparse.ArgumentParser, default: object) -> None:
+    """--quiet / --progress, accepted before or after the command name."""
+    taken = p._option_string_actions
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(*[o for o in ("-q", "--quiet") if o not in taken], action="store_true",
+                   default=default, dest="quiet", help="no progress bar")
+    if "--progress" not in taken:
+        g.add_argument("--progress", action="store_true", default=default,
+                       help="draw the progress bar even when stderr is not a terminal")
 
 
 # Commands that live in their own modules: each module has
@@ -579,10 +656,33 @@ _COMMAND_MODULES = (
 )
 
 
+def _own_module(name: str) -> bool:
+    """True when command module ``name`` exists in this very package directory.
+
+    An editable install elsewhere can make ``vhdx.x`` resolve to another copy of
+    the package; mixing modules of two copies breaks at import, so a command
+    whose module lives elsewhere is treated as not part of this build.
+    """
+    import importlib.util
+
+    sub = ".".join(name.split(".")[:2])  # vhdx.hyperv for vhdx.hyperv.cli (imports nothing of it)
+    try:
+        spec = importlib.util.find_spec(sub)
+    except (ImportError, ValueError):
+        return False
+    if spec is None:
+        return False
+    where = spec.origin or next(iter(spec.submodule_search_locations or []), "")
+    here = os.path.dirname(os.path.abspath(__file__))
+    return os.path.abspath(where).startswith(here + os.sep)
+
+
 def _register_extra_commands(sub: Any) -> None:
     import importlib
 
     for name in _COMMAND_MODULES:
+        if not _own_module(name):
+            continue  # that command is not part of this build
         try:
             mod = importlib.import_module(name)
         except ModuleNotFoundError as e:
@@ -592,25 +692,124 @@ def _register_extra_commands(sub: Any) -> None:
         mod.register(sub, _chain_options)
 
 
+# Python names in library messages, as the CLI spells them.
+_CLI_WORDS = [
+    (re.compile(r"\bvirtual_size\b"), "--size"), (re.compile(r"\bblock_size\b"), "--block-size"),
+    (re.compile(r"\blogical_sector_size\b"), "--logical-sector-size"),
+    (re.compile(r"\bphysical_sector_size\b"), "--physical-sector-size"),
+    (re.compile(r"\bparent\.data_write_guid\b"), "the parent's DataWriteGuid"),
+    (re.compile(r"must be > 0"), "must be more than 0"),
+    (re.compile(r"``|`"), "'"),
+]
+
+
+def _one_line(msg: str) -> str:
+    for rx, word in _CLI_WORDS:
+        msg = rx.sub(word, msg)
+    return " ".join(msg.split())  # one line, whatever the message held
+
+
+def _resume_hint(args: argparse.Namespace, argv: Sequence[str]) -> str:
+    """What is true after an interruption, and which command completes the job."""
+    again = shlex.join(["vhdx", *argv])
+    cmd = getattr(args, "command", None)
+    if cmd == "merge" and not getattr(args, "dry_run", False):
+        if getattr(args, "output", None):
+            return f"the chain is intact and no output was written; run '{again}' to flatten it"
+        return (f"the chain is intact (every disk reads as before); run '{again}' "
+                "to complete the merge")
+    if cmd == "convert":
+        return f"the source is unchanged and no output was written; run '{again}' to convert"
+    if cmd == "create":
+        return f"no disk was created; run '{again}' to create it"
+    if cmd in ("resize", "compact", "relink"):
+        return f"every change is crash-safe and the disk reads consistently; run '{again}' to complete it"
+    if cmd == "check" and getattr(args, "repair", False):
+        return f"the log replay is crash-safe; run '{again}' to complete it"
+    return "nothing was changed"
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C (cleanup runs, one line, no traceback)."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    old_mode = configure_progress(False if getattr(args, "quiet", False) else
+                                  True if getattr(args, "progress", False) else None)
+    try:
+        old_term = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (an embedding program): leave SIGTERM alone
+        old_term = None
     try:
         return args.func(args)
+    except KeyboardInterrupt as e:
+        clear_all()
+        what = "terminated" if isinstance(e, _Terminated) else "interrupted"
+        print(f"vhdx: {what}: {_resume_hint(args, argv)}", file=sys.stderr)
+        return 143 if isinstance(e, _Terminated) else 130
+    except UsageError as e:
+        clear_all()
+        print(f"vhdx: error: {_one_line(str(e))} (see 'vhdx {args.command} --help')", file=sys.stderr)
+        return 2
     except VhdxError as e:
-        print(f"vhdx: error: {e}", file=sys.stderr)
+        clear_all()
+        hint = ""
+        if getattr(e, "errno", None) == errno.ENOSPC and "nothing was written" not in str(e):
+            hint = "; the inputs are unchanged: free some space and run the command again"
+        print(f"vhdx: error: {_name_file(args, _one_line(str(e)))}{hint}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("vhdx: interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:
         # Output closed early (| head): not an error worth a traceback.
+        clear_all()
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except OSError as e:
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"vhdx: error: {where}{e.strerror or e}", file=sys.stderr)
+        clear_all()
+        where = f"{e.filename}: " if e.filename else f"{getattr(args, 'image', None) or ''}: ".lstrip(": ")
+        print(f"vhdx: error: {where}{_one_line(e.strerror or str(e))}", file=sys.stderr)
         return 1
+    except MemoryError:
+        clear_all()
+        print(f"vhdx: error: {_subject(args)}: out of memory", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - the promise is one line, never a traceback
+        if os.environ.get("VHDX_DEBUG"):
+            raise
+        clear_all()
+        print(f"vhdx: error: {_subject(args)}: internal error ({type(e).__name__}: "
+              f"{_one_line(str(e))}); please report it (VHDX_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return 1
+    finally:
+        configure_progress(old_mode)  # main() may run again in this process (tests, embedders)
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+
+
+def _name_file(args: argparse.Namespace, msg: str) -> str:
+    """``msg``, prefixed with the command's file unless it already names a file."""
+    names = [v for k in ("image", "output", "child", "parent", "into")
+             for v in ([getattr(args, k, None)] if not isinstance(getattr(args, k, None), list)
+                       else getattr(args, k)) if isinstance(v, str) and v]
+    if any(n in msg for n in names) or re.match(r"^\S*[/\\]\S*: ", msg):
+        return msg
+    return f"{_subject(args)}: {msg}"
+
+
+def _subject(args: argparse.Namespace) -> str:
+    """The file a command is about, for messages that have no file of their own."""
+    for name in ("image", "output", "child"):
+        v = getattr(args, name, None)
+        if isinstance(v, str):
+            return v
+    return str(getattr(args, "command", "vhdx"))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
-"""Convert a raw image or any VHDX/AVHDX chain into a new standalone VHDX.
+"""Convert a raw image or any VHDX/AVHDX chain into a new standalone VHDX or a raw image.
 
 Sparse and fast: only data is read (``VirtualDisk.extents()`` for VHDX sources,
 ``SEEK_DATA``/``SEEK_HOLE`` for raw files), in large chunks; all-zero 1 MiB
 pieces are never written, so all-zero blocks stay unallocated (NOT_PRESENT in a
-dynamic output, sparse holes inside a fixed one). The output is built as
-``OUT.part`` through :class:`vhdx.writer.WritableDisk` (payload in place, BAT
-changes committed in large batches through the log) and renamed over ``OUT``
-only once complete and flushed. Sources are opened read-only.
+dynamic output, sparse holes inside a fixed one or a raw file). A file output is
+built in a temporary file that nobody can plant (:mod:`vhdx.fileio`), through
+:class:`vhdx.writer.WritableDisk` for VHDX (payload in place, BAT changes
+committed in large batches through the log), and renamed over the output only
+once complete and flushed. A raw output can also be a block device (written in
+place, holes zeroed) or ``-`` (stdout, every byte in order). Sources are opened
+read-only; a raw source can be a block device (P2V).
 """
 
 from __future__ import annotations
@@ -15,12 +18,14 @@ import os
 from typing import Callable, Iterator
 
 from . import structures as S
-from .create import create
-from .errors import InvalidArgumentError, VhdxError
-from .storage import DeferredSyncStorage, fsync_dir
-from .vhd.file import is_vhd_file
+from . import fileio
+from .create import plan_new
+from .errors import InvalidArgumentError, UsageError, VhdxIOError
+from .layout import write_new_image
+from .storage import DeferredSyncStorage
 
-__all__ = ["convert_to_vhdx", "is_vhdx_file", "raw_data_ranges"]
+__all__ = ["convert_to_vhdx", "convert_to_raw", "open_source", "Source", "is_vhdx_file",
+           "raw_data_ranges", "output_format"]
 
 CHUNK = 32 * S.MiB
 PIECE = S.MiB  # zero-detection granularity (the file-allocation unit)
@@ -28,8 +33,12 @@ _ZERO_PIECE = bytes(PIECE)
 
 
 def is_vhdx_file(path: str | os.PathLike[str]) -> bool:
-    with open(path, "rb") as fh:
-        return fh.read(8) == S.SIG_FILE
+    """True when ``path`` (a file or block device) starts with the VHDX signature."""
+    fd, _ = fileio.open_source(path)
+    try:
+        return os.pread(fd, 8, 0) == S.SIG_FILE
+    finally:
+        os.close(fd)
 
 
 def raw_data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:
@@ -62,7 +71,8 @@ def _chunks(ranges: Iterator[tuple[int, int]]) -> Iterator[tuple[int, int]]:
 
 
 def _copy(ranges: Iterator[tuple[int, int]], readinto: Callable[[int, memoryview], int],
-          write: Callable[[int, memoryview], None], progress: Callable[[int], None] | None) -> None:
+          write: Callable[[int, memoryview], None],
+          progress: Callable[[int, int], object] | None, total: int = 0) -> None:
     """Read ahead in a thread (reads release the GIL) while this thread checks for
     zeros and writes: reading and writing overlap, as with two queues in a pipeline."""
     import queue
@@ -117,83 +127,314 @@ def _copy(ranges: Iterator[tuple[int, int]], readinto: Callable[[int, memoryview
             free.put(buf)
             done += got
             if progress:
-                progress(done)
+                progress(done, total)
     finally:
         stop.set()
         free.put(bytearray(0))  # unblock the reader if it waits for a buffer
         t.join()
 
 
-def convert_to_vhdx(source: str | os.PathLike[str], output: str | os.PathLike[str], *,
+# Output formats by file name; others are refused rather than written as raw bytes
+# under a misleading name (qemu-img would then misread the file).
+_EXTENSIONS = {".raw": "raw", ".img": "raw", ".bin": "raw", ".dd": "raw",
+               ".vhdx": "vhdx", ".avhdx": "vhdx", ".vhd": "vhd", ".avhd": "vhd"}
+_FOREIGN = {".qcow2": "QCOW2", ".qcow": "QCOW", ".vmdk": "VMDK", ".vdi": "VDI", ".qed": "QED"}
+FORMATS = ("raw", "vhdx", "vhd")
+
+
+def output_format(output: str, fmt: str | None = None) -> str:
+    """The output format: ``fmt`` when given, else from the name (``-`` and block
+    devices are raw). Unknown or foreign names raise :class:`UsageError`."""
+    if fmt is not None:
+        if fmt not in FORMATS:
+            raise UsageError(f"{output}: unknown format {fmt!r} (use raw, vhdx or vhd)")
+        return fmt
+    if output == "-":
+        return "raw"
+    ext = os.path.splitext(output)[1].lower()
+    if ext in _EXTENSIONS:
+        return _EXTENSIONS[ext]
+    try:
+        import stat
+
+        if stat.S_ISBLK(os.stat(output).st_mode):
+            return "raw"
+    except OSError:
+        pass
+    if ext in _FOREIGN:
+        raise UsageError(
+            f"{output}: {_FOREIGN[ext]} output is not supported; serve the disk with 'vhdx serve' "
+            f"and convert from its NBD address with 'qemu-img convert -O {ext[1:]}'")
+    raise UsageError(f"{output}: cannot tell the output format from the name; "
+                     "use --format raw, vhdx or vhd (or a .raw/.img, .vhdx or .vhd name)")
+
+
+class Source:
+    """What a conversion reads: a VHDX/AVHDX chain, a raw file or a block device."""
+
+    def __init__(self, path: str, size: int, lss: int, pss: int, ranges: list[tuple[int, int]],
+                 readinto: Callable[[int, memoryview], int], warnings: list[str],
+                 files: list[str], closer: Callable[[], None]) -> None:
+        self.path, self.size = path, size
+        self.logical_sector_size, self.physical_sector_size = lss, pss
+        self.ranges = ranges  # (offset, length) of the data; the rest reads zeros
+        self.readinto = readinto
+        self.warnings = warnings
+        self.files = files  # every file read (to refuse writing over one of them)
+        self._closer = closer
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(n for _, n in self.ranges)
+
+    def close(self) -> None:
+        self._closer()
+
+    def __enter__(self) -> "Source":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_source(source: str | os.PathLike[str], *, parents=None, search_dirs=(),  # noqa: ANN001
+                ignore_linkage: bool = False, ignore_checksums: bool = False) -> Source:
+    """Open ``source`` read-only for a conversion (VHDX or VHD chain, raw file or
+    block device); ``ignore_checksums`` as for :func:`vhdx.open` (VHD only)."""
+    from .vhd.file import is_vhd_file
+    from .disk import open as open_disk
+
+    path = os.fspath(source)
+    fd, size = fileio.open_source(path)
+    try:
+        vhdx_sig = os.pread(fd, 8, 0) == S.SIG_FILE
+    except OSError as e:
+        os.close(fd)
+        raise VhdxIOError.from_os(e, path, "read failed") from None
+    if vhdx_sig or (size >= 512 and is_vhd_file(path)):
+        os.close(fd)
+        disk = open_disk(path, parents=parents, search_dirs=search_dirs, ignore_linkage=ignore_linkage,
+                         ignore_checksums=ignore_checksums)
+        try:
+            ranges = [(e.offset, e.length) for e in disk.extents() if e.kind == "data"]
+        except BaseException:
+            disk.close()
+            raise
+        return Source(path, disk.size, disk.logical_sector_size, disk.physical_sector_size, ranges,
+                      disk.readinto_at, list(disk.warnings), [f.path for f in disk.chain], disk.close)
+    try:
+        if parents:
+            raise UsageError(f"{path}: a raw image has no parents (--parent applies to VHDX sources)")
+        if size == 0:
+            raise InvalidArgumentError(f"{path}: empty file")
+        import stat
+
+        if stat.S_ISBLK(os.fstat(fd).st_mode):
+            # SEEK_DATA on a device node says nothing true about its contents
+            # (Linux reports it as all hole): read it all; zero pieces stay sparse.
+            ranges = [(0, size)]
+        else:
+            try:
+                ranges = list(raw_data_ranges(fd, size))
+            except OSError:  # a file system that cannot tell holes
+                ranges = [(0, size)]
+    except BaseException:
+        os.close(fd)
+        raise
+
+    def readinto(off: int, mv: memoryview, _fd: int = fd) -> int:
+        try:
+            return os.preadv(_fd, [mv], off)
+        except OSError as e:
+            raise VhdxIOError.from_os(e, path, f"read failed at {off:#x}") from None
+
+    return Source(path, -(-size // 512) * 512, 512, 4096, ranges, readinto, [], [path],
+                  lambda: os.close(fd))
+
+
+def _refuse_self(output: str, src: Source) -> None:
+    if not os.path.exists(output):
+        return
+    for f in src.files:
+        if os.path.samefile(output, f):
+            raise InvalidArgumentError(f"{output}: is part of the source being read")
+
+
+def convert_to_vhdx(source: str | os.PathLike[str] | Source, output: str | os.PathLike[str], *,
                     type: str = "dynamic", block_size: int | None = None,  # noqa: A002
                     parents=None, search_dirs=(), ignore_linkage: bool = False,  # noqa: ANN001
-                    force: bool = False, progress: Callable[[int], None] | None = None,
+                    force: bool = False, progress: Callable[[int, int], object] | None = None,
                     ignore_checksums: bool = False) -> str:
-    """Write ``source`` (raw file, VHDX/AVHDX or VHD/AVHD chain) as a new VHDX at ``output``.
+    """Write ``source`` (raw file, block device, VHDX/AVHDX or VHD/AVHD chain, or an open
+    :class:`Source`) as a new standalone VHDX at ``output``; returns ``output``.
 
     A raw source whose size is not a multiple of 512 is padded with zeros to the
-    next sector. Returns ``output``.
+    next sector. ``output`` must be a regular file (or not exist yet).
     """
-    from .disk import open as open_disk
     from .writer import WritableDisk
 
-    source, output = os.fspath(source), os.fspath(output)
-    if os.path.exists(output) and not force:
-        raise VhdxError(f"{output}: already exists (use --force to overwrite)")
-    if os.path.exists(output) and os.path.samefile(source, output):
-        raise VhdxError(f"{output}: is the source")
-    tmp = output + ".part"
-    if os.path.exists(tmp):
-        os.unlink(tmp)
-    src_disk = None
-    src_fd = None
+    output = os.fspath(output)
+    target = fileio.inspect_output(output, force=force, allow_block=False)
+    own = not isinstance(source, Source)
+    src = open_source(source, parents=parents, search_dirs=search_dirs,
+                      ignore_linkage=ignore_linkage, ignore_checksums=ignore_checksums) if own else source
     try:
-        if is_vhdx_file(source) or is_vhd_file(source):
-            src_disk = open_disk(source, parents=parents, search_dirs=search_dirs,
-                                 ignore_linkage=ignore_linkage, ignore_checksums=ignore_checksums)
-            for f in src_disk.chain:
-                if os.path.exists(output) and os.path.samefile(output, f.path):
-                    raise VhdxError(f"{output}: is part of the chain being read")
-            size, lss, pss = src_disk.size, src_disk.logical_sector_size, src_disk.physical_sector_size
-            ranges = [(e.offset, e.length) for e in src_disk.extents() if e.kind == "data"]
-            readinto = src_disk.readinto_at
-        else:
-            if parents:
-                raise InvalidArgumentError(f"{source}: a raw image has no parents")
-            src_fd = os.open(source, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-            raw_size = os.fstat(src_fd).st_size
-            if raw_size == 0:
-                raise InvalidArgumentError(f"{source}: empty file")
-            size, lss, pss = -(-raw_size // 512) * 512, 512, 4096
-            ranges = list(raw_data_ranges(src_fd, raw_size))
-
-            def readinto(off: int, mv: memoryview, _fd: int = src_fd) -> int:
-                n = os.preadv(_fd, [mv], off)
-                return n
-
-        create(tmp, size, type=type, block_size=block_size, logical_sector_size=lss,
-               physical_sector_size=pss)
+        _refuse_self(target.path, src)
+        plan = plan_new(output, src.size, type=type, block_size=block_size,
+                        logical_sector_size=src.logical_sector_size,
+                        physical_sector_size=src.physical_sector_size)
+        # Upper bound of the growth: a fixed disk's whole file (its payload is laid
+        # out up front, as Hyper-V allocates it); for a dynamic one, the source's
+        # data rounded to whole blocks plus the new file's own structures.
+        bs = plan.block_size
+        blocks = sum(-(-(o + n) // bs) - o // bs for o, n in src.ranges)
+        needed = plan.file_size if type == "fixed" else plan.file_size + blocks * bs
+        fileio.check_free_space(output, needed, "the new VHDX")
+        fd, tmp = fileio.create_temp(output)
         storage = None
         try:
-            # OUT.part is invisible until renamed: one fsync before the rename stands
-            # for every intermediate flush (see DeferredSyncStorage).
-            storage = DeferredSyncStorage.open(tmp)
+            with os.fdopen(os.dup(fd), "w+b") as fh:
+                write_new_image(fh, plan)
+            # Invisible until renamed: one fsync before the rename stands for every
+            # intermediate flush (see DeferredSyncStorage).
+            storage = DeferredSyncStorage(fd)
+            storage.path = output  # messages name the output, not the hidden temp
+            fd = -1  # the storage owns it now
             with WritableDisk(tmp, storage=storage) as out:
-                _copy(iter(ranges), readinto, out.write_at, progress)
+                _copy(iter(src.ranges), src.readinto, out.write_at, progress, src.data_bytes)
                 out.flush()
                 out.log.close()
                 storage.sync()
+            storage.close()  # passed in, so the writer leaves it open (and locked)
+            storage = None
         except BaseException:
-            os.unlink(tmp)
-            raise
-        finally:
             if storage is not None:
-                storage.close()  # passed in, so the writer leaves it open (and locked)
-        os.replace(tmp, output)
-        fsync_dir(output)
+                storage.close()
+            if fd >= 0:
+                os.close(fd)
+            fileio.discard_temp(tmp)
+            raise
+        fileio.commit_temp(tmp, output)
     finally:
-        if src_disk is not None:
-            src_disk.close()
-        if src_fd is not None:
-            os.close(src_fd)
+        if own:
+            src.close()
     return output
+
+
+def _write_fd(fd: int, name: str) -> Callable[[int, memoryview], None]:
+    def write(off: int, data: memoryview) -> None:
+        try:
+            while len(data):
+                n = os.pwrite(fd, data, off)
+                data, off = data[n:], off + n
+        except OSError as e:
+            raise VhdxIOError.from_os(e, name, f"write failed at {off:#x}") from None
+    return write
+
+
+def convert_to_raw(source: str | os.PathLike[str] | Source, output: str | os.PathLike[str], *,
+                   parents=None, search_dirs=(), ignore_linkage: bool = False,  # noqa: ANN001
+                   force: bool = False, progress: Callable[[int, int], object] | None = None) -> str:
+    """Write ``source`` as a raw image to ``output``: a sparse regular file, a block
+    device (written in place, holes zeroed; ``force`` needed) or ``"-"`` (stdout)."""
+    output = os.fspath(output)
+    own = not isinstance(source, Source)
+    if output == "-":
+        target = fileio.Target("-", "stdout")
+        if os.isatty(1):
+            raise UsageError("-: refusing to write a disk image to a terminal; redirect or pipe stdout")
+    else:
+        target = fileio.inspect_output(output, force=force)
+    src = open_source(source, parents=parents, search_dirs=search_dirs,
+                      ignore_linkage=ignore_linkage) if own else source
+    try:
+        if target.kind == "stdout":
+            _stream(src, progress)
+        elif target.kind == "block":
+            _refuse_self(output, src)
+            _to_block_device(src, output, progress)
+        else:
+            _refuse_self(output, src)
+            fileio.check_free_space(output, src.data_bytes, "the raw image")
+            fd, tmp = fileio.create_temp(output)
+            try:
+                _copy(iter(src.ranges), src.readinto, _write_fd(fd, output), progress, src.data_bytes)
+                try:
+                    os.ftruncate(fd, src.size)
+                    os.fsync(fd)
+                except OSError as e:
+                    raise VhdxIOError.from_os(e, output, "write failed") from None
+            except BaseException:
+                os.close(fd)
+                fileio.discard_temp(tmp)
+                raise
+            os.close(fd)
+            fileio.commit_temp(tmp, output)
+    finally:
+        if own:
+            src.close()
+    return output
+
+
+def _to_block_device(src: Source, path: str, progress: Callable[[int, int], object] | None) -> None:
+    fd = fileio.open_block_device(path, src.size)
+    try:
+        written: list[tuple[int, int]] = []
+        write = _write_fd(fd, path)
+
+        def record(off: int, data: memoryview) -> None:
+            write(off, data)
+            written.append((off, len(data)))
+
+        _copy(iter(src.ranges), src.readinto, record, progress, src.data_bytes)
+        # What was not written (holes, all-zero pieces) must read zeros: the device
+        # holds whatever was there before.
+        zeros = bytes(PIECE)
+        pos = 0
+        try:
+            for off, n in written + [(src.size, 0)]:
+                fileio.zero_range(fd, pos, off - pos, zeros)
+                pos = off + n
+            os.fsync(fd)
+        except OSError as e:
+            raise VhdxIOError.from_os(e, path, "write failed") from None
+    finally:
+        os.close(fd)
+
+
+def _stream(src: Source, progress: Callable[[int, int], object] | None) -> None:
+    """Every byte in order to stdout (a pipe cannot seek over holes)."""
+    raw = os.fdopen(os.dup(1), "wb", buffering=0)
+
+    class _All:  # a raw write may be short (a signal, a non-blocking pipe): loop
+        @staticmethod
+        def write(data: memoryview) -> None:
+            while len(data):
+                n = raw.write(data)
+                data = data[n or 0:]
+
+        close = staticmethod(raw.close)
+
+    out = _All()
+    buf = bytearray(CHUNK)
+    mv = memoryview(buf)
+    zeros = memoryview(bytes(CHUNK))
+    try:
+        pos = 0
+        for off, n in src.ranges + [(src.size, 0)]:
+            while pos < off:  # a hole
+                k = min(CHUNK, off - pos)
+                out.write(zeros[:k])
+                pos += k
+            end = off + n
+            while pos < end:
+                k = src.readinto(pos, mv[:min(CHUNK, end - pos)])
+                if k <= 0:
+                    break
+                out.write(mv[:k])
+                pos += k
+            if progress:
+                progress(pos, src.size)
+    finally:
+        del mv
+        out.close()

@@ -22,12 +22,12 @@ import os
 import re
 
 from . import structures as S
-from .errors import InvalidArgumentError, VhdxError
+from .errors import InvalidArgumentError, OutputDirectoryError, OutputExistsError, VhdxIOError
 from .image import ImageFile
-from .layout import ParentInfo, plan_layout, write_new_image
+from .layout import LayoutPlan, ParentInfo, plan_layout, write_new_image
 from .storage import fsync_dir
 
-__all__ = ["create", "parse_size", "creator_string", "parent_info_for"]
+__all__ = ["create", "plan_new", "parse_size", "creator_string", "parent_info_for"]
 
 _SUFFIXES = {"": 1, "K": S.KiB, "M": S.MiB, "G": S.GiB, "T": S.TiB}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
@@ -89,7 +89,53 @@ def _allocate(fd: int, size: int, path: str) -> None:
     except OSError as e:
         if e.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
             return
-        raise VhdxError(f"{path}: cannot allocate the fixed disk ({size} bytes): {e.strerror}") from None
+        raise VhdxIOError.from_os(e, path, f"cannot allocate the fixed disk ({size} bytes)") from None
+
+
+def plan_new(path: str | os.PathLike[str], size: int | str | None = None, *, type: str = "dynamic",  # noqa: A002
+             block_size: int | str | None = None, logical_sector_size: int = 512,
+             physical_sector_size: int = 4096,
+             parent: str | os.PathLike[str] | None = None) -> LayoutPlan:
+    """The layout :func:`create` would write at ``path`` (same arguments), validated."""
+    path = os.fspath(path)
+    try:
+        return _plan_new(path, size, type, block_size, logical_sector_size, physical_sector_size, parent)
+    except InvalidArgumentError as e:
+        if path in str(e):
+            raise
+        raise InvalidArgumentError(f"{path}: {e}") from None  # layout limits name no file
+
+
+def _plan_new(path: str, size: int | str | None, type: str, block_size: int | str | None,  # noqa: A002
+              logical_sector_size: int, physical_sector_size: int,
+              parent: str | os.PathLike[str] | None) -> LayoutPlan:
+    if type not in ("dynamic", "fixed"):
+        raise InvalidArgumentError(f"{path}: the type must be dynamic or fixed, not {type!r}")
+    bs = parse_size(block_size) if block_size is not None else None
+    if parent is not None:
+        if type == "fixed":
+            raise InvalidArgumentError(f"{path}: a differencing disk cannot be fixed")
+        from .vhd.file import is_vhd_file
+
+        if is_vhd_file(parent):
+            raise InvalidArgumentError(f"{os.fspath(parent)}: the parent of a VHDX must be a VHDX "
+                                       "(mixed VHD/VHDX chains are not supported; name the child .avhd)")
+        pimg = ImageFile(parent)
+        try:
+            vsize = pimg.virtual_size
+            if size is not None and parse_size(size) != vsize:
+                raise InvalidArgumentError(
+                    f"{path}: a differencing disk has its parent's size ({vsize} bytes); "
+                    "resize it after creating it")
+            return plan_layout(vsize, bs, pimg.logical_sector_size, pimg.physical_sector_size,
+                               parent=parent_info_for(path, pimg), creator=creator_string(),
+                               virtual_disk_id=pimg.virtual_disk_id)
+        finally:
+            pimg.close()
+    if size is None:
+        raise InvalidArgumentError(f"{path}: a size is needed (or a parent)")
+    return plan_layout(parse_size(size), bs, logical_sector_size, physical_sector_size,
+                       fixed=type == "fixed", creator=creator_string())
 
 
 def create(path: str | os.PathLike[str], size: int | str | None = None, *, type: str = "dynamic",  # noqa: A002
@@ -101,53 +147,38 @@ def create(path: str | os.PathLike[str], size: int | str | None = None, *, type:
     ``type`` is ``"dynamic"`` or ``"fixed"``; with ``parent`` the new file is a
     differencing disk of that parent (``size`` then must be None or equal to the
     parent's size, and the sector sizes come from the parent). Never overwrites:
-    an existing ``path`` raises :class:`VhdxError`.
+    an existing ``path`` raises :class:`OutputExistsError`; nor follows a symlink.
     """
     path = os.fspath(path)
-    if type not in ("dynamic", "fixed"):
-        raise InvalidArgumentError(f"type must be 'dynamic' or 'fixed', not {type!r}")
-    bs = parse_size(block_size) if block_size is not None else None
     if path.lower().endswith((".vhd", ".avhd")):  # legacy VHD: vhdx/vhd/create.py
         from .vhd.create import create_vhd
 
+        if type not in ("dynamic", "fixed"):
+            raise InvalidArgumentError(f"{path}: the type must be dynamic or fixed, not {type!r}")
         if logical_sector_size != 512:
-            raise InvalidArgumentError("a VHD always has 512-byte sectors")
+            raise InvalidArgumentError(f"{path}: a VHD always has 512-byte sectors")
+        bs = parse_size(block_size) if block_size is not None else None
         return create_vhd(path, parse_size(size) if size is not None else None, type=type,
                           block_size=bs, parent=parent)
-    if parent is not None:
-        if type == "fixed":
-            raise InvalidArgumentError("a differencing disk cannot be fixed")
-        from .vhd.file import is_vhd_file
-
-        if is_vhd_file(parent):
-            raise InvalidArgumentError(f"{os.fspath(parent)}: the parent of a VHDX must be a VHDX "
-                                       "(mixed VHD/VHDX chains are not supported; name the child .avhd)")
-        pimg = ImageFile(parent)
-        try:
-            vsize = pimg.virtual_size
-            if size is not None and parse_size(size) != vsize:
-                raise InvalidArgumentError(
-                    f"a differencing disk has its parent's size ({vsize} bytes); resize it after creating it")
-            plan = plan_layout(vsize, bs, pimg.logical_sector_size, pimg.physical_sector_size,
-                               parent=parent_info_for(path, pimg), creator=creator_string(),
-                               virtual_disk_id=pimg.virtual_disk_id)
-        finally:
-            pimg.close()
-    else:
-        if size is None:
-            raise InvalidArgumentError("a size is needed (or a parent)")
-        plan = plan_layout(parse_size(size), bs, logical_sector_size, physical_sector_size,
-                           fixed=type == "fixed", creator=creator_string())
+    plan = plan_new(path, size, type=type, block_size=block_size,
+                    logical_sector_size=logical_sector_size,
+                    physical_sector_size=physical_sector_size, parent=parent)
     if type == "fixed":
         from .preflight import check_space
 
         check_space(os.path.dirname(os.path.abspath(path)), plan.file_size, "creating a fixed disk", path)
+    # O_EXCL with O_CREAT fails on any existing name, a symlink included (it is
+    # never followed); O_NOFOLLOW says so where O_EXCL alone might not (NFSv2).
+    flags = (os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+             | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
+        fd = os.open(path, flags, 0o644)
     except FileExistsError:
-        raise VhdxError(f"{path}: already exists (refusing to overwrite)") from None
+        raise OutputExistsError(path, "already exists (refusing to overwrite)") from None
+    except FileNotFoundError:
+        raise OutputDirectoryError(path) from None
     except OSError as e:
-        raise VhdxError(f"{path}: {e.strerror}") from None
+        raise VhdxIOError.from_os(e, path) from None
     try:
         with os.fdopen(fd, "w+b") as fh:
             write_new_image(fh, plan)

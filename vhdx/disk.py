@@ -23,13 +23,11 @@ import uuid
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from . import structures as S
-from .errors import InvalidArgumentError, VhdxError
-from .image import Extent, ImageFile, ReadableObject, pread_into
+from .errors import InvalidArgumentError, ReadOnlyError, VhdxError, VhdxIOError  # noqa: F401
+from .image import Extent, ImageFile, NotCopyable, ReadableObject, pread_into
 
 if TYPE_CHECKING:
     from .native import ChainReader
-
-if TYPE_CHECKING:
     from .partitions import Partition
 
 ZERO = -1  # segment source: reads zeros because the chain defines zeros
@@ -53,7 +51,7 @@ def _emit(out: list[Segment], pos: int, length: int, source: int, file_offset: i
     out.append([pos, length, source, file_offset])
 
 
-class VirtualDisk(io.RawIOBase):
+class VirtualDisk(NotCopyable, io.RawIOBase):
     """A read-only virtual disk over a chain of VHDX/AVHDX files (child first).
 
     ``read_at``/``readinto_at`` are safe to call from several threads at once;
@@ -372,7 +370,7 @@ class VirtualDisk(io.RawIOBase):
                 try:
                     self._gather(img.fd, mv, batch)
                 except OSError as e:
-                    raise VhdxError(f"{img.path}: read failed: {e.strerror or e}") from None
+                    raise VhdxIOError.from_os(e, img.path, "read failed") from None
             else:
                 for pos, foff, length in batch:
                     img.pread_into(mv[pos:pos + length], foff)
@@ -431,11 +429,16 @@ class VirtualDisk(io.RawIOBase):
     def _raise_read_error(self, src: int, e: OSError) -> None:
         if self.closed:
             raise ValueError("I/O operation on closed disk") from None
-        raise VhdxError(f"{self.chain[src].path}: read failed: {e.strerror}") from None
+        raise VhdxIOError.from_os(e, self.chain[src].path, "read failed") from None
 
     # --- io.RawIOBase ------------------------------------------------------------
     def readable(self) -> bool:
         return True
+
+    def write(self, data) -> int:  # noqa: ANN001 - io.RawIOBase signature
+        """Refused: this disk is read-only (``vhdx.open(path, "r+")`` opens it writable)."""
+        raise ReadOnlyError(f"{self.path}: opened read-only (open it with mode 'r+' to write)")
+
 
     def seekable(self) -> bool:
         return True

@@ -6,6 +6,8 @@ Every failure caused by the contents of a file or by the caller's arguments is a
 
 from __future__ import annotations
 
+import io
+
 
 class VhdxError(Exception):
     """Root of every error this package raises for bad input or unusable files."""
@@ -14,7 +16,7 @@ class VhdxError(Exception):
 def naming(e: VhdxError, path: str) -> VhdxError:
     """``e`` with ``path`` in front of its message when it does not name it yet (the
     CLI's one line must name the file); the same class, the cause kept."""
-    if path in str(e):
+    if path in str(e) or isinstance(e, OSError):  # OSError kinds carry their filename
         return e
     try:
         new = type(e)(f"{path}: {e}")
@@ -51,8 +53,9 @@ class InvalidArgumentError(VhdxError, ValueError):
     """The caller passed an argument that makes no sense (bad offset, size, mode)."""
 
 
-class ReadOnlyError(VhdxError):
-    """A write was attempted on a disk opened read-only."""
+class ReadOnlyError(VhdxError, io.UnsupportedOperation):
+    """A write was attempted on a disk opened read-only (also an
+    ``io.UnsupportedOperation``, which file objects raise for the same mistake)."""
 
 
 class LockedError(VhdxError):
@@ -80,6 +83,8 @@ class CorruptConfigError(CorruptImageError):
 class ConfigChecksumError(CorruptConfigError, ChecksumError):
     """A CRC-32 of a HyperVStorage structure (header, object-table entry, key table,
     key entry, replay log) failed."""
+
+
 class NotWritableError(VhdxError):
     """A file an operation must change cannot be written (permissions, read-only
     file system, immutable or append-only flag); found before any byte is written."""
@@ -104,3 +109,65 @@ class ConfinementError(VhdxError):
     """A file lies outside the folders an operation may touch (a merge target
     outside the child's folder and not named by the user, a parent outside the
     ``confine`` trees)."""
+
+
+class _OSErrorMixin:
+    """str() of an OSError-compatible VhdxError: ``FILE: what``, as the CLI prints it,
+    while ``errno``, ``strerror`` and ``filename`` stay available to callers."""
+
+    def __str__(self) -> str:
+        what = self.strerror or (self.args[0] if self.args else "")  # type: ignore[attr-defined]
+        name = self.filename  # type: ignore[attr-defined]
+        return f"{name}: {what}" if name is not None else str(what)
+
+
+class ImageNotFoundError(_OSErrorMixin, VhdxError, FileNotFoundError):
+    """An input file does not exist (``except FileNotFoundError`` catches it too)."""
+
+    def __init__(self, filename: str, message: str = "no such file") -> None:
+        super().__init__(2, message, filename)  # ENOENT
+
+
+class OutputExistsError(_OSErrorMixin, VhdxError, FileExistsError):
+    """The output already exists and the operation does not overwrite it."""
+
+    def __init__(self, filename: str, message: str = "already exists") -> None:
+        super().__init__(17, message, filename)  # EEXIST
+
+
+class OutputDirectoryError(_OSErrorMixin, VhdxError, FileNotFoundError):
+    """The folder an output should be created in does not exist."""
+
+    def __init__(self, filename: str, message: str | None = None) -> None:
+        import os
+
+        folder = os.path.dirname(os.path.abspath(filename))
+        super().__init__(2, message or f"the output folder {folder} does not exist", filename)
+
+
+class VhdxIOError(_OSErrorMixin, VhdxError, OSError):
+    """The operating system failed a read, write or open (errno and filename kept)."""
+
+    def __init__(self, errno_: int | None, message: str, filename: str | None = None) -> None:
+        super().__init__(errno_, message, filename)
+
+    @classmethod
+    def from_os(cls, e: OSError, filename: str | None = None, doing: str | None = None) -> "VhdxIOError":
+        """Wrap ``e``; ``doing`` (e.g. "write failed at 0x1000") prefixes its strerror."""
+        what = e.strerror or str(e)
+        return cls(e.errno, f"{doing}: {what}" if doing else what,
+                   filename if filename is not None else e.filename)
+
+
+class TargetKindError(InvalidArgumentError):
+    """A path names something an operation cannot read or write (a character
+    device, FIFO, directory or socket where a file or block device is needed)."""
+
+
+class UsageError(InvalidArgumentError):
+    """The command line (or a call) combines options that make no sense together;
+    the CLI exits 2 for it, as for any usage error."""
+
+
+class NotCopyableError(VhdxError, TypeError):
+    """An open disk holds file descriptors and locks that a copy would share."""

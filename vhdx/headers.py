@@ -167,6 +167,8 @@ def validate_log_fields(header: Header) -> None:
         raise CorruptImageError("header LogGuid is set but LogLength is 0")
     if header.log_length % S.ALIGNMENT:
         raise CorruptImageError(f"log length {header.log_length:#x} is not a multiple of 1 MiB")
+    if header.log_dirty and header.log_length == 0:  # found by fuzzing: a replay would divide by it
+        raise CorruptImageError("the log is marked dirty (LogGuid set) but its length is 0")
     if header.log_length and (header.log_offset % S.ALIGNMENT or header.log_offset < S.HEADER_SECTION_SIZE):
         raise CorruptImageError(f"log offset {header.log_offset:#x} is not 1 MiB aligned past the header section")
 

@@ -29,7 +29,8 @@ from .bat import (
     raise_fatal,
     validate_table,
 )
-from .errors import CorruptImageError, InvalidArgumentError, VhdxError, naming
+from .errors import (CorruptImageError, ImageNotFoundError, InvalidArgumentError, NotCopyableError,
+                     VhdxError, VhdxIOError, naming)
 from .headers import HeaderSection, read_header_section
 from .log import Overlay, ReplayPlan, plan_replay
 from .metadata import Metadata, parse_metadata
@@ -50,9 +51,9 @@ def open_regular_file(path: str | os.PathLike[str]) -> int:
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise VhdxError(f"{os.fspath(path)}: no such file") from None
+        raise ImageNotFoundError(os.fspath(path)) from None
     except OSError as e:
-        raise VhdxError(f"{os.fspath(path)}: {e.strerror}") from None
+        raise VhdxIOError.from_os(e, os.fspath(path)) from None
     if not stat.S_ISREG(st.st_mode):
         raise InvalidArgumentError(f"{os.fspath(path)}: not a regular file")
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
@@ -60,9 +61,12 @@ def open_regular_file(path: str | os.PathLike[str]) -> int:
         # O_NOATIME keeps even the access time of evidence unchanged where allowed.
         fd = os.open(path, flags | getattr(os, "O_NOATIME", 0))
     except PermissionError:
-        fd = os.open(path, flags)
+        try:
+            fd = os.open(path, flags)
+        except OSError as e:
+            raise VhdxIOError.from_os(e, os.fspath(path)) from None
     except OSError as e:
-        raise VhdxError(f"{os.fspath(path)}: {e.strerror}") from None
+        raise VhdxIOError.from_os(e, os.fspath(path)) from None
     st2 = os.fstat(fd)
     if not stat.S_ISREG(st2.st_mode) or (st2.st_dev, st2.st_ino) != (st.st_dev, st.st_ino):
         os.close(fd)
@@ -81,7 +85,7 @@ def pread_into(fd: int, mv: memoryview, offset: int, path: str) -> None:
                 break
             got += k
     except OSError as e:
-        raise VhdxError(f"{path}: read failed at {offset:#x}: {e.strerror}") from None
+        raise VhdxIOError.from_os(e, path, f"read failed at {offset:#x}") from None
     if got < n:
         mv[got:] = bytes(n - got)
 
@@ -209,7 +213,27 @@ class BlockInfo:
     file_offset: int  # 0 when the state has no data in this file
 
 
-class ImageFile:
+class NotCopyable:
+    """Refuses copy.copy, copy.deepcopy and pickling of an object holding open
+    descriptors: a copy would share them, and closing it would close them under
+    the original, whose reads would then hit whatever file reuses the numbers."""
+
+    path: str
+
+    def _refuse(self, what: str) -> NotCopyableError:
+        return NotCopyableError(f"{self.path}: an open disk cannot be {what}; open the file again")
+
+    def __copy__(self) -> None:
+        raise self._refuse("copied")
+
+    def __deepcopy__(self, memo: dict) -> None:
+        raise self._refuse("copied")
+
+    def __reduce_ex__(self, protocol: object) -> None:
+        raise self._refuse("pickled")
+
+
+class ImageFile(NotCopyable):
     """A single VHDX or AVHDX file, read-only. Thread-safe for reads."""
 
     def __init__(self, path: str | os.PathLike[str] | ReadableObject, fd: int | None = None, *,
@@ -409,7 +433,7 @@ class ImageFile:
         try:
             return os.pread(self.fd, size, offset)
         except OSError as e:
-            raise VhdxError(f"{self.path}: read failed at {offset:#x}: {e.strerror}") from None
+            raise VhdxIOError.from_os(e, self.path, f"read failed at {offset:#x}") from None
 
     def read_file(self, offset: int, size: int) -> bytes:
         """``size`` bytes of the file as replayed (overlay applied; zeros past EOF)."""

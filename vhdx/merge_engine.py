@@ -904,10 +904,12 @@ def _flatten(chain: list[ImageFile], output: str, dry_run: bool, progress: Progr
              warnings: list[str]) -> MergeSummary:
     from .layout import plan_layout, write_new_image
 
+    from . import fileio
+
     top = chain[0]
     summary = MergeSummary("flatten", output, [f.path for f in chain], dry_run, warnings=list(warnings))
-    if os.path.exists(output):
-        raise VhdxError(f"{output}: already exists")
+    # Refuses an existing output, a special file, a missing folder.
+    fileio.inspect_output(output, allow_block=False, exists_hint="choose another name or remove it")
     plan = plan_layout(top.virtual_size, top.block_size, top.logical_sector_size,
                        top.physical_sector_size, virtual_disk_id=top.virtual_disk_id)
     upper_disk = VirtualDisk(chain)
@@ -926,12 +928,23 @@ def _flatten(chain: list[ImageFile], output: str, dry_run: bool, progress: Progr
     layout = 2 * S.MiB + _align_up(8 * geo.total_entries, S.MiB)
     check_space(folder, layout + _planned_growth(chain, empty, top.virtual_size),
                 "the flatten", output)
-    tmp = output + ".part"
+    # Created exclusively under an unpredictable name: a planted OUT.part symlink
+    # (CWE-59) is never opened, let alone written through.
+    fd, tmp = fileio.create_temp(output)
     storage = None
     try:
-        write_new_image(tmp, plan)
+        with os.fdopen(os.dup(fd), "w+b") as fh:
+            write_new_image(fh, plan)
         # Invisible until renamed: one fsync before the rename (DeferredSyncStorage).
-        storage = storage_factory(tmp) if storage_factory else DeferredSyncStorage.open(tmp)
+        # The descriptor is kept: reopening the name could open a swapped-in file.
+        if storage_factory:
+            os.close(fd)
+            fd = -1
+            storage = storage_factory(tmp)
+        else:
+            storage = DeferredSyncStorage(fd)
+            storage.path = output  # messages name the output, not the hidden temp
+        fd = -1
         with WritableDisk(tmp, storage=storage) as t:
             t.log.mark_data_changed()
             _execute(t, upper_disk, chain, summary, False, progress, allow_clone)
@@ -946,8 +959,9 @@ def _flatten(chain: list[ImageFile], output: str, dry_run: bool, progress: Progr
     except BaseException as e:
         if storage is not None:
             storage.close()
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if fd >= 0:
+            os.close(fd)
+        fileio.discard_temp(tmp)
         if isinstance(e, OSError):
             raise _failure(e, output, top.path, "flatten",
                            f"vhdx merge {top.path} --output {output}") from None

@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
-from .errors import InvalidArgumentError
+from .errors import ImageNotFoundError, InvalidArgumentError, VhdxIOError
 
 __all__ = [
     "Storage",
@@ -78,6 +78,7 @@ class FileStorage:
 
     def __init__(self, fd: int, *, owns_fd: bool = True, writable: bool = True) -> None:
         self._fd: int | None = fd
+        self.path: str | None = None  # for messages: OS errors become VhdxIOError naming it
         self._owns = owns_fd
         self.writable = writable
         self._dirty = False
@@ -86,7 +87,14 @@ class FileStorage:
     def open(cls, path: str | os.PathLike[str], writable: bool = True) -> "FileStorage":
         """Open ``path`` (must exist) read-write or read-only."""
         flags = (os.O_RDWR if writable else os.O_RDONLY) | getattr(os, "O_BINARY", 0)
-        return cls(os.open(path, flags), owns_fd=True, writable=writable)
+        try:
+            st = cls(os.open(path, flags), owns_fd=True, writable=writable)
+        except FileNotFoundError:
+            raise ImageNotFoundError(os.fspath(path)) from None
+        except OSError as e:
+            raise VhdxIOError.from_os(e, os.fspath(path)) from None
+        st.path = os.fspath(path)
+        return st
 
     @property
     def fd(self) -> int:
@@ -103,7 +111,10 @@ class FileStorage:
             raise InvalidArgumentError(f"bad read range {offset}+{size}")
         parts = []
         while size > 0:
-            chunk = os.pread(self.fd, size, offset)
+            try:
+                chunk = os.pread(self.fd, size, offset)
+            except OSError as e:
+                raise VhdxIOError.from_os(e, self.path, f"read failed at {offset:#x}") from None
             if not chunk:
                 break
             parts.append(chunk)
@@ -117,10 +128,13 @@ class FileStorage:
         self._check_writable()
         mv = memoryview(data).cast("B")
         self._dirty = True
-        while len(mv):
-            n = os.pwrite(self.fd, mv, offset)
-            mv = mv[n:]
-            offset += n
+        try:
+            while len(mv):
+                n = os.pwrite(self.fd, mv, offset)
+                mv = mv[n:]
+                offset += n
+        except OSError as e:  # ENOSPC, EIO, ...: still an OSError, errno kept
+            raise VhdxIOError.from_os(e, self.path, f"write failed at {offset:#x}") from None
 
     def note_external_write(self) -> None:
         """Something wrote through :attr:`fd` directly (the C copy engine): the
@@ -128,7 +142,10 @@ class FileStorage:
         self._dirty = True
 
     def flush(self) -> None:
-        _fsync(self.fd)
+        try:
+            _fsync(self.fd)
+        except OSError as e:
+            raise VhdxIOError.from_os(e, self.path, "flush (fsync) failed") from None
         self._dirty = False
 
     def size(self) -> int:
@@ -139,7 +156,10 @@ class FileStorage:
             raise InvalidArgumentError(f"bad size {size}")
         self._check_writable()
         self._dirty = True
-        os.ftruncate(self.fd, size)
+        try:
+            os.ftruncate(self.fd, size)
+        except OSError as e:
+            raise VhdxIOError.from_os(e, self.path, f"cannot set the file size to {size}") from None
 
     def close(self) -> None:
         if self._fd is not None and self._owns:
@@ -172,7 +192,10 @@ class DeferredSyncStorage(FileStorage):
         self._dirty = False
 
     def sync(self) -> None:
-        _fsync(self.fd)
+        try:
+            _fsync(self.fd)
+        except OSError as e:
+            raise VhdxIOError.from_os(e, self.path, "flush (fsync) failed") from None
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:

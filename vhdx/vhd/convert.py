@@ -32,6 +32,11 @@ __all__ = ["convert_to_vhd"]
 MiB = 1 << 20
 
 
+def _one_arg(progress: Callable[[int], None] | None) -> Callable[[int, int], None] | None:
+    """vhdx.convert._copy reports (done, total); this module's callers take done only."""
+    return None if progress is None else (lambda done, _total: progress(done))
+
+
 def _open_source(source: str, parents, search_dirs, ignore_linkage: bool, ignore_checksums: bool):
     """(disk or None, raw fd or None) for ``source``."""
     from ..convert import is_vhdx_file
@@ -95,7 +100,7 @@ def convert_to_vhd(source: str | os.PathLike[str], output: str | os.PathLike[str
                 done = 0
                 if extents is not None and any(getattr(f, "overlay", None) for f in disk.chain):
                     # A replayed log patches reads in memory: copy through the reader.
-                    _copy(iter(ranges), readinto, lambda off, mv: _pwrite_all(fd, mv, off), progress)
+                    _copy(iter(ranges), readinto, lambda off, mv: _pwrite_all(fd, mv, off), _one_arg(progress))
                 elif extents is not None:
                     by_src: dict[int, list[tuple[int, int, int]]] = {}
                     for e in extents:
@@ -127,7 +132,7 @@ def convert_to_vhd(source: str | os.PathLike[str], output: str | os.PathLike[str
                 storage = DeferredSyncStorage.open(tmp)
                 out = VhdWritableDisk(tmp, storage=storage)
                 try:
-                    _copy(iter(ranges), readinto, out.write_at, progress)
+                    _copy(iter(ranges), readinto, out.write_at, _one_arg(progress))
                     storage.sync()
                 finally:
                     out.close()

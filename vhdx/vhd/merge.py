@@ -131,7 +131,7 @@ def _flatten(child: PathLike, output: str, dry_run: bool, progress: ProgressFn |
     if os.path.exists(output):
         raise VhdxError(f"{output}: already exists")
     if not dry_run:
-        bar = (lambda done: progress(done, data)) if progress else None
+        bar = (lambda done, *_: progress(done, data)) if progress else None
         if output.lower().endswith((".vhdx", ".avhdx")):
             from ..convert import convert_to_vhdx
 
