@@ -108,13 +108,20 @@ class VhdDisk(VirtualDisk):
                     if len(runs) == 1 and runs[0][2]:
                         _emit(out, pos - base, n, level, data + pos - bstart)
                     else:
-                        self._resolve_runs(level, runs, bstart, data, pos, n, base, has_parent, out)
+                        self._resolve_bitmap_runs(level, runs, bstart, data, pos, n, base, has_parent, out)
                 pos += n
         if tail_start < end:
             _emit(out, tail_start - base, end - tail_start, ZERO, 0)
 
-    def _resolve_runs(self, level: int, runs: list, bstart: int, data: int, pos: int, n: int,
-                      base: int, has_parent: bool, out: list[Segment]) -> None:
+    def segments(self, offset: int, length: int) -> list[Segment]:
+        """As :meth:`VirtualDisk.segments`, resolved block by block through the VHD BAT."""
+        out: list[Segment] = []
+        if length > 0:
+            self._resolve(0, offset, length, offset, out)
+        return out
+
+    def _resolve_bitmap_runs(self, level: int, runs: list, bstart: int, data: int, pos: int, n: int,
+                             base: int, has_parent: bool, out: list[Segment]) -> None:
         rel, rel_end = pos - bstart, pos - bstart + n
         i = bisect.bisect_right(runs, (rel // S.SECTOR, 1 << 62, True)) - 1
         while rel < rel_end:
