@@ -475,7 +475,7 @@ struct tr_level {
     uint32_t lss;
 };
 
-/* Byte at virtual `off` by the ref §8.1 rules, straight from the model. */
+/* Byte at virtual `off` by the FORMAT.md §8.1 rules, straight from the model. */
 static uint8_t tr_expect(const struct tr_level *lv, int n, uint64_t off)
 {
     int L;

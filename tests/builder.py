@@ -2,11 +2,11 @@
 
 Builds arbitrary images on top of :mod:`vhdx.layout` by poking raw bytes (no
 log, no writer): any BAT state per block, payload data, sector bitmaps
-(LSB-first, ref §5.4), differencing chains linked by DataWriteGuid, and an
+(LSB-first, FORMAT.md §5.4), differencing chains linked by DataWriteGuid, and an
 optional dirty log whose replay produces the final BAT/SB contents.
 
 Ground truth (:func:`expected_chain`) is computed from the *description*
-(:class:`ImageSpec` + materialised data/bitmaps) with the ref §8.1 rules, never
+(:class:`ImageSpec` + materialised data/bitmaps) with the FORMAT.md §8.1 rules, never
 from the bytes written, so it checks both the reader and the builder:
 
 * FULLY_PRESENT -> this file's data; PARTIALLY_PRESENT -> per-sector bit
@@ -184,7 +184,7 @@ def bitmap_from_bits(bits: list[int]) -> bytes:
 
 
 def payload_index(block: int, cr: int) -> int:
-    """BAT index of payload block ``block`` (ref §5.3)."""
+    """BAT index of payload block ``block`` (FORMAT.md §5.3)."""
     return block + block // cr
 
 
@@ -205,7 +205,7 @@ def build_log_entry(sequence: int, tail: int, log_guid: uuid.UUID,
                     descriptors: list[tuple[str, int, bytes | int]],
                     flushed_file_offset: int, last_file_offset: int) -> bytes:
     """One log entry with CRC: descriptors are ("data", file_offset, 4096 bytes) or
-    ("zero", file_offset, zero_length). EntryLength = (D + N) * 4096 (ref §6.1).
+    ("zero", file_offset, zero_length). EntryLength = (D + N) * 4096 (FORMAT.md §6.1).
 
     Kept apart from vhdx.log_writer.build_log_entry on purpose: test inputs may
     interleave zero and data descriptors in any order (the writer always puts

@@ -12,7 +12,7 @@ random subset of 512-byte pieces (sectors torn inside a header or log sector).
 
 The reconstructed image is then opened by a reader and its metadata state must be
 the state before or after the step in progress, and every step whose last flush
-was durable must be visible (ref §7: write -> flush -> apply -> flush).
+was durable must be visible (FORMAT.md §7: write -> flush -> apply -> flush).
 
 The state is read twice: :func:`read_state_own` (vhdx.headers + vhdx.log replay
 plan applied to an in-memory copy, then a tiny BAT decoder that also checks every
@@ -132,7 +132,7 @@ class CheckFailure(AssertionError):
 def read_state_own(img: bytes | bytearray, geom: Geometry) -> tuple[MetaState, bytes]:
     """Open ``img`` the way a read-only reader does and return its state.
 
-    Header choice (ref §2.1), log replay into an in-memory copy (ref §6.4 steps
+    Header choice (FORMAT.md §2.1), log replay into an in-memory copy (FORMAT.md §6.4 steps
     1-8, §6.4 step 12), BAT decode and reads of every FULLY_PRESENT block.
     Raises CheckFailure for anything a reader would refuse. Also returns the
     replayed image bytes.
@@ -257,7 +257,7 @@ def run_random_workload(path: Path, rng: random.Random, n_steps: int = 12,
     unmap a block (logged BAT change), scratch-sector updates with data and zero
     descriptors (sizes crossing 126/254 descriptors and forcing ring wrap and the
     empty-entry step), close + reopen (new session). Blocks are always allocated
-    at the end of the file and never reused (ref §7 rule 7).
+    at the end of the file and never reused (FORMAT.md §7 rule 7).
     """
     base = path.read_bytes()
     geom = read_geometry(base)
@@ -339,7 +339,7 @@ def run_random_workload(path: Path, rng: random.Random, n_steps: int = 12,
             def write_block(i: int = i) -> None:
                 end = -(-rec.size() // MiB) * MiB
                 data = rng.randbytes(bs)
-                rec.truncate(end + bs)                      # ref §7 rule 5a
+                rec.truncate(end + bs)                      # FORMAT.md §7 rule 5a
                 rec.pwrite(end, data)                       # 5b
                 ups, zs = scratch_updates(scratch_size())
                 model.bat[i] = S.bat_entry(S.PAYLOAD_BLOCK_FULLY_PRESENT, end)

@@ -1,6 +1,6 @@
 """validate_table against the per-entry rules it implements with byte scans.
 
-The reference below applies ref §10 rows 11-12 one entry at a time (the
+The reference below applies FORMAT.md §10 rows 11-12 one entry at a time (the
 implementation before the scans were vectorized); random tables with every
 state, reserved bits, offsets in and past the file, sector-bitmap slots inside
 and across 64 KiB strides, must give the same kinds of problem, each with the

@@ -214,7 +214,7 @@ def test_truncation(vhdx_mod, victims, victim: str) -> None:
             try:
                 r = attempt(vhdx_mod, chain)
                 if cut >= last_block and not isinstance(r, Exception) and r != truth:
-                    # a partial *last* block is tolerated with a warning (ref §10 policy)
+                    # a partial *last* block is tolerated with a warning (FORMAT.md §10 policy)
                     assert LAST_WARNINGS, f"{path.name} cut at {cut}: wrong data and no warning"
                 else:
                     assert isinstance(r, Exception) or r == truth, f"{path.name} cut at {cut}: wrong data"
@@ -408,7 +408,7 @@ def test_both_headers_bad(vhdx_mod, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("field,value,exc", [
-    ("version", 2, "CorruptImageError"),  # a header with Version != 1 is invalid (ref §2.1)
+    ("version", 2, "CorruptImageError"),  # a header with Version != 1 is invalid (FORMAT.md §2.1)
     ("log_version", 1, "UnsupportedFeatureError"),
     ("log_offset", 0, "CorruptImageError"),
     ("log_length", 3 * MiB // 2, "CorruptImageError"),

@@ -168,7 +168,7 @@ def _build_chain(tmp_path, depth: int, lss: int, seed: int, aligned: bool = True
     """Base + ``depth`` children made by vhdx.create(parent=...) and WritableDisk.
 
     ``aligned``: children get writes aligned to 8 sectors and one block size, as
-    Hyper-V writes them (whole bitmap bytes, ref §5.4); otherwise writes are
+    Hyper-V writes them (whole bitmap bytes, FORMAT.md §5.4); otherwise writes are
     unaligned (sector-granular bitmap runs) and block sizes alternate per level.
     """
     rng = random.Random(seed)
@@ -183,7 +183,7 @@ def _build_chain(tmp_path, depth: int, lss: int, seed: int, aligned: bool = True
                                  block_size=MiB if aligned else (2 * MiB if level % 2 else 4 * MiB)))
         with vhdx.open(paths[-1], "r+") as d:
             # No write_zeroes in children: libvhdi reads ZERO blocks of a child from the
-            # parent (ref §5.2 footnote 2); vhdx and dissect are checked on zeroes elsewhere.
+            # parent (FORMAT.md §5.2 footnote 2); vhdx and dissect are checked on zeroes elsewhere.
             for _ in range(12):
                 off = rng.randrange(size // unit) * unit
                 ln = rng.choice([1, 100, lss + 3, 70000, 3 * MiB // 2])
@@ -216,7 +216,7 @@ def test_peers_read_chains_exactly(tmp_path, depth, lss):
 @pytest.mark.parametrize("lss", [512, 4096])
 def test_libvhdi_reads_unaligned_chains_with_mixed_block_sizes(tmp_path, lss):
     """Sector-granular bitmap runs and block sizes that differ between levels (both
-    legal, ref §5.4, §8.1). dissect 3.21 is not asked: its read_sectors lets a read
+    legal, FORMAT.md §5.4, §8.1). dissect 3.21 is not asked: its read_sectors lets a read
     that starts mid-block run past the block's end with the same BAT entry, and it
     reads ``ceil(count / 8)`` bitmap bytes from a bit offset inside the first byte
     (one byte short for unaligned runs), so it misreads such chains."""

@@ -3,7 +3,7 @@
 (a) qemu-made images with random writes; (b) builder chains of depth 1-3 with
 partially-present blocks; (c) 4096-byte logical sectors. Peer limitations that
 are excluded (and why): libvhdi reads the parent for ZERO/UNDEFINED/UNMAPPED in a
-differencing file (ref §5.2 footnote 2, §11.7); libvhdi and dissect fail or
+differencing file (FORMAT.md §5.2 footnote 2, §11.7); libvhdi and dissect fail or
 return parent garbage when a child is larger than its parent; qemu opens neither
 differencing nor 4096-byte-sector VHDX; dissect 3.21 is wrong on some 3-level
 partial-over-partial chains.

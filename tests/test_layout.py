@@ -80,7 +80,7 @@ def test_structure(tmp_path: Path, combo) -> None:
     assert plan.payload_offset == bat_off + bat_len
     # log region zero
     assert not any(raw[MiB:2 * MiB])
-    # metadata flags per ref §4.1, items from 64 KiB
+    # metadata flags per FORMAT.md §4.1, items from 64 KiB
     md = raw[2 * MiB:3 * MiB]
     t = s.MetadataTable.parse(md)
     flags = {e.item_id: e.flags for e in t.entries}
@@ -106,7 +106,7 @@ def test_structure(tmp_path: Path, combo) -> None:
 
 
 def test_bat_entry_counts() -> None:
-    # ref §9: 10 GiB, 32 MiB blocks
+    # FORMAT.md §9: 10 GiB, 32 MiB blocks
     assert plan_layout(10 << 30, 32 * MiB).bat_entry_count == 322
     assert plan_layout(10 << 30, 32 * MiB, 4096).bat_entry_count == 320
     par = ParentInfo(uuid.uuid4(), relative_path=".\\p.vhdx")

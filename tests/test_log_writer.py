@@ -142,7 +142,7 @@ def test_memory_storage_matches_file_semantics() -> None:
 
 
 # --------------------------------------------------------------------------------
-# entry construction and validation (ref §6.1, §6.2)
+# entry construction and validation (FORMAT.md §6.1, §6.2)
 # --------------------------------------------------------------------------------
 @pytest.mark.parametrize("count,expected", [(0, 1), (1, 1), (125, 1), (126, 1), (127, 2),
                                             (253, 2), (254, 2), (255, 3), (382, 3), (383, 4)])
@@ -213,7 +213,7 @@ def test_entry_rejects_bad_update_size() -> None:
 
 
 # --------------------------------------------------------------------------------
-# header slots and session GUID rules (ref §2.2, §6.5)
+# header slots and session GUID rules (FORMAT.md §2.2, §6.5)
 # --------------------------------------------------------------------------------
 def test_open_clean_image_writes_nothing(image: Path) -> None:
     rec = RecordingStorage(FileStorage.open(image))
@@ -302,7 +302,7 @@ def test_session_guid_rules(image: Path) -> None:
 
 def test_session_start_sequence(image: Path, geom: PL.Geometry) -> None:
     """Header update (x2, flushed) before the first log byte; initial empty entry
-    at log offset 0 with Tail = itself, flushed (ref §6.5 step 1, §7 rule 4)."""
+    at log offset 0 with Tail = itself, flushed (FORMAT.md §6.5 step 1, §7 rule 4)."""
     rec = RecordingStorage(FileStorage.open(image))
     lw = LogWriter.open(rec, first_sequence=77)
     slot0 = lw.current_slot
@@ -322,7 +322,7 @@ def test_session_start_sequence(image: Path, geom: PL.Geometry) -> None:
 
 
 # --------------------------------------------------------------------------------
-# transactions (ref §6.5 step 2, §7)
+# transactions (FORMAT.md §6.5 step 2, §7)
 # --------------------------------------------------------------------------------
 def test_transaction_write_ordering(image: Path, geom: PL.Geometry) -> None:
     rec = RecordingStorage(FileStorage.open(image))
@@ -457,7 +457,7 @@ def test_ring_wraps_and_never_overwrites_previous_head(image: Path, geom: PL.Geo
     wrapped = [e for e in entries if e[0] + e[1] > L]
     assert wrapped, "no entry wrapped across the end of the log"
     empties = [e for e in entries[1:] if e[1] == SECTOR]
-    assert empties, "the empty-entry step of ref §6.5 never ran"
+    assert empties, "the empty-entry step of FORMAT.md §6.5 never ran"
 
     def sectors(pos: int, length: int) -> set[int]:
         return {(pos + i) % L for i in range(0, length, SECTOR)}
@@ -541,7 +541,7 @@ def test_argument_errors_do_not_poison(image: Path, geom: PL.Geometry) -> None:
 
 
 # --------------------------------------------------------------------------------
-# replay (ref §6.4)
+# replay (FORMAT.md §6.4)
 # --------------------------------------------------------------------------------
 def _crash_after_commit(image: Path, geom: PL.Geometry) -> tuple[bytes, dict[int, bytes]]:
     """Image bytes as they are right after a log entry's flush, before its apply."""
@@ -600,7 +600,7 @@ def test_replay_dirty_image(image: Path, geom: PL.Geometry) -> None:
 
 def test_replay_empty_window_clears_log_guid(image: Path, geom: PL.Geometry) -> None:
     """Crash after the session's LogGuid header update, before the initial entry
-    was durable: no CRC-valid entry -> log treated as empty (ref §6.4 step 4 caveat)."""
+    was durable: no CRC-valid entry -> log treated as empty (FORMAT.md §6.4 step 4 caveat)."""
     rec = RecordingStorage(FileStorage.open(image))
     base = image.read_bytes()
     lw = LogWriter.open(rec)

@@ -109,7 +109,7 @@ def test_random_chains_all_modes(tmp_path, seed):
     assert read_all(target) == expected
     assert_clean(target)
     # libvhdi reads ZERO/UNDEFINED/UNMAPPED blocks of differencing files from the
-    # parent (ref §5.2 fn 2): it is an oracle wherever no differencing file of the
+    # parent (FORMAT.md §5.2 fn 2): it is an oracle wherever no differencing file of the
     # target's chain holds such a block.
     if not any(_has_zeroish_diff_blocks(p) for p in target_chain):
         lv = libvhdi_read(target_chain, len(expected))
@@ -353,7 +353,7 @@ def test_clone_extents_shared_while_child_kept(xfs_dir):  # noqa: F811
 def test_child_larger_than_target_grows_it(tmp_path, depth):
     """The target takes the child's virtual size; the grown area reads what the chain
     read there (zeros past the old end), also over a differencing target whose own
-    parent is larger still (NOT_PRESENT there would expose it; ref §8.3)."""
+    parent is larger still (NOT_PRESENT there would expose it; FORMAT.md §8.3)."""
     sizes = [9 * MiB, 5 * MiB, 7 * MiB][:depth] if depth == 3 else [5 * MiB, 7 * MiB]
     specs = [ImageSpec(virtual_size=sz, block_size=MiB, name=f"l{i}", seed=40 + i,
                        blocks={b: Block(FULLY) for b in range(0, -(-sz // MiB), 2)})
@@ -462,7 +462,7 @@ TARGET_KINDS = ["dynamic", "fixed", "differencing"]
 @pytest.mark.parametrize("lss", [512, 4096])
 @pytest.mark.parametrize("kind", TARGET_KINDS)
 def test_every_child_state_over_every_target_state(tmp_path, kind, lss):
-    """The whole matrix of ref §8.3: each child block state over each target block
+    """The whole matrix of FORMAT.md §8.3: each child block state over each target block
     state, for base, fixed and differencing targets; the target must then read
     exactly what the chain read (and a differencing target's own parent must never
     show through where the child defined zeros)."""

@@ -496,7 +496,7 @@ def test_an_in_bounds_zero_descriptor_is_applied_inside_the_file_only(tmp_path):
     with open(p, "rb") as f:
         f.seek(foff)
         assert f.read(MiB) == bytes(MiB)
-    assert os.path.getsize(p) == end  # extended to LastFileOffset (ref §6.4 step 8)
+    assert os.path.getsize(p) == end  # extended to LastFileOffset (FORMAT.md §6.4 step 8)
     assert os.stat(p).st_blocks * 512 <= size + MiB  # the tail past the old EOF stays a hole
 
 

@@ -149,7 +149,7 @@ def test_bat_entry_bitstruct_matches_integer_encoding(state: int, mb: int) -> No
 
 
 def test_bat_entry_known_value() -> None:
-    # ref §5.1: FULLY_PRESENT at 8 MiB
+    # FORMAT.md §5.1: FULLY_PRESENT at 8 MiB
     assert s.bat_entry(s.PAYLOAD_BLOCK_FULLY_PRESENT, 8 * s.MiB) == 0x800006
 
 
@@ -196,7 +196,7 @@ def test_truncated_input_is_corrupt_image_error() -> None:
 
 
 def test_guid_byte_order() -> None:
-    # ref §0: the BAT region GUID's on-disk bytes
+    # FORMAT.md §0: the BAT region GUID's on-disk bytes
     assert s.BAT_REGION_GUID.bytes_le == bytes.fromhex("6677C22D23F600429D64115E9BFD4A08")
     assert s.METADATA_REGION_GUID.bytes_le == bytes.fromhex("06A27C8B90479A4BB8FE575F050F886E")
 

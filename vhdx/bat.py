@@ -1,8 +1,8 @@
 """Block Allocation Table: geometry (chunk ratio, entry index math) and the table.
 
 Followed: MS-VHDX 2.5 (BAT), 2.5.1 (entry), 2.5.1.1/2.5.1.2 (states) and the
-entry-count formulas of 2.5 as checked in ref §5.3 (not the bad transcription
-of ref §11.1). Validation per ref §10 rows 10-12.
+entry-count formulas of 2.5 as checked in FORMAT.md §5.3 (not the bad transcription
+of FORMAT.md §11). Validation per FORMAT.md §10 rows 10-12.
 """
 
 from __future__ import annotations
@@ -221,7 +221,7 @@ _HIGH4 = bytes(1 if b >> 4 else 0 for b in range(256))  # byte 2: offset bits 20
 def validate_table(table: Table, geo: Geometry, file_size: int,
                    reserved_spans: list[tuple[int, int, str]],
                    entry_spans: Spans | None = None) -> list[BatProblem]:
-    """Every kind of problem of the table (ref §10 rows 11-12), fatal or not.
+    """Every kind of problem of the table (FORMAT.md §10 rows 11-12), fatal or not.
 
     ``reserved_spans`` are the (start, end, name) file ranges of the header
     section, log and regions, which no block may overlap; ``entry_spans`` are
@@ -306,7 +306,7 @@ def _check_stride(table: Table, raw: memoryview, geo: Geometry, base: int, end: 
                 or any(seg[k::8] != _ZERO_STRIDE[:count] for k in range(3, 8))):
             return  # no data states, no offsets: a discarded or untouched stretch
         vals = _payload_entries(table, base, end, k0, cr1)
-        # UNDEFINED/UNMAPPED may keep an offset; it still counts as in use (ref §5.1).
+        # UNDEFINED/UNMAPPED may keep an offset; it still counts as in use (FORMAT.md §5.1).
         pos = [p for p, v in enumerate(vals) if v >= _UNIT]
         used = [vals[p] for p in pos]
     else:
@@ -402,7 +402,7 @@ def _check_entries(table: Table, geo: Geometry, lo: int, hi: int, file_size: int
             out.add("partial", i, "PARTIALLY_PRESENT block in a disk without parent", True)
             continue
         if state in _ALLOCATED_PAYLOAD_STATES or off:
-            # UNDEFINED/UNMAPPED may keep an offset; it still counts as in use (ref §5.1).
+            # UNDEFINED/UNMAPPED may keep an offset; it still counts as in use (FORMAT.md §5.1).
             if geo.block_of_index(i) >= geo.payload_blocks:
                 if state in _ALLOCATED_PAYLOAD_STATES:
                     out.add("beyond", i, "allocated entry beyond the virtual disk", False)

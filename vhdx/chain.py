@@ -1,9 +1,9 @@
 """Differencing chains: finding, validating and opening the parents of a file.
 
 Followed: MS-VHDX 2.6.2.6 (parent locator; lookup order relative_path,
-volume_path, absolute_win32_path) and ref §8.2. A parent is accepted only when
+volume_path, absolute_win32_path) and FORMAT.md §8.2. A parent is accepted only when
 its current DataWriteGuid equals ``parent_linkage`` or a non-zero
-``parent_linkage2`` (ref §4.2: Hyper-V writes a zero linkage2 meaning unset),
+``parent_linkage2`` (FORMAT.md §4.2: Hyper-V writes a zero linkage2 meaning unset),
 and its logical sector size equals the child's.
 """
 

@@ -376,7 +376,7 @@ def cmd_resize(args: argparse.Namespace) -> int:
 
 
 def _repair(args: argparse.Namespace) -> None:
-    """``check --repair``: replay a dirty log of IMAGE into the file (ref §6.4)."""
+    """``check --repair``: replay a dirty log of IMAGE into the file (FORMAT.md §6.4)."""
     from . import log as LOG
     from .headers import read_header_section
     from .log_writer import LogWriter

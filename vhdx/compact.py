@@ -499,7 +499,7 @@ class _Compactor:
             w.storage.flush()
 
     def _commit_moves(self, batch: list[tuple[int, int]]) -> None:
-        self.w._commit()  # its first barrier makes the copies durable (ref §7 rule 5c)
+        self.w._commit()  # its first barrier makes the copies durable (FORMAT.md §7 rule 5c)
         for old, n in batch:
             self.sm.bytes_punched += self.io.free(old, n)
 

@@ -2,10 +2,10 @@
 
 The layout comes from :mod:`vhdx.layout` (Hyper-V-like: log 1 MiB @ 1 MiB,
 metadata 1 MiB @ 2 MiB, BAT @ 3 MiB, everything 1 MiB aligned, region and
-metadata flags as ref §3 / §4.1 require); limits are enforced there
+metadata flags as FORMAT.md §3 / §4.1 require); limits are enforced there
 (:func:`vhdx.layout.plan_layout`), not here.
 
-A differencing disk takes from its parent (ref §8.3 "Forking a new child"): the
+A differencing disk takes from its parent (FORMAT.md §8.3 "Forking a new child"): the
 virtual size, both sector sizes and the Virtual Disk ID (IsVirtualDisk items);
 its ``parent_linkage`` is the parent's current DataWriteGuid and its locator
 holds ``relative_path`` (Hyper-V style, ``.\\name.vhdx`` for a sibling) and
@@ -51,7 +51,7 @@ def creator_string() -> str:
 
 
 def _win32_absolute(path: str) -> str:
-    """absolute_win32_path value for ``path`` (ref §4.2: ``\\\\?\\`` prefix)."""
+    """absolute_win32_path value for ``path`` (FORMAT.md §4.2: ``\\\\?\\`` prefix)."""
     if os.name == "nt":
         p = os.path.abspath(path)
         if p.startswith("\\\\"):  # server\share
@@ -64,7 +64,7 @@ def _relative(child: str, parent: str) -> str:
     rel = os.path.relpath(os.path.abspath(parent), os.path.dirname(os.path.abspath(child)))
     rel = rel.replace(os.sep, "\\").replace("/", "\\")
     if not rel.startswith(".."):
-        rel = ".\\" + rel  # what Hyper-V writes for a sibling (ref §4.2)
+        rel = ".\\" + rel  # what Hyper-V writes for a sibling (FORMAT.md §4.2)
     return rel
 
 

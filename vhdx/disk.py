@@ -1,6 +1,6 @@
 """The virtual disk seen through a whole chain, as a read-only ``io.RawIOBase``.
 
-Read resolution follows MS-VHDX 2.5.1.1 / ref §8.1: FULLY_PRESENT reads the
+Read resolution follows MS-VHDX 2.5.1.1 / FORMAT.md §8.1: FULLY_PRESENT reads the
 file, PARTIALLY_PRESENT reads per sector-bitmap run (bit 1 here, bit 0 from the
 parent), NOT_PRESENT defers to the parent (zeros at the end of the chain),
 ZERO / UNDEFINED / UNMAPPED read zeros (the spec's reading; libvhdi differs, ref
@@ -245,7 +245,7 @@ class VirtualDisk(NotCopyable, io.RawIOBase):
         return out
 
     def _resolve_runs(self, level: int, lo: int, hi: int, base: int, out: list[Segment]) -> None:
-        """:meth:`_resolve`'s rules applied to runs of equal entries (ref §8.1):
+        """:meth:`_resolve`'s rules applied to runs of equal entries (FORMAT.md §8.1):
         NOT_PRESENT stretches (the gaps between runs) go to the parent as one range."""
         if level == len(self.chain):
             _emit(out, lo - base, hi - lo, UNALLOCATED, 0)

@@ -1,6 +1,6 @@
 """The header section: file identifier, the two headers, the two region tables.
 
-Policy (MS-VHDX 2.2; ref §2.1, §3, §10):
+Policy (MS-VHDX 2.2; FORMAT.md §2.1, §3, §10):
 - a header is valid when its signature, CRC-32C over 4 KiB and Version == 1 hold;
   the current one is the only valid one or the one with the greater sequence
   number; equal sequence numbers are accepted only when the two 4 KiB are
@@ -136,7 +136,7 @@ def parse_region_table(buf: bytes, slot: int) -> list[Region]:
 
 
 def validate_regions(regions: list[Region], header: Header, warnings: list[str]) -> None:
-    """Region rules of MS-VHDX 2.2.3 (ref §3, §10 rows 3, 6)."""
+    """Region rules of MS-VHDX 2.2.3 (FORMAT.md §3, §10 rows 3, 6)."""
     for r in regions:
         if r.guid not in S.KNOWN_REGIONS:
             if r.required:
@@ -159,7 +159,7 @@ def validate_regions(regions: list[Region], header: Header, warnings: list[str])
 
 
 def validate_log_fields(header: Header) -> None:
-    """MS-VHDX 2.2.2 LogVersion/LogOffset/LogLength rules (ref §6.4 steps 2-3)."""
+    """MS-VHDX 2.2.2 LogVersion/LogOffset/LogLength rules (FORMAT.md §6.4 steps 2-3)."""
     if header.log_version != 0 and header.log_dirty:
         raise UnsupportedFeatureError(f"log version {header.log_version} is not supported")
     if header.log_dirty and header.log_length == 0:

@@ -314,7 +314,7 @@ class ImageFile(NotCopyable):
                 # regions are those the replayed log leaves (MS-VHDX 2.3.3).
                 hs = read_header_section(self.read_file)
                 self.header_section = hs
-        # Replay may extend the file (ref §6.4 steps 7-8); reads past EOF give zeros.
+        # Replay may extend the file (FORMAT.md §6.4 steps 7-8); reads past EOF give zeros.
         self.logical_size = max(self.file_size, self.overlay.end,
                                 self.replay.last_file_offset if self.replay else 0)
 

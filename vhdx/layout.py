@@ -1,8 +1,8 @@
-"""Layout of a brand-new VHDX / AVHDX file (ref §1, §2, §3, §4, §5).
+"""Layout of a brand-new VHDX / AVHDX file (FORMAT.md §1, §2, §3, §4, §5).
 
 Everything is built from the :mod:`vhdx.structures` declarations; this module
 holds no I/O policy beyond "write a fresh file". The layout mimics Hyper-V
-(ref §1.2): log 1 MiB @ 1 MiB, metadata region 1 MiB @ 2 MiB, BAT @ 3 MiB
+(FORMAT.md §1.2): log 1 MiB @ 1 MiB, metadata region 1 MiB @ 2 MiB, BAT @ 3 MiB
 (rounded up to 1 MiB), payload blocks after the BAT, everything 1 MiB aligned.
 
 Typical use::
@@ -11,7 +11,7 @@ Typical use::
     write_new_image("disk.vhdx", plan)
 
 Defaults: ``block_size`` is 32 MiB for fixed/dynamic disks (Hyper-V's default)
-and 2 MiB for differencing disks (what Hyper-V uses for checkpoints, ref §2 of
+and 2 MiB for differencing disks (what Hyper-V uses for checkpoints, FORMAT.md §2 of
 SOURCES.md: the HV ``differencing.avhdx`` fixture has 2 MiB blocks).
 """
 
@@ -55,7 +55,7 @@ BAT_OFFSET = 3 * s.MiB
 METADATA_ITEMS_START = 64 * s.KiB  # items are packed from here, like Hyper-V
 
 
-# --- BAT geometry (vhdx.bat owns the formulas, ref §5.3) -----------------------
+# --- BAT geometry (vhdx.bat owns the formulas, FORMAT.md §5.3) -----------------------
 def _geometry(virtual_size: int, block_size: int, logical_sector_size: int,
               differencing: bool) -> Geometry:
     return Geometry(virtual_size, block_size, logical_sector_size, differencing)
@@ -72,7 +72,7 @@ def _align_up(n: int, a: int = s.ALIGNMENT) -> int:
 # --- plan ---------------------------------------------------------------------
 @dataclass(frozen=True)
 class ParentInfo:
-    """What a differencing file records about its parent (ref §4.2).
+    """What a differencing file records about its parent (FORMAT.md §4.2).
 
     ``data_write_guid`` is the parent's current-header DataWriteGuid; it becomes
     the child's ``parent_linkage``. At least one path must be given.
@@ -200,7 +200,7 @@ def plan_layout(
     ``block_size=None`` picks :data:`DEFAULT_BLOCK_SIZE` (32 MiB), or
     :data:`DEFAULT_DIFF_BLOCK_SIZE` (2 MiB) when ``parent`` is given. GUIDs default
     to fresh random values (pass them for deterministic output). A differencing
-    child usually shares its parent's ``virtual_disk_id`` (ref §8.3 "Forking").
+    child usually shares its parent's ``virtual_disk_id`` (FORMAT.md §8.3 "Forking").
     """
     if block_size is None:
         block_size = DEFAULT_DIFF_BLOCK_SIZE if parent is not None else DEFAULT_BLOCK_SIZE
@@ -260,7 +260,7 @@ def _item_layout(parent: ParentInfo | None) -> dict[str, tuple[int, int]]:
 
 # --- structure builders ---------------------------------------------------------
 def build_file_identifier(creator: str) -> bytes:
-    """The 64 KiB file identifier slot (ref §1.1)."""
+    """The 64 KiB file identifier slot (FORMAT.md §1.1)."""
     raw = s.build(s.FileIdentifier, dict(creator=creator))
     return raw.ljust(64 * s.KiB, b"\0")
 
@@ -275,7 +275,7 @@ def build_header(
     log_version: int = 0,
     version: int = 1,
 ) -> bytes:
-    """A 4 KiB header with its CRC-32C set (ref §2)."""
+    """A 4 KiB header with its CRC-32C set (FORMAT.md §2)."""
     raw = bytearray(s.build(s.Header, dict(
         checksum=0, sequence_number=sequence_number, file_write_guid=file_write_guid,
         data_write_guid=data_write_guid, log_guid=log_guid, log_version=log_version,
@@ -319,7 +319,7 @@ def metadata_items(plan: LayoutPlan) -> list[tuple[uuid.UUID, str, bytes, int]]:
 
 
 def build_metadata_region(plan: LayoutPlan) -> bytes:
-    """The whole metadata region: table at 0, items packed from 64 KiB (ref §4)."""
+    """The whole metadata region: table at 0, items packed from 64 KiB (FORMAT.md §4)."""
     region = bytearray(plan.metadata_length)
     entries = []
     for guid, name, value, flags in metadata_items(plan):

@@ -1,13 +1,13 @@
 """The VHDX log: entry validation, the active sequence, and its replay plan.
 
 Followed: MS-VHDX 2.3 (log entry structures, 2.3.3 log replay) as restated in
-ref §6.2-§6.4, including the reference's resolutions of the spec's ambiguities:
-- the scan stops on ``tail <= old_tail`` (ref §6.3 step 5, §11.18);
+FORMAT.md §6.2-§6.4, including the reference's resolutions of the spec's ambiguities:
+- the scan stops on ``tail <= old_tail`` (FORMAT.md §6.3 step 5, §11.18);
 - replay starts at the head entry's Tail, not at the start of the scanned chain
-  (ref §6.4 step 7, §11.19);
+  (FORMAT.md §6.4 step 7, §11.19);
 - LogGuid set but no CRC-valid entry carrying it means a writer crashed between
   its header update and its first entry: the log is treated as empty with a
-  warning (ref §6.4 step 4 caveat); valid entries without a complete sequence
+  warning (FORMAT.md §6.4 step 4 caveat); valid entries without a complete sequence
   are corruption.
 
 This module never writes: the reader applies the plan as an in-memory
@@ -139,7 +139,7 @@ class _Ring:
 
 
 def _parse_entry(ring: _Ring, offset: int, log_guid: uuid.UUID, keep_data: bool = True) -> LogEntry | None:
-    """The entry at ``offset`` if it satisfies every rule of ref §6.2, else None.
+    """The entry at ``offset`` if it satisfies every rule of FORMAT.md §6.2, else None.
 
     The cheap rules (header fields, descriptors, data-sector signatures) are
     checked before the checksum, which is the costly one. Without ``keep_data``
@@ -226,7 +226,7 @@ def _sequence_from(ring: _Ring, start: int, log_guid: uuid.UUID,
 
 def find_active_sequence(log_data: bytes | ReadFn, log_length: int, log_guid: uuid.UUID,
                          extents: list[tuple[int, int]] | None = None) -> tuple[list[LogEntry], bool]:
-    """Active sequence per MS-VHDX 2.3.3 (ref §6.3).
+    """Active sequence per MS-VHDX 2.3.3 (FORMAT.md §6.3).
 
     ``log_data`` is the log region's bytes, or a ``read(log_offset, size)``
     function (then ``extents`` may name the log offsets holding data; holes are
@@ -267,7 +267,7 @@ def find_active_sequence(log_data: bytes | ReadFn, log_length: int, log_guid: uu
     return entries, any_valid
 
 
-# Below this the file identifier and both headers live: never a log target (ref §2.2).
+# Below this the file identifier and both headers live: never a log target (FORMAT.md §2.2).
 _FIRST_LOGGABLE = 192 * 1024
 
 
@@ -275,7 +275,7 @@ def entry_bounds_problem(e: LogEntry, log_offset: int | None = None,
                          log_length: int = 0) -> str | None:
     """Why an entry's descriptors reach where no valid entry may write, or None.
 
-    Bounds come from the entry's own fields and the file layout (ref §6.1): every
+    Bounds come from the entry's own fields and the file layout (FORMAT.md §6.1): every
     descriptor lies inside LastFileOffset ("a size that contains every allocated
     structure"; QEMU writes the raw file length, hence the 1 MiB round-up), past
     the file identifier and headers, outside the log itself, and LastFileOffset
@@ -307,7 +307,7 @@ def _reader(log_data: bytes | ReadFn) -> ReadFn:
 
 def plan_replay(log_data: bytes | ReadFn, log_length: int, log_guid: uuid.UUID, file_size: int,
                 log_offset: int | None = None, extents: list[tuple[int, int]] | None = None) -> ReplayPlan:
-    """The replay plan of a dirty log (header LogGuid != 0), validated (ref §6.4 steps 4-5).
+    """The replay plan of a dirty log (header LogGuid != 0), validated (FORMAT.md §6.4 steps 4-5).
 
     ``log_data``/``extents`` as for :func:`find_active_sequence`. Every entry of
     the active sequence is bounds-checked before anything is planned

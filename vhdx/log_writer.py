@@ -1,28 +1,28 @@
 """Crash-safe metadata path: header updates, log entries, replay into the file.
 
-Sections cited as "ref §n" are those of shared/docs/vhdx-format.md; "MS-VHDX n.n"
+Sections cited as "FORMAT.md §n" are those of docs/FORMAT.md; "MS-VHDX n.n"
 those of the specification.
 
-Rules implemented here (ref §7 checklist):
+Rules implemented here (FORMAT.md §7 checklist):
 
-* headers are only ever written by the two-slot procedure of ref §2.2
+* headers are only ever written by the two-slot procedure of FORMAT.md §2.2
   (:meth:`LogWriter._update_header`), never through the log;
 * the first header update of a writable session generates the session's
   FileWriteGuid; the same value is kept until :meth:`LogWriter.close`;
 * a new non-zero LogGuid is made current (header update, flushed) before any log
   byte is written, followed by an empty entry at log offset 0 whose Tail points to
-  itself (ref §6.5 step 1);
-* every metadata change is one log entry: write -> flush -> apply (ref §6.5
+  itself (FORMAT.md §6.5 step 1);
+* every metadata change is one log entry: write -> flush -> apply (FORMAT.md §6.5
   step 2); the apply is made durable by the next barrier, which always comes
   before the next entry is written (that entry's pre-write flush) and before
   LogGuid is cleared (close), so Tail = own offset stays true for every entry
   while one fsync per transaction is saved; the new entry never overwrites the
   previous head entry;
 * DataWriteGuid changes only through :meth:`LogWriter.mark_data_changed`, at most
-  once per session, and never on replay (ref §2.2, §6.4 step 11);
-* a clean close sets LogGuid = 0 (ref §6.5 step 3);
+  once per session, and never on replay (FORMAT.md §2.2, §6.4 step 11);
+* a clean close sets LogGuid = 0 (FORMAT.md §6.5 step 3);
 * a writable open of a dirty file replays the active sequence into the file first
-  (ref §6.4 steps 6-11).
+  (FORMAT.md §6.4 steps 6-11).
 """
 
 from __future__ import annotations
@@ -55,13 +55,13 @@ MiB = S.MiB
 _ZERO_CHUNK = bytes(MiB)
 
 # Byte ranges the log must never target: the file identifier (first 64 KiB is
-# write-once, ref §1.1/§7 rule 1) and both header slots (never logged, ref §2.2).
+# write-once, FORMAT.md §1.1/§7 rule 1) and both header slots (never logged, FORMAT.md §2.2).
 _FORBIDDEN_LOW = S.REGION_TABLE_OFFSETS[0]  # 192 KiB: region tables are logged
 
 
 class LogFullError(InvalidArgumentError):
     """A single update does not fit in the log even after the empty-entry step
-    of ref §6.5 step 2; the log must be enlarged (new session) instead."""
+    of FORMAT.md §6.5 step 2; the log must be enlarged (new session) instead."""
 
 
 class LogWriterFailedError(VhdxError):
@@ -79,7 +79,7 @@ def _round_down(x: int, a: int) -> int:
 
 
 def descriptor_sector_count(descriptor_count: int) -> int:
-    """D = ceil((DescriptorCount + 2) / 128): header + descriptors (ref §6.1)."""
+    """D = ceil((DescriptorCount + 2) / 128): header + descriptors (FORMAT.md §6.1)."""
     return max(1, -(-(descriptor_count + 2) // S.DESCRIPTORS_PER_SECTOR))
 
 
@@ -89,7 +89,7 @@ def entry_sector_count(data_count: int, zero_count: int = 0) -> int:
 
 
 # --------------------------------------------------------------------------------
-# entry construction (ref §6.1)
+# entry construction (FORMAT.md §6.1)
 # --------------------------------------------------------------------------------
 def build_log_entry(
     *,
@@ -101,12 +101,12 @@ def build_log_entry(
     data: Sequence[tuple[int, bytes]] = (),
     zeros: Sequence[tuple[int, int]] = (),
 ) -> bytearray:
-    """Bytes of one log entry, CRC sealed over the whole entry (ref §6.1).
+    """Bytes of one log entry, CRC sealed over the whole entry (FORMAT.md §6.1).
 
     ``zeros`` are (file_offset, length) zero descriptors; ``data`` are
     (file_offset, 4096 bytes) data descriptors. Zero descriptors come first in
     descriptor order, so a data sector inside a zeroed range wins on replay.
-    EntryLength is exactly (D + N) * 4096 (ref §6.1, §11.20).
+    EntryLength is exactly (D + N) * 4096 (FORMAT.md §6.1, §11.20).
     """
     if sequence <= 0 or sequence >= 1 << 64:
         raise InvalidArgumentError(f"log sequence number {sequence} out of range")
@@ -126,7 +126,7 @@ def build_log_entry(
         last_file_offset=last_file_offset,
     ))
     # Descriptors are contiguous from byte 64: 126 fill the first sector and
-    # 128 each later one, 64 + 32 * 126 == 4096 (ref §6.1).
+    # 128 each later one, 64 + 32 * 126 == 4096 (FORMAT.md §6.1).
     pos = 64
     for off, length in zeros:
         buf[pos:pos + 32] = S.build(S.ZeroDescriptor, dict(
@@ -147,7 +147,7 @@ def build_log_entry(
 
 
 # --------------------------------------------------------------------------------
-# current header (ref §2.1) via vhdx/headers.py, as a mutable field dict
+# current header (FORMAT.md §2.1) via vhdx/headers.py, as a mutable field dict
 # --------------------------------------------------------------------------------
 @dataclass
 class _HeaderState:
@@ -160,7 +160,7 @@ _HEADER_FIELDS = ("sequence_number", "file_write_guid", "data_write_guid", "log_
 
 
 def _read_current_header(storage: Storage) -> _HeaderState:
-    """Both headers read, the current one chosen by headers.choose_header (ref §2.1)."""
+    """Both headers read, the current one chosen by headers.choose_header (FORMAT.md §2.1)."""
     hs = [H.parse_header(storage.pread(off, S.HEADER_SIZE), i)
           for i, off in enumerate(S.HEADER_OFFSETS)]
     cur = H.choose_header(hs)
@@ -179,7 +179,7 @@ class ReplayReport:
     sectors_written: int = 0       # 4 KiB data updates applied
     zero_bytes: int = 0            # bytes zeroed by zero descriptors
     extended_to: int | None = None  # new file size if LastFileOffset extended it
-    empty_log: bool = False        # LogGuid set but no CRC-valid entry (ref §6.4 step 4 caveat)
+    empty_log: bool = False        # LogGuid set but no CRC-valid entry (FORMAT.md §6.4 step 4 caveat)
     warnings: list[str] = field(default_factory=list)
 
 
@@ -192,7 +192,7 @@ class LogWriter:
 
     Typical use::
 
-        lw = LogWriter.open(storage)            # replays a dirty log (ref §6.4)
+        lw = LogWriter.open(storage)            # replays a dirty log (FORMAT.md §6.4)
         lw.mark_data_changed()                  # before user-visible changes
         ... write payload directly ...
         lw.transaction({bat_sector_off: new_4k_image})
@@ -271,7 +271,7 @@ class LogWriter:
 
     @property
     def max_entry_length(self) -> int:
-        """Largest entry a transaction may need: LogLength - 4 KiB (ref §6.5 step 2)."""
+        """Largest entry a transaction may need: LogLength - 4 KiB (FORMAT.md §6.5 step 2)."""
         return self.log_length - SECTOR
 
     @property
@@ -303,7 +303,7 @@ class LogWriter:
         return g
 
     def _update_header(self, **changes: object) -> None:
-        """Two-slot header update, done twice (ref §2.2 procedure steps 1-6).
+        """Two-slot header update, done twice (FORMAT.md §2.2 procedure steps 1-6).
 
         The session's FileWriteGuid is generated by the first update and then kept.
         """
@@ -327,7 +327,7 @@ class LogWriter:
 
     # ---- session ----------------------------------------------------------------
     def begin(self) -> None:
-        """Start the write session (idempotent), ref §6.5 step 1.
+        """Start the write session (idempotent), FORMAT.md §6.5 step 1.
 
         Header update with the session FileWriteGuid and a new non-zero LogGuid
         (plus a new DataWriteGuid when started by :meth:`mark_data_changed`),
@@ -348,7 +348,7 @@ class LogWriter:
         if self.storage.dirty:
             self.storage.flush()
         new_log_guid = self._nonzero_guid()
-        # ref §7 rule 4: LogGuid is current (flushed, both slots) before any log write
+        # FORMAT.md §7 rule 4: LogGuid is current (flushed, both slots) before any log write
         self._update_header(log_guid=new_log_guid, **header_changes)
         seq = self._first_sequence
         if seq is None:
@@ -364,12 +364,12 @@ class LogWriter:
         self._session_open = True
 
     def mark_data_changed(self, guid: uuid.UUID | None = None) -> None:
-        """New DataWriteGuid before the first user-visible change (ref §2.2, §7 rule 3).
+        """New DataWriteGuid before the first user-visible change (FORMAT.md §2.2, §7 rule 3).
 
         Once per session; later calls do nothing. Flushed before returning. When
         the session has not started yet, the new DataWriteGuid rides on the
         session-start header update (one update instead of two). ``guid`` imposes
-        the value: the merge engine announces it to the child first (ref §8.3).
+        the value: the merge engine announces it to the child first (FORMAT.md §8.3).
         """
         if self._data_changed:
             return
@@ -384,7 +384,7 @@ class LogWriter:
         self._data_changed = True
 
     def close(self) -> None:
-        """Clean close: header update with LogGuid = 0 (ref §6.5 step 3).
+        """Clean close: header update with LogGuid = 0 (FORMAT.md §6.5 step 3).
 
         After a failed write (:attr:`failed`) nothing is written: LogGuid stays set
         so that the next writable open replays the log.
@@ -403,7 +403,7 @@ class LogWriter:
                 f"log update {off:#x}+{length:#x} is not 4 KiB aligned")
         if off < _FORBIDDEN_LOW:
             raise InvalidArgumentError(
-                f"log update at {off:#x} targets the file identifier or a header (ref §2.2)")
+                f"log update at {off:#x} targets the file identifier or a header (FORMAT.md §2.2)")
         lo, hi = self.log_offset, self.log_offset + self.log_length
         if off < hi and off + length > lo:
             raise InvalidArgumentError(f"log update at {off:#x} overlaps the log itself")
@@ -416,13 +416,13 @@ class LogWriter:
         last_file_offset: int | None = None,
         flushed_file_offset: int | None = None,
     ) -> int:
-        """Apply ``updates`` atomically through one log entry (ref §6.5 step 2).
+        """Apply ``updates`` atomically through one log entry (FORMAT.md §6.5 step 2).
 
         ``updates`` maps 4 KiB-aligned file offsets to their full new 4 KiB image;
         ``zeros`` are (offset, length) ranges (4 KiB multiples) to zero. On replay
         the zero ranges apply first, then the data sectors. Order of work:
         flush pending writes (payload must be durable before the entry that
-        references it, ref §7 rule 5c; this also makes the previous entry's apply
+        references it, FORMAT.md §7 rule 5c; this also makes the previous entry's apply
         durable) -> write entry -> flush -> apply. The entry is committed when this
         returns; its apply becomes durable at the next barrier (the next entry,
         :meth:`close`, or the storage's flush). A crash before then replays it.
@@ -430,7 +430,7 @@ class LogWriter:
         ``last_file_offset`` defaults to the file size (or the end of the highest
         update) rounded up to 1 MiB; the file is extended to it on apply exactly as
         replay would. ``flushed_file_offset`` may lower the logged durable size
-        (ref §7 rule 8, before a shrink). Returns the entry's sequence number.
+        (FORMAT.md §7 rule 8, before a shrink). Returns the entry's sequence number.
         """
         items = sorted(updates.items() if isinstance(updates, Mapping) else updates)
         data: list[tuple[int, bytes]] = []
@@ -462,7 +462,7 @@ class LogWriter:
     def _transaction(self, data: list[tuple[int, bytes]], zlist: list[tuple[int, int]], need: int,
                      last_file_offset: int | None, flushed_file_offset: int | None) -> int:
         if self.storage.dirty:
-            self.storage.flush()                          # ref §7 rule 5c
+            self.storage.flush()                          # FORMAT.md §7 rule 5c
         size = self.storage.size()                        # durable now
         end = max([size] + [o + SECTOR for o, _ in data] + [o + n for o, n in zlist])
         last = _round_up(end if last_file_offset is None else max(last_file_offset, end), MiB)
@@ -472,7 +472,7 @@ class LogWriter:
 
         pos = (self._head_pos + self._head_len) % self.log_length
         if need > self.log_length - self._head_len:
-            # ref §6.5 step 2: the entry would overwrite the previous head. First
+            # FORMAT.md §6.5 step 2: the entry would overwrite the previous head. First
             # make an empty entry (Tail = itself) the durable head.
             seq = self._seq + 1
             empty = build_log_entry(
@@ -497,7 +497,7 @@ class LogWriter:
         return seq
 
     def _write_ring(self, pos: int, entry: bytes | bytearray) -> None:
-        """Write an entry at log-relative ``pos``, wrapping at the log end (ref §6.1)."""
+        """Write an entry at log-relative ``pos``, wrapping at the log end (FORMAT.md §6.1)."""
         first = min(len(entry), self.log_length - pos)
         self.storage.pwrite(self.log_offset + pos, memoryview(entry)[:first])
         if first < len(entry):
@@ -520,7 +520,7 @@ class LogWriter:
         if run:
             self.storage.pwrite(run_off, run)
         if self.storage.size() < last_file_offset:
-            self.storage.truncate(last_file_offset)      # ref §6.4 step 8
+            self.storage.truncate(last_file_offset)      # FORMAT.md §6.4 step 8
 
     def _zero(self, off: int, length: int) -> None:
         """Make [off, off+length) read zeros, writing only inside the file: past its
@@ -545,7 +545,7 @@ class LogWriter:
 
     # ---- replay -------------------------------------------------------------------
     def replay(self) -> ReplayReport:
-        """Replay a dirty log into the file (ref §6.4 steps 1-11).
+        """Replay a dirty log into the file (FORMAT.md §6.4 steps 1-11).
 
         Header update with the session FileWriteGuid keeping LogGuid, apply the
         active sequence from the head's Tail entry, extend to LastFileOffset,

@@ -11,10 +11,10 @@ the reader's own resolver (:meth:`VirtualDisk.segments`), restricted to the
 virtual ranges where any upper file has a block at all, so the work grows with
 the changed data, not the virtual size. Each target block then gets the
 upper-defined bytes (data copied or block-cloned by the C engine, zeros) and the
-state change of ref §8.3's table; sectors the upper chain leaves undefined keep
+state change of FORMAT.md §8.3's table; sectors the upper chain leaves undefined keep
 the target's own content.
 
-Crash safety (ref §8.3, MS-VHDX 2.6.2.6.3 footnote): a new DataWriteGuid G' for
+Crash safety (FORMAT.md §8.3, MS-VHDX 2.6.2.6.3 footnote): a new DataWriteGuid G' for
 the target is first stored as ``parent_linkage2`` in the file directly above it,
 then put in the target's header; from then on the upper chain still opens on
 the target. Every sector the merge changes in the target is masked by the upper
@@ -322,7 +322,7 @@ def _advise_dontneed(fadvise: Callable, fd: int, ranges: list[tuple[int, int, in
 
 
 def _apply_block(t: WritableDisk, p: BlockPlan, mover: _Mover | None, summary: MergeSummary) -> None:
-    """Merge one block per ref §8.3's table (``mover`` None: dry run, count only)."""
+    """Merge one block per FORMAT.md §8.3's table (``mover`` None: dry run, count only)."""
     img = t.image
     geo = img.geometry
     lss = geo.logical_sector_size
@@ -771,7 +771,7 @@ def _merge_data_into(upper: list[ImageFile], top: ImageFile, above_path: str, ta
             t.log.mark_data_changed(new_guid)
             if t.size < top.virtual_size:
                 # The target takes the child's size (an IsVirtualDisk item); one logged
-                # change, new blocks ZERO in a differencing target (ref §8.3).
+                # change, new blocks ZERO in a differencing target (FORMAT.md §8.3).
                 t.resize(top.virtual_size)
                 summary.warnings.append(f"target grew to the child's virtual size {top.virtual_size}")
             state["size"], state["seq"] = st_t.size(), t.log._seq
@@ -863,7 +863,7 @@ def _execute(t: WritableDisk, upper_disk: VirtualDisk, upper: list[ImageFile], s
     if mover is not None:
         mover.run()
         # The transaction's pre-write barrier makes the payload durable before the
-        # logged change that exposes it (ref §7 rule 5c).
+        # logged change that exposes it (FORMAT.md §7 rule 5c).
         t._commit()
     if progress is not None:
         progress(total, total)

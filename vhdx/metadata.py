@@ -1,8 +1,8 @@
 """Metadata region: the table, the system items and the parent locator.
 
 Followed: MS-VHDX 2.6 (metadata region), 2.6.2 (system items) and 2.6.2.6
-(parent locator); validation per ref §4 and §10 row 7-9. Items are located
-through the table's offsets only: producers place them differently (ref §4).
+(parent locator); validation per FORMAT.md §4 and §10 row 7-9. Items are located
+through the table's offsets only: producers place them differently (FORMAT.md §4).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Change the virtual size of a writable disk (``WritableDisk.resize``).
 
-Rules (ref §2.2, §5.3, §7, §8.3 "Virtual size differences"):
+Rules (FORMAT.md §2.2, §5.3, §7, §8.3 "Virtual size differences"):
 
 * The Virtual Disk Size item and the BAT entries that become live change in ONE
   log entry, so a crash leaves either the old or the new size, never a mix.
@@ -126,7 +126,7 @@ def resize(disk: "WritableDisk", new_size: int) -> None:
             f"cannot shrink to {new_size} bytes: the range {new_size:#x}-{old_size:#x} holds data "
             "(zero it first)")
     lw = disk.log
-    lw.mark_data_changed()  # the virtual size is user-visible (ref §2.2)
+    lw.mark_data_changed()  # the virtual size is user-visible (FORMAT.md §2.2)
     bs = md.block_size
 
     if new_size > old_size:

@@ -5,7 +5,7 @@ A :class:`Storage` is a byte-addressed file with explicit durability barriers.
 forwards to another storage and keeps an ordered journal of every mutating call,
 which the power-loss simulator (tests/powerloss.py) replays at arbitrary cut points.
 
-``flush()`` is the "flush" of ref §7 rule 10: ``os.fsync`` (``F_FULLFSYNC`` on
+``flush()`` is the "flush" of FORMAT.md §7 rule 10: ``os.fsync`` (``F_FULLFSYNC`` on
 macOS, where plain fsync does not flush the drive cache). Writers must issue one at
 every flush point of §6.5 / §7 and rely on nothing else for ordering.
 """
@@ -48,7 +48,7 @@ class Storage(Protocol):
         """Current file length in bytes."""
 
     def truncate(self, size: int) -> None:
-        """Set the file length; growth reads as zeros (ref §7 rule 9)."""
+        """Set the file length; growth reads as zeros (FORMAT.md §7 rule 9)."""
 
     def close(self) -> None:
         """Release the underlying resource (does not flush)."""
@@ -59,7 +59,7 @@ class Storage(Protocol):
 
 
 def _fsync(fd: int) -> None:
-    """Full durability barrier for ``fd`` (ref §7 rule 10)."""
+    """Full durability barrier for ``fd`` (FORMAT.md §7 rule 10)."""
     if sys.platform == "darwin":
         import fcntl
 

@@ -2,7 +2,7 @@
 
 Declarations only: no I/O and no policy. The same objects parse and build, so
 writers produce bytes from exactly what readers accept. Section numbers refer to
-MS-VHDX (v20240423); "ref §n" to shared/docs/vhdx-format.md.
+MS-VHDX (v20240423); "FORMAT.md §n" to docs/FORMAT.md.
 
 All integers are little-endian. GUIDs are Microsoft mixed-endian and surface as
 :class:`uuid.UUID` (``UUID(bytes_le=...)``), which maps 1:1 onto the raw bytes.
@@ -38,7 +38,7 @@ MiB = 1024 * KiB
 GiB = 1024 * MiB
 TiB = 1024 * GiB
 
-# --- layout constants (MS-VHDX 2.1, ref §1) ---------------------------------
+# --- layout constants (MS-VHDX 2.1, FORMAT.md §1) ---------------------------------
 FILE_IDENTIFIER_OFFSET = 0
 HEADER_OFFSETS = (64 * KiB, 128 * KiB)
 REGION_TABLE_OFFSETS = (192 * KiB, 256 * KiB)

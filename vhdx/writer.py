@@ -1,12 +1,12 @@
 """Writable VHDX/AVHDX disks: payload written in place, metadata through the log.
 
 Followed: MS-VHDX 2.2.2 (header session rules, via log_writer), 2.3 (every
-metadata change through the log), 2.5 (BAT states) and ref §7 (write
+metadata change through the log), 2.5 (BAT states) and FORMAT.md §7 (write
 ordering): new blocks are allocated 1 MiB-aligned at the end of the file, which
 reads as zeros; payload is written (and flushed by the transaction) before the
 logged BAT / sector-bitmap change that makes it visible.
 
-Block transitions on a write (ref §8.1 semantics preserved):
+Block transitions on a write (FORMAT.md §8.1 semantics preserved):
 - FULLY_PRESENT: written in place;
 - PARTIALLY_PRESENT: written in place, sector-bitmap bits set;
 - NOT_PRESENT in a differencing disk, partial write: new block, only the written
@@ -91,7 +91,7 @@ class WritableDisk(VirtualDisk):
             fd = storage_fd(storage)
             lock_exclusive(fd, path)
             kwargs = {"guid_factory": guid_factory} if guid_factory else {}
-            self.log = LogWriter.open(storage, **kwargs)  # replays a dirty log first (ref §6.4)
+            self.log = LogWriter.open(storage, **kwargs)  # replays a dirty log first (FORMAT.md §6.4)
             img = ImageFile(path, fd=fd)
             ancestors, warnings = ([], []) if standalone else open_parents(
                 img, parents, search_dirs, ignore_linkage, confine=confine)
@@ -113,7 +113,7 @@ class WritableDisk(VirtualDisk):
             raise VhdxError("writing is supported on little-endian hosts only")
         self._pending_bat: set[int] = set()
         self._pending_bat_sectors: set[int] = set()
-        # Commit before a log entry could outgrow the log (ref §6.5 step 2).
+        # Commit before a log entry could outgrow the log (FORMAT.md §6.5 step 2).
         self._max_pending = max(1, self.log.max_entry_length // SECTOR - _PENDING_HEADROOM)
         self._pending_sb: dict[int, bytearray] = {}  # 4 KiB file offset -> sector image
         self._runs_stale: set[int] = set()
@@ -141,7 +141,7 @@ class WritableDisk(VirtualDisk):
         return _align_up(end, MiB)
 
     def _allocate(self, size: int) -> int:
-        """A fresh 1 MiB-aligned range at the end of the file, reading zeros (ref §7 rule 5a, 9)."""
+        """A fresh 1 MiB-aligned range at the end of the file, reading zeros (FORMAT.md §7 rule 5a, 9)."""
         if self._alloc_end < 0:
             self._alloc_end = self._compute_alloc_end()
         off = self._alloc_end
@@ -196,7 +196,7 @@ class WritableDisk(VirtualDisk):
         e = self.image.bat[idx]
         if e & S.BAT_STATE_MASK == S.SB_BLOCK_PRESENT:
             return e & S.BAT_OFFSET_MASK
-        off = self._allocate(S.SECTOR_BITMAP_BLOCK_SIZE)  # reads zeros: no bit set (ref §7 rule 6)
+        off = self._allocate(S.SECTOR_BITMAP_BLOCK_SIZE)  # reads zeros: no bit set (FORMAT.md §7 rule 6)
         self._set_entry(idx, S.bat_entry(S.SB_BLOCK_PRESENT, off))
         return off
 
@@ -294,7 +294,7 @@ class WritableDisk(VirtualDisk):
         self._check_range(offset, len(mv))
         if not len(mv):
             return 0
-        self.log.mark_data_changed()  # new DataWriteGuid before the first visible change (ref §7 rule 3)
+        self.log.mark_data_changed()  # new DataWriteGuid before the first visible change (FORMAT.md §7 rule 3)
         geo = self.image.geometry
         pos, end = offset, offset + len(mv)
         while pos < end:
@@ -387,7 +387,7 @@ class WritableDisk(VirtualDisk):
         Items keep their offsets when the new data fits; a longer one moves to free
         space after the last item. Only the 4 KiB sectors that change are logged.
         Does not rotate DataWriteGuid: callers changing user-visible items call
-        ``self.log.mark_data_changed()`` themselves (ref §2.2 exception for the
+        ``self.log.mark_data_changed()`` themselves (FORMAT.md §2.2 exception for the
         parent locator).
         """
         img = self.image
@@ -504,7 +504,7 @@ class WritableDisk(VirtualDisk):
             return
         try:
             self.flush()
-            self.log.close()  # clean close: LogGuid = 0 (ref §6.5 step 3)
+            self.log.close()  # clean close: LogGuid = 0 (FORMAT.md §6.5 step 3)
         finally:
             super().close()  # closes the ImageFiles (not the borrowed descriptor)
             if self._own_storage:
