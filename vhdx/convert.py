@@ -80,8 +80,11 @@ def _copy(ranges: Iterator[tuple[int, int]], readinto: Callable[[int, memoryview
 
     free: queue.Queue = queue.Queue()
     full: queue.Queue = queue.Queue()
+    # Buffers no larger than the data: a sparse disk holding 1 MiB copies with
+    # 1 MiB buffers, not 3 x CHUNK (every piece lies inside the data, so fits).
+    size = min(CHUNK, -(-total // PIECE) * PIECE) if total > 0 else CHUNK
     for _ in range(3):
-        free.put(bytearray(CHUNK))
+        free.put(bytearray(size))
     stop = threading.Event()
 
     def reader() -> None:
