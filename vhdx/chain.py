@@ -95,14 +95,15 @@ def _is_regular(path: str) -> bool:
         return False
 
 
-def _scan_dirs(search_dirs: Iterable[PathLike]) -> list[str]:
+def _scan_dirs(search_dirs: Iterable[PathLike], suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[str]:
+    """Image files (by name, any case) directly inside ``search_dirs``, sorted per folder."""
     found = []
     for d in search_dirs:
         try:
             names = sorted(os.listdir(d))
         except OSError:
             continue
-        found += [os.path.join(os.fspath(d), n) for n in names if n.lower().endswith(IMAGE_SUFFIXES)]
+        found += [os.path.join(os.fspath(d), n) for n in names if n.lower().endswith(suffixes)]
     return found
 
 

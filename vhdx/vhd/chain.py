@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from urllib.parse import unquote, urlparse
 
 from ..chain import _is_regular
+from ..chain import _scan_dirs as scan_image_dirs
 from ..errors import ParentMismatchError, ParentNotFoundError, VhdxError
 from . import structures as S
 from .file import VhdFile
@@ -84,14 +85,7 @@ def candidate_paths(child: VhdFile, search_dirs: Iterable[PathLike] = ()) -> lis
 
 
 def _scan_dirs(search_dirs: Iterable[PathLike]) -> list[str]:
-    found = []
-    for d in search_dirs:
-        try:
-            names = sorted(os.listdir(d))
-        except OSError:
-            continue
-        found += [os.path.join(os.fspath(d), n) for n in names if n.lower().endswith(VHD_SUFFIXES)]
-    return found
+    return scan_image_dirs(search_dirs, VHD_SUFFIXES)
 
 
 def check_parent(child: VhdFile, parent: VhdFile, ignore_linkage: bool, warnings: list[str]) -> None:
