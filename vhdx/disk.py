@@ -65,6 +65,8 @@ class VirtualDisk(NotCopyable, io.RawIOBase):
         self.chain = chain
         self.warnings = list(warnings or [])
         self._pos = 0
+        cls = type(self)
+        self._direct = cls.readinto_at is VirtualDisk.readinto_at and cls.read_at is VirtualDisk.read_at
         self._refresh()
         from .native import gather_read
 
@@ -444,6 +446,13 @@ class VirtualDisk(NotCopyable, io.RawIOBase):
         return True
 
     def readinto(self, buffer) -> int:  # noqa: ANN001
+        # Straight into the C reader when no subclass wraps readinto_at (a writable
+        # disk commits first): one Python frame less per call of BufferedReader,
+        # hashlib.file_digest or shutil.copyfileobj.
+        fast = self._native
+        if fast is not None and self._direct and (got := fast(self._pos, buffer)) is not None:
+            self._pos += got
+            return got
         got = self.readinto_at(self._pos, buffer)
         self._pos += got
         return got
@@ -454,7 +463,9 @@ class VirtualDisk(NotCopyable, io.RawIOBase):
         buffer and copy it: here the result is built once and filled in place."""
         if size is None or size < 0:
             return self.readall()
-        data = self.read_at(self._pos, size)
+        native = self._native_read
+        if native is None or not self._direct or (data := native(self._pos, size)) is None:
+            data = self.read_at(self._pos, size)
         self._pos += len(data)
         return data
 
