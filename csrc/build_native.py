@@ -88,16 +88,23 @@ def make_ffibuilder(root: str = "") -> FFI:
 _LIBS = ["pthread"] if os.name == "posix" else []
 
 
+# The limited API version _fastread is compiled against (3.11: the buffer
+# protocol joined it), so its build is an ``.abi3.so`` usable by every later CPython.
+FASTREAD_LIMITED_API = 0x030B0000
+
+
 def fastread_extension(root: str = ""):  # noqa: ANN201 - setuptools.Extension
     """``vhdx._fastread``: the chain reader's per-call entry as a CPython type
-    (csrc/vhdx_fastread.c; see there for why not cffi). Optional: without it
-    ``vhdx.native`` calls the same C function through cffi, a little slower."""
+    (csrc/vhdx_fastread.c; see there for why not cffi), on the stable ABI.
+    Optional: without it ``vhdx.native`` calls the same C function through
+    cffi, a little slower (setup.py's build_ext lets its build fail)."""
     from setuptools import Extension
 
     csrc = os.path.join(root, "csrc")
     return Extension("vhdx._fastread",
                      sources=[os.path.join(csrc, "vhdx_fastread.c"), os.path.join(csrc, "vhdx_native.c")],
-                     include_dirs=[csrc], libraries=_LIBS, optional=True)
+                     include_dirs=[csrc], libraries=_LIBS, py_limited_api=True,
+                     define_macros=[("Py_LIMITED_API", hex(FASTREAD_LIMITED_API))])
 
 
 # What setuptools' cffi_modules hook picks up.
@@ -109,12 +116,26 @@ def _build_in_place() -> str:
     import tempfile
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    # cffi's generated C defines Py_LIMITED_API itself (release builds): the
+    # same stable-ABI name setup.py gives it.
+    suffix = ".abi3.so" if os.name == "posix" else (sysconfig.get_config_var("EXT_SUFFIX") or ".so")
     target = os.path.join(root, "vhdx", "_native" + suffix)
     with tempfile.TemporaryDirectory(prefix="vhdx-native-build-") as tmp:
         # cffi chdirs into tmpdir, hence absolute source paths here.
         out = make_ffibuilder(root).compile(tmpdir=tmp, target=target, verbose=True)
+    drop_stale(out)
     return out + "\n" + _build_fastread_in_place(root)
+
+
+def drop_stale(made: str) -> None:
+    """Remove in-place builds of the same module under another suffix: the import
+    system tries ``.cpython-3XX-*.so`` before ``.abi3.so``, so an older
+    version-specific build would shadow the one just made."""
+    folder, name = os.path.split(made)
+    stem = name.split(".", 1)[0] + "."
+    for other in os.listdir(folder):
+        if other != name and other.startswith(stem) and other.endswith((".so", ".pyd")):
+            os.remove(os.path.join(folder, other))
 
 
 def _build_fastread_in_place(root: str) -> str:
@@ -132,9 +153,11 @@ def _build_fastread_in_place(root: str) -> str:
             cmd.build_temp = tmp
             cmd.ensure_finalized()
             cmd.run()
-            return os.path.join(root, cmd.get_ext_filename("vhdx._fastread"))
+            made = os.path.join(root, cmd.get_ext_filename("vhdx._fastread"))
     finally:
         os.chdir(cwd)
+    drop_stale(made)
+    return made
 
 
 if __name__ == "__main__":

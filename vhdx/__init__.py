@@ -28,11 +28,10 @@ from .errors import (
     VhdxError,
     VhdxIOError,
 )
+from ._version import __version__
 from .image import ImageFile
 
-__version__ = "0.1.0"
-
-from .create import create  # noqa: E402 - create.py reads __version__ lazily
+from .create import create  # noqa: E402
 from .merge_engine import MergeSummary, merge  # noqa: E402
 from .relink import RelinkSummary, relink  # noqa: E402
 from .compact import CompactSummary, compact  # noqa: E402

@@ -20,7 +20,7 @@ import signal
 import sys
 from typing import Any, Callable, NoReturn, Sequence
 
-from . import __version__
+from ._version import __version__
 from . import structures as S
 from .check import check_chain
 from .create import parse_size

@@ -45,7 +45,7 @@ def parse_size(text: str | int) -> int:
 
 
 def creator_string() -> str:
-    from . import __version__
+    from ._version import __version__
 
     return f"vhdx {__version__}"
 
