@@ -40,6 +40,12 @@ class UnsupportedFeatureError(VhdxError):
     required region or metadata item, other format version, reserved states)."""
 
 
+class NativeFallbackError(VhdxError):
+    """The C chain reader met something only the Python path handles (a BAT entry
+    to report as corrupt, an offset past int64): redo the read there. Raised by
+    :meth:`vhdx.native.ChainReader.readinto`; the disk's read path never lets it out."""
+
+
 class ParentNotFoundError(VhdxError):
     """The parent of a differencing disk could not be located."""
 

@@ -6,6 +6,10 @@ The C code (``csrc/vhdx_native.c``) is built by cffi as ``vhdx._native``.
 When that module is missing (not built, or ``VHDX_NO_NATIVE=1`` is set) every
 function falls back to a pure-Python implementation with the same semantics;
 the ``_py_*`` functions are also the reference the tests compare C against.
+A missing extension (an install without a C compiler) is said once per process,
+as a ``RuntimeWarning`` at import; ``VHDX_NO_NATIVE=1`` asks for it, so is silent.
+The chain reader has no Python twin here: :class:`vhdx.disk.VirtualDisk`'s own
+read path is the fallback (``HAVE_CHAIN_READER`` tells which one runs).
 
 Conventions shared by both implementations:
 
@@ -25,8 +29,11 @@ import os
 import re
 import struct
 import sys
+import warnings
 from array import array
 from typing import Any, Iterable, List, NamedTuple, Protocol, Sequence, Tuple, Union
+
+from .errors import NativeFallbackError
 
 __all__ = [
     "HAVE_NATIVE",
@@ -41,7 +48,7 @@ __all__ = [
     "HAVE_CHAIN_READER",
     "ChainLevel",
     "ChainReader",
-    "NativeFallback",
+    "NativeFallbackError",
     "copy_ranges",
     "zero_ranges",
     "fiemap_shared",
@@ -69,8 +76,15 @@ try:
     if os.environ.get("VHDX_NO_NATIVE"):
         raise ImportError("disabled by VHDX_NO_NATIVE")
     from . import _native as _ext  # type: ignore[attr-defined]
-except ImportError:
+except ImportError as _missing:
     _ext = None
+    if not os.environ.get("VHDX_NO_NATIVE"):
+        # The message starts with a plain phrase (no colon) so that
+        # ``-W "ignore:the vhdx C extension"`` / PYTHONWARNINGS can match it.
+        warnings.warn(f"the vhdx C extension (vhdx._native) is not available ({_missing}); "
+                      "using the pure-Python paths: same results, slower reads and merges. "
+                      "Reinstall with a C compiler and the Python headers for the C paths.",
+                      RuntimeWarning, stacklevel=2)
 try:  # optional: the chain reader's cheap per-call entry (csrc/vhdx_fastread.c)
     if _ext is None:
         raise ImportError("no native extension")
@@ -364,11 +378,6 @@ def _table_owner(table: Buffer) -> Tuple[Any, int, int]:
     return owner, addr - start, entries
 
 
-class NativeFallback(Exception):
-    """The C reader met something only the Python path handles (an entry to
-    report as corrupt, an offset past int64): redo the read there."""
-
-
 class ChainReader:
     """A chain's whole read path in C: BAT lookup, sector-bitmap runs, zero fill
     and pread straight into the caller's buffer, one call per read with the GIL
@@ -396,7 +405,7 @@ class ChainReader:
         self._specs = [(lv.fd, *_table_owner(lv.bat), lv.virtual_size, lv.block_size, lv.chunk_ratio,
                         lv.sector_size, bool(lv.cache_bitmaps)) for lv in levels]
         self._ptr: Any = None
-        self._keep: list = []
+        self._keep: List[Any] = []
         if use_fastread and _fastread is not None:
             self._impl = _fastread.ChainReader(self._specs)
             self.fast = self._impl.readinto
@@ -414,7 +423,7 @@ class ChainReader:
             return self._ptr
         ffi, lib = _ext.ffi, _ext.lib
         arr = ffi.new("vhdx_rlevel[]", len(self._specs))
-        keep: list = [arr]
+        keep: List[Any] = [arr]
         for d, (fd, owner, off, entries, vsize, bs, cr, lss, cache) in zip(arr, self._specs):
             whole = ffi.from_buffer("uint8_t[]", owner)
             keep.append(whole)
@@ -470,7 +479,7 @@ class ChainReader:
     def readinto(self, offset: int, buffer: Buffer) -> int:
         """Fill ``buffer`` from virtual ``offset``; returns the bytes filled (short
         at the end of the disk). Raises ``OSError`` for a failed read,
-        :class:`NativeFallback`, ``ValueError`` (offset out of range) or
+        :class:`~vhdx.errors.NativeFallbackError`, ``ValueError`` (offset out of range) or
         ``TypeError`` (buffer not writable)."""
         ffi, lib = _ext.ffi, _ext.lib
         try:
@@ -480,13 +489,13 @@ class ChainReader:
         if offset < 0 or offset > _INT64_MAX:
             raise ValueError(f"offset {offset} out of range")
         err = ffi.new("int *")
-        n = lib.vhdx_reader_read(self._cffi_reader(), offset, cbuf, len(cbuf), err)
+        n: int = lib.vhdx_reader_read(self._cffi_reader(), offset, cbuf, len(cbuf), err)
         size = len(cbuf)
         ffi.release(cbuf)  # no export left behind in a traceback (see _table_owner)
         if n >= 0:
             return n
         if err[0] == lib.VHDX_EFALLBACK:
-            raise NativeFallback(f"read at {offset}")
+            raise NativeFallbackError(f"read at {offset}")
         if err[0] == lib.VHDX_EARG:
             raise ValueError(f"read of {size} bytes at {offset} out of range")
         raise _oserror(err[0], f"read at {offset}")
@@ -648,7 +657,8 @@ def _c_copy_ranges(src_fd: FdLike, dst_fd: FdLike, ranges: Ranges, *,
         if rc == lib.VHDX_EARG:
             raise _bad_range(i, r, _COPY_FIELDS)
         raise _oserror(rc, f"copy_ranges range {i} {r!r}")
-    return ffi.unpack(methods, n)
+    codes: List[int] = ffi.unpack(methods, n)
+    return codes
 
 
 def copy_ranges(src_fd: FdLike, dst_fd: FdLike, ranges: Ranges, *,
@@ -718,7 +728,8 @@ def _c_zero_ranges(fd: FdLike, ranges: Ranges) -> List[int]:
         if rc == lib.VHDX_EARG:
             raise _bad_range(i, r, "offset, length")
         raise _oserror(rc, f"zero_ranges range {i} {r!r}")
-    return ffi.unpack(methods, n)
+    codes: List[int] = ffi.unpack(methods, n)
+    return codes
 
 
 def zero_ranges(fd: FdLike, ranges: Ranges) -> List[int]:
