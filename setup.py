@@ -25,7 +25,7 @@ from build_native import drop_stale, fastread_extension  # noqa: E402 - csrc/ is
 
 # What the package uses instead of each extension when its build fails.
 _INSTEAD = {"vhdx._native": "its pure-Python paths (same results, slower)",
-            "vhdx._fastread": "the chain reader's cffi entry (same results, a little slower per read)"}
+            "vhdx._fastread": "the chain reader's cffi entry, when vhdx._native is built (same results, a little slower per read)"}
 
 
 class OptionalBuildExt(build_ext):

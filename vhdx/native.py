@@ -25,6 +25,7 @@ The C calls run with the GIL released (cffi out-of-line API mode).
 from __future__ import annotations
 
 import errno
+import importlib
 import os
 import re
 import struct
@@ -72,23 +73,29 @@ Buffer = Any  # any object exporting a contiguous buffer (bytes, bytearray, memo
 Ranges = Union[Sequence[Tuple[int, ...]], Iterable[Tuple[int, ...]], "array[int]"]
 Run = Tuple[int, int, bool]
 
+# Any: cffi's modules have no type information; None when not loaded.
+_ext: Any
+_fastread: Any
 try:
     if os.environ.get("VHDX_NO_NATIVE"):
         raise ImportError("disabled by VHDX_NO_NATIVE")
-    from . import _native as _ext  # type: ignore[attr-defined]
+    # import_module, not ``from . import``: its error names the module or the
+    # loader's failure, where the other blames a circular import.
+    _ext = importlib.import_module("._native", __package__)
 except ImportError as _missing:
     _ext = None
     if not os.environ.get("VHDX_NO_NATIVE"):
-        # The message starts with a plain phrase (no colon) so that
-        # ``-W "ignore:the vhdx C extension"`` / PYTHONWARNINGS can match it.
-        warnings.warn(f"the vhdx C extension (vhdx._native) is not available ({_missing}); "
-                      "using the pure-Python paths: same results, slower reads and merges. "
-                      "Reinstall with a C compiler and the Python headers for the C paths.",
-                      RuntimeWarning, stacklevel=2)
+        # One line on stderr (line 0: no source line under it), attributed to
+        # this module: ``-W ignore::RuntimeWarning:vhdx.native`` silences it.
+        warnings.warn_explicit(
+            f"the vhdx C extension (vhdx._native) is not available ({_missing}); using the "
+            "pure-Python paths: same results, slower reads and merges. Reinstall with a C "
+            "compiler and the Python headers for the C paths.",
+            RuntimeWarning, filename="vhdx.native", lineno=0, module="vhdx.native")
 try:  # optional: the chain reader's cheap per-call entry (csrc/vhdx_fastread.c)
     if _ext is None:
         raise ImportError("no native extension")
-    from . import _fastread  # type: ignore[attr-defined]
+    _fastread = importlib.import_module("._fastread", __package__)
 except ImportError:
     _fastread = None
 
