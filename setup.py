@@ -25,7 +25,8 @@ from build_native import drop_stale, fastread_extension  # noqa: E402 - csrc/ is
 
 # What the package uses instead of each extension when its build fails.
 _INSTEAD = {"vhdx._native": "its pure-Python paths (same results, slower)",
-            "vhdx._fastread": "the chain reader's cffi entry, when vhdx._native is built (same results, a little slower per read)"}
+            "vhdx._fastread": "the chain reader's cffi entry, when vhdx._native is built "
+                              "(same results, a little slower per read)"}
 
 
 class OptionalBuildExt(build_ext):
@@ -43,8 +44,21 @@ class OptionalBuildExt(build_ext):
                 f"WARNING: vhdx installs without it and uses {_INSTEAD.get(ext.name, 'Python code')}; "
                 "install a C compiler and the Python headers, then reinstall, for the C paths.\n")
             return
-        if self.inplace:
-            drop_stale(self.get_ext_fullpath(ext.name))
+        # An older build under another suffix would shadow this one at import
+        # (the import system tries .cpython-3XX-*.so first) or travel beside it
+        # in the wheel: here in build/lib, in run() for the in-place copies.
+        drop_stale(self.get_ext_fullpath(ext.name))
+
+    def run(self) -> None:
+        super().run()
+        if not self.inplace:
+            return
+        build_py = self.get_finalized_command("build_py")
+        for ext in self.extensions:
+            package = ext.name.rpartition(".")[0]
+            made = os.path.join(build_py.get_package_dir(package), os.path.basename(self.get_ext_filename(ext.name)))
+            if os.path.exists(made):
+                drop_stale(made)
 
 
 setup(
