@@ -7,12 +7,13 @@ Two ways to use it:
 * setuptools: ``setup(cffi_modules=["csrc/build_native.py:ffibuilder"])``.
   setuptools runs from the project root, so the paths below are relative.
 * development: ``python3 csrc/build_native.py`` compiles in a temporary
-  directory and drops ``vhdx/_native<EXT_SUFFIX>`` and
-  ``vhdx/_fastread<EXT_SUFFIX>`` into the source tree, so both import from
-  the project root.
+  directory and drops ``vhdx/_native.abi3.so`` and ``vhdx/_fastread.abi3.so``
+  into the source tree (removing older builds under other suffixes), so both
+  import from the project root.
 
-It also defines :func:`fastread_extension`, the plain CPython extension
-``vhdx._fastread`` (the chain reader's per-call entry), for setup.py.
+It also defines :func:`fastread_extension`, the CPython extension
+``vhdx._fastread`` (the chain reader's per-call entry, limited API 3.11), and
+:func:`drop_stale`, both for setup.py.
 
 Out-of-line API mode releases the GIL around every C call by default; the
 wrapper in ``vhdx/native.py`` relies on that for its batch I/O calls.
