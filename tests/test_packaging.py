@@ -178,6 +178,23 @@ def test_fastread_targets_the_limited_api() -> None:
         assert native._ext.__file__.endswith(".abi3.so"), native._ext.__file__
 
 
+def test_every_native_function_has_a_python_twin() -> None:
+    """An install without a compiler needs a Python path for every C entry point:
+    each public function of vhdx.native dispatches between ``_c_NAME`` and
+    ``_py_NAME`` (tests/test_native.py compares the two); the chain reader's
+    Python twin is VirtualDisk's own read path (tests/test_native_read.py)."""
+    import inspect
+
+    functions = [n for n in native.__all__ if inspect.isfunction(getattr(native, n))]
+    assert functions, native.__all__
+    lacking = [n for n in functions if not (callable(getattr(native, f"_py_{n}", None))
+                                            and callable(getattr(native, f"_c_{n}", None)))]
+    assert not lacking, f"native functions without a _py_/_c_ pair: {lacking}"
+    classes = [n for n in native.__all__ if inspect.isclass(getattr(native, n))]
+    assert set(classes) <= {"ChainLevel", "ChainReader", "NativeFallbackError"}, classes
+    assert isinstance(native.HAVE_CHAIN_READER, bool)
+
+
 def test_missing_extension_one_warning_same_bytes(tmp_path: Path) -> None:
     """Without the extension: one warning per process (however often the module is
     imported, whatever the warning filter), HAVE_NATIVE False, and the pure-Python
