@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from .disk import Extent, VirtualDisk, open
+from ._version import __version__
+from .compact import CompactSummary, compact
+from .disk import VirtualDisk
 from .errors import (
     CancelledError,
     ChecksumError,
@@ -28,17 +30,13 @@ from .errors import (
     VhdxError,
     VhdxIOError,
 )
-from .image import ImageFile
-
-__version__ = "0.1.0"
-
-from .create import create  # noqa: E402 - create.py reads __version__ lazily
-from .merge_engine import MergeSummary, merge  # noqa: E402
-from .relink import RelinkSummary, relink  # noqa: E402
-from .compact import CompactSummary, compact  # noqa: E402
+from .formats import check_chain, create, merge, open
+from .image import Extent, ImageFile
+from .merge_engine import MergeSummary
+from .relink import RelinkSummary, relink
 
 __all__ = [
-    "open", "create", "merge", "MergeSummary", "relink", "RelinkSummary", "compact", "CompactSummary", "VirtualDisk", "ImageFile", "Extent", "__version__",
+    "open", "create", "check_chain", "merge", "MergeSummary", "relink", "RelinkSummary", "compact", "CompactSummary", "VirtualDisk", "ImageFile", "Extent", "__version__",
     "VhdxError", "CorruptImageError", "ChecksumError", "UnsupportedFeatureError",
     "ParentNotFoundError", "ParentMismatchError", "InvalidArgumentError",
     "ReadOnlyError", "LockedError", "CancelledError", "DependentDisksError", "PartitionTableError",

@@ -20,15 +20,18 @@ import bisect
 import io
 import os
 import uuid
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Literal, Sequence
 
 from . import structures as S
 from .errors import InvalidArgumentError, ReadOnlyError, VhdxError, VhdxIOError  # noqa: F401
-from .image import Extent, ImageFile, NotCopyable, ReadableObject, pread_into
+from .image import Extent, ExtentKind, ImageFile, NotCopyable, ReadableObject, pread_into
 
 if TYPE_CHECKING:
     from .native import ChainReader
     from .partitions import Partition
+
+ReadMode = Literal["r", "rb"]
+WriteMode = Literal["r+", "r+b", "rb+"]
 
 ZERO = -1  # segment source: reads zeros because the chain defines zeros
 UNALLOCATED = -2  # segment source: nothing in the chain ever wrote here
@@ -541,66 +544,21 @@ class VirtualDisk(NotCopyable, io.RawIOBase):
         return f"<VirtualDisk {self.path!r} size={self.size} chain={len(self.chain)}>"
 
 
-def open(path: str | os.PathLike[str] | ReadableObject, mode: str = "r", *,  # noqa: A001 - mirrors io.open
+def open(path: str | os.PathLike[str] | ReadableObject, mode: ReadMode = "r", *,  # noqa: A001 - mirrors io.open
          parents: Sequence[str | os.PathLike[str] | ReadableObject] | None = None,
          search_dirs: Sequence[str | os.PathLike[str]] = (),
          ignore_linkage: bool = False, force_share: bool = False,
          confine: Sequence[str | os.PathLike[str]] | None = None,
-         force: bool = False,
-         opener: Callable[[str], object] | None = None,
-         ignore_checksums: bool = False) -> VirtualDisk:
-    """Open a VHDX/AVHDX file and its whole parent chain; ``mode`` "r" (default,
-    read-only) or "r+" (writable top file; parents stay read-only).
+         opener: Callable[[str], object] | None = None) -> VirtualDisk:
+    """Open a VHDX/AVHDX file and its whole parent chain read-only.
 
-    ``path`` may be an open binary file object (a regular file behind it is read
-    through its descriptor, anything else through ``readinto``/``seek``; such
-    opens are read-only). ``parents`` lists parent files or file objects
-    explicitly (immediate parent first); otherwise parents are found through
-    ``opener(name)`` when given (it returns a file object, a path, or None for
-    each candidate name from the parent locator), else through the parent
-    locator on the file system and ``search_dirs``, only inside the ``confine``
-    folder trees when given. A dirty log is replayed in memory; no byte of any
-    file is ever written. Files are locked as QEMU locks them (readers shared;
-    :mod:`vhdx.locking`): LockedError while a writer holds one, unless
-    ``force_share`` (read-only only, as qemu-img's ``-U``). "r+" refuses a disk
-    that other disks depend on (DependentDisksError naming them,
-    :mod:`vhdx.dependents`) unless ``force``; forced, ``disk.warnings`` names the
-    children that the writes invalidate.
-
-    A legacy VHD/AVHD (detected by signature, not by name) opens as a
-    :class:`vhdx.vhd.VhdDisk`; ``ignore_checksums`` applies to those only.
+    This is the VHDX reader below the writers; :func:`vhdx.open` (the format
+    dispatch, :mod:`vhdx.formats`) adds VHD files and mode "r+", and documents
+    the arguments. A dirty log is replayed in memory; no byte of any file is
+    ever written.
     """
-    from .vhd.file import is_vhd_file
-
-    if is_vhd_file(path):
-        from .vhd.disk import open_vhd
-
-        return open_vhd(path, mode, parents=parents, search_dirs=search_dirs,
-                        ignore_linkage=ignore_linkage, ignore_checksums=ignore_checksums)
-    if mode in ("r+", "r+b", "rb+"):
-        if not isinstance(path, (str, os.PathLike)):
-            raise InvalidArgumentError("file objects open read-only; give a path for mode 'r+'")
-        from .dependents import invalidated_note, refuse_if_children
-        from .writer import WritableDisk
-
-        if force_share:
-            raise InvalidArgumentError("force_share is for read-only opens")
-        # Opening writes nothing (a dirty log aside, whose replay keeps the content);
-        # the chain's folders are known only once it is open.
-        disk = WritableDisk(path, parents=parents, search_dirs=search_dirs,
-                            ignore_linkage=ignore_linkage, confine=confine)
-        try:
-            children = refuse_if_children(path, "writing", search_dirs, force=force,
-                                          chain=[f.path for f in disk.chain[1:]])
-        except BaseException:
-            disk.close()
-            raise
-        if children:
-            disk.warnings.append(f"{os.fspath(path)}: opened with force; writes make its children "
-                                 + invalidated_note(children))
-        return disk
     if mode not in ("r", "rb"):
-        raise InvalidArgumentError(f"mode {mode!r} is not supported (use 'r' or 'r+')")
+        raise InvalidArgumentError(f"mode {mode!r} is not supported here (vhdx.open opens 'r+')")
     from .chain import open_chain
 
     chain, warnings = open_chain(path, parents, search_dirs, ignore_linkage, opener=opener,

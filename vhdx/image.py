@@ -16,7 +16,7 @@ import stat
 import threading
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Iterator, Literal, Protocol, Sequence
 
 from . import structures as S
 from .bat import (
@@ -171,13 +171,16 @@ def _descriptor_of(obj: object) -> int | None:
         return None
 
 
+ExtentKind = Literal["data", "zero", "unallocated"]  # what an Extent's bytes are
+
+
 @dataclass(frozen=True)
 class Extent:
     """A run of the virtual disk with one origin."""
 
     offset: int
     length: int
-    kind: str  # "data" | "zero" | "unallocated"
+    kind: ExtentKind
     source: int | None  # index into VirtualDisk.chain for data, else None
     file_offset: int | None = None  # where the data lies in that file
 
