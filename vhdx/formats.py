@@ -13,10 +13,12 @@ sit above the read-only disk.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Literal, overload
 
+from . import structures as S
 from .check import CheckReport
 from .check import check_chain as check_vhdx_chain
 from .convert import Source, disk_source
@@ -52,9 +54,19 @@ def detect(path: PathArg | ReadableObject) -> Format | None:
 
     if is_vhd_file(path):  # says False for a VHDX (checks its signature first)
         return "vhd"
-    from .convert import is_vhdx_file
-
-    return "vhdx" if is_vhdx_file(path) else None
+    try:  # O_NONBLOCK and the mode check: a FIFO is never waited on
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except (OSError, ValueError):  # missing, unreadable, a NUL in the name: the open says why
+        return None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
+            return "vhdx" if os.pread(fd, 8, 0) == S.SIG_FILE else None
+        return None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 @contextmanager
