@@ -30,13 +30,14 @@ from .errors import (
     VhdxError,
     VhdxIOError,
 )
-from .formats import check_chain, create, merge, open
+from .formats import check_chain, create, merge, open  # noqa: A004 - vhdx.open mirrors io.open
 from .image import Extent, ImageFile
 from .merge_engine import MergeSummary
 from .relink import RelinkSummary, relink
 
 __all__ = [
-    "open", "create", "check_chain", "merge", "MergeSummary", "relink", "RelinkSummary", "compact", "CompactSummary", "VirtualDisk", "ImageFile", "Extent", "__version__",
+    "open", "create", "check_chain", "merge", "MergeSummary", "relink", "RelinkSummary", "compact",
+    "CompactSummary", "VirtualDisk", "ImageFile", "Extent", "__version__",
     "VhdxError", "CorruptImageError", "ChecksumError", "UnsupportedFeatureError",
     "ParentNotFoundError", "ParentMismatchError", "InvalidArgumentError",
     "ReadOnlyError", "LockedError", "CancelledError", "DependentDisksError", "PartitionTableError",

@@ -20,13 +20,15 @@ import bisect
 import io
 import os
 import uuid
-from typing import TYPE_CHECKING, Callable, Iterable, Literal, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Literal, NoReturn, Sequence
 
 from . import structures as S
 from .errors import InvalidArgumentError, ReadOnlyError, VhdxError, VhdxIOError  # noqa: F401
 from .image import Extent, ExtentKind, ImageFile, NotCopyable, ReadableObject, pread_into
 
 if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer, WriteableBuffer
+
     from .native import ChainReader
     from .partitions import Partition
 
@@ -37,7 +39,7 @@ ZERO = -1  # segment source: reads zeros because the chain defines zeros
 UNALLOCATED = -2  # segment source: nothing in the chain ever wrote here
 
 # (buffer offset, length, source: chain index or ZERO/UNALLOCATED, file offset)
-Segment = list  # [int, int, int, int]; a list so the last one can be extended in place
+Segment = list[int]  # [pos, length, source, file_offset]; a list so the last one can be extended in place
 
 _ZEROS = memoryview(bytes(1 << 20))  # sliced without copying
 _MAP_CACHE_BLOCKS = 64
@@ -84,6 +86,9 @@ class VirtualDisk(NotCopyable, io.RawIOBase):
                          f.logical_sector_size, f.bat, not f.overlay, f) for f in self.chain]
         self._fds = [f.fd for f in self.chain]
         reader = self._make_native()
+        # (offset, buffer) -> bytes read, and (offset, size) -> bytes; None: take the Python path
+        self._native: Callable[[int, WriteableBuffer], int | None] | None
+        self._native_read: Callable[[int, int], bytes | None] | None
         self._native = reader.fast if reader is not None else None
         self._native_read = reader.read if reader is not None else None
 
@@ -144,7 +149,7 @@ class VirtualDisk(NotCopyable, io.RawIOBase):
         return self.top.parent_locator
 
     @property
-    def path(self) -> str:
+    def path(self) -> str:  # type: ignore[override]  # NotCopyable's attribute, read-only here: the top's
         return self.top.path
 
     # --- resolution --------------------------------------------------------------
@@ -325,7 +330,7 @@ class VirtualDisk(NotCopyable, io.RawIOBase):
                 return ZERO, 0
         return UNALLOCATED, 0
 
-    def readinto_at(self, offset: int, buffer) -> int:  # noqa: ANN001 - any writable buffer
+    def readinto_at(self, offset: int, buffer: WriteableBuffer) -> int:
         """Fill ``buffer`` from virtual ``offset``; returns bytes read (short at the end)."""
         fast = self._native
         # One C call resolves and reads the whole range (GIL released). Anything
@@ -409,10 +414,10 @@ class VirtualDisk(NotCopyable, io.RawIOBase):
             src, foff = self._locate(offset, n)
             if src >= 0 and self._fds[src] >= 0:
                 try:
-                    data = os.pread(self._fds[src], n, foff)
+                    piece = os.pread(self._fds[src], n, foff)
                 except OSError as e:
                     self._raise_read_error(src, e)
-                return data if len(data) == n else data + bytes(n - len(data))
+                return piece if len(piece) == n else piece + bytes(n - len(piece))
             if src < 0 and src != -3 and not self.closed:
                 return bytes(n)
         if self.closed:
@@ -431,7 +436,7 @@ class VirtualDisk(NotCopyable, io.RawIOBase):
             raise ValueError("I/O operation on closed disk")
         self.chain[src].pread_into(mv, foff)
 
-    def _raise_read_error(self, src: int, e: OSError) -> None:
+    def _raise_read_error(self, src: int, e: OSError) -> NoReturn:
         if self.closed:
             raise ValueError("I/O operation on closed disk") from None
         raise VhdxIOError.from_os(e, self.chain[src].path, "read failed") from None
@@ -440,15 +445,14 @@ class VirtualDisk(NotCopyable, io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def write(self, data) -> int:  # noqa: ANN001 - io.RawIOBase signature
+    def write(self, data: ReadableBuffer) -> int:
         """Refused: this disk is read-only (``vhdx.open(path, "r+")`` opens it writable)."""
         raise ReadOnlyError(f"{self.path}: opened read-only (open it with mode 'r+' to write)")
-
 
     def seekable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:  # noqa: ANN001
+    def readinto(self, buffer: WriteableBuffer) -> int:
         # Straight into the C reader when no subclass wraps readinto_at (a writable
         # disk commits first): one Python frame less per call of BufferedReader,
         # hashlib.file_digest or shutil.copyfileobj.
@@ -517,13 +521,14 @@ class VirtualDisk(NotCopyable, io.RawIOBase):
         while pos < end:
             n = min(step, end - pos)
             for p, ln, src, foff in self.segments(pos, n):
-                kind = "data" if src >= 0 else ("zero" if src == ZERO else "unallocated")
+                kind: ExtentKind = "data" if src >= 0 else ("zero" if src == ZERO else "unallocated")
                 vo = pos + p
                 if out:
                     last = out[-1]
                     if (last.kind == kind and last.source == (src if src >= 0 else None)
                             and last.offset + last.length == vo
-                            and (src < 0 or last.file_offset + last.length == foff)):
+                            and (src < 0 or (last.file_offset is not None
+                                             and last.file_offset + last.length == foff))):
                         out[-1] = Extent(last.offset, last.length + ln, kind, last.source, last.file_offset)
                         continue
                 out.append(Extent(vo, ln, kind, src if src >= 0 else None, foff if src >= 0 else None))

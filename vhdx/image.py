@@ -185,7 +185,7 @@ class Extent:
     file_offset: int | None = None  # where the data lies in that file
 
     def to_dict(self, chain: Sequence[ImageFile] | None = None) -> dict:
-        d = {"offset": self.offset, "length": self.length, "kind": self.kind}
+        d: dict[str, Any] = {"offset": self.offset, "length": self.length, "kind": self.kind}
         if self.source is not None:
             d["source"] = self.source
             d["file_offset"] = self.file_offset
@@ -553,7 +553,7 @@ class ImageFile(NotCopyable):
         size, bs, lss = self.virtual_size, self.block_size, self.logical_sector_size
         out: list[Extent] = []
 
-        def emit(off: int, length: int, kind: str, foff: int | None) -> None:
+        def emit(off: int, length: int, kind: ExtentKind, foff: int | None) -> None:
             if length <= 0:
                 return
             if out:
