@@ -26,6 +26,7 @@ Rules the walk applies (docs/DESIGN.md says the same):
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,7 +101,8 @@ def _is_type_checking(test: ast.expr) -> bool:
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
-def imports_of(path: str, source: str, modules: set[str] | frozenset[str]) -> list[Import]:
+@functools.lru_cache(maxsize=None)  # the tests walk the same sources again with one edit each
+def imports_of(path: str, source: str, modules: frozenset[str]) -> tuple[Import, ...]:
     """Every import of package modules in ``source`` (the module at ``path``)."""
     name = module_name(path)
     package = name if path.endswith("__init__.py") else name.rpartition(".")[0]
@@ -134,10 +136,10 @@ def imports_of(path: str, source: str, modules: set[str] | frozenset[str]) -> li
             visit(child, runtime)
 
     visit(ast.parse(source, path), True)
-    return out
+    return tuple(out)
 
 
-def with_package_inits(imp: Import, modules: set[str]) -> list[Import]:
+def with_package_inits(imp: Import, modules: frozenset[str]) -> list[Import]:
     """``imp`` and the imports of the subpackages it runs first (not the root, not
     the importer's own packages, which are loaded already)."""
     out = [imp]
@@ -160,7 +162,7 @@ def check_layers(sources: dict[str, str], design: str) -> list[str]:
         if not any(p.startswith(folder) for p in sources):
             problems.append(f"{folder}: in docs/DESIGN.md's table but no module in it")
     by_name = {module_name(p): p for p in sources}
-    modules = set(by_name) | set(EXTENSIONS)
+    modules = frozenset(by_name) | frozenset(EXTENSIONS)
     layer: dict[str, int] = {}
     for path in sources:
         got = layer_of(path, files, folders)
