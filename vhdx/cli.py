@@ -20,8 +20,8 @@ import signal
 import sys
 from typing import Any, Callable, NoReturn, Sequence
 
-from . import structures as S
 from ._version import __version__
+from . import structures as S
 from .create import parse_size
 from .disk import VirtualDisk
 from .errors import ImageNotFoundError, InvalidArgumentError, ParentNotFoundError, UsageError, VhdxError, naming

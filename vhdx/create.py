@@ -22,7 +22,6 @@ import os
 import re
 
 from . import structures as S
-from ._version import __version__
 from .errors import InvalidArgumentError, OutputDirectoryError, OutputExistsError, VhdxIOError
 from .image import ImageFile
 from .layout import LayoutPlan, ParentInfo, plan_layout, write_new_image
@@ -47,6 +46,8 @@ def parse_size(text: str | int) -> int:
 
 
 def creator_string() -> str:
+    from ._version import __version__
+
     return f"vhdx {__version__}"
 
 
