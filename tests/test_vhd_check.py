@@ -10,7 +10,7 @@ import shutil
 from vhd_helpers import cli, file_sha, make_zero_fixed_parent
 
 import vhdx
-from vhdx.check import check_chain
+from vhdx import check_chain  # routes VHD (vhdx.check.check_chain is the VHDX checker)
 from vhdx.vhd import VhdFile
 from vhdx.vhd import structures as VS
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from .disk import Extent, VirtualDisk, open
+from ._version import __version__
+from .compact import CompactSummary, compact
+from .disk import VirtualDisk
 from .errors import (
     CancelledError,
     ChecksumError,
@@ -28,16 +30,14 @@ from .errors import (
     VhdxError,
     VhdxIOError,
 )
-from ._version import __version__
-from .image import ImageFile
-
-from .create import create  # noqa: E402
-from .merge_engine import MergeSummary, merge  # noqa: E402
-from .relink import RelinkSummary, relink  # noqa: E402
-from .compact import CompactSummary, compact  # noqa: E402
+from .formats import check_chain, create, merge, open  # noqa: A004 - vhdx.open mirrors io.open
+from .image import Extent, ImageFile
+from .merge_engine import MergeSummary
+from .relink import RelinkSummary, relink
 
 __all__ = [
-    "open", "create", "merge", "MergeSummary", "relink", "RelinkSummary", "compact", "CompactSummary", "VirtualDisk", "ImageFile", "Extent", "__version__",
+    "open", "create", "check_chain", "merge", "MergeSummary", "relink", "RelinkSummary", "compact",
+    "CompactSummary", "VirtualDisk", "ImageFile", "Extent", "__version__",
     "VhdxError", "CorruptImageError", "ChecksumError", "UnsupportedFeatureError",
     "ParentNotFoundError", "ParentMismatchError", "InvalidArgumentError",
     "ReadOnlyError", "LockedError", "CancelledError", "DependentDisksError", "PartitionTableError",

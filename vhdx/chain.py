@@ -250,7 +250,7 @@ def open_parents(child: ImageFile, parents: Sequence[PathLike] | None = None,
             if len(chain) > max_depth:
                 raise ParentMismatchError(f"chain is deeper than {max_depth} files; refusing")
             if explicit:
-                parent = _open_explicit_parent(current, explicit.pop(0), force_share)
+                parent = ImageFile(explicit.pop(0), force_share=force_share)  # a VHD: vhdx.formats refuses it
             elif opener is not None:
                 parent = find_parent_with_opener(current, opener, ignore_linkage, force_share)
             else:
@@ -275,20 +275,6 @@ def open_parents(child: ImageFile, parents: Sequence[PathLike] | None = None,
     except BaseException:
         for f in chain[1:]:
             f.close()
-        raise
-
-
-def _open_explicit_parent(child: ImageFile, path: PathLike | Any, force_share: bool = False) -> ImageFile:
-    """ImageFile(path), refusing a legacy VHD parent with a clear error."""
-    try:
-        return ImageFile(path, force_share=force_share)
-    except VhdxError:
-        from .vhd.file import is_vhd_file
-
-        if is_vhd_file(path):
-            raise ParentMismatchError(
-                f"{child.path}: a VHDX differencing disk cannot have the VHD parent {os.fspath(path)} "
-                "(mixed VHD/VHDX chains are not supported; convert the whole chain to one format)") from None
         raise
 
 

@@ -100,13 +100,8 @@ def check_chain(path: str | os.PathLike[str], parents: Sequence[str | os.PathLik
                 force_share: bool = False) -> CheckReport:
     """Validate ``path`` and every ancestor; never raises for problems in the files.
 
-    ``confine`` and ``force_share`` as for :func:`vhdx.open`."""
-    from .vhd.file import is_vhd_file
-
-    if is_vhd_file(path):  # legacy VHD/AVHD: vhdx/vhd/check.py
-        from .vhd.check import check_vhd_chain
-
-        return check_vhd_chain(path, parents, search_dirs, ignore_linkage)
+    ``confine`` and ``force_share`` as for :func:`vhdx.open` (VHDX chains;
+    :func:`vhdx.check_chain` routes a VHD to :mod:`vhdx.vhd.check`)."""
     report = CheckReport()
     explicit = list(parents or ())
     current = os.fspath(path)

@@ -22,12 +22,12 @@ from typing import Any, Callable, NoReturn, Sequence
 
 from ._version import __version__
 from . import structures as S
-from .check import check_chain
 from .create import parse_size
-from .disk import VirtualDisk, open as open_disk
+from .disk import VirtualDisk
 from .errors import ImageNotFoundError, InvalidArgumentError, ParentNotFoundError, UsageError, VhdxError, naming
+from .formats import check_chain, open as open_disk
 from .image import ImageFile
-from .progress import Progress, clear_all, configure as configure_progress
+from .progress import Progress, clear_all, configure as configure_progress, human_size as _human
 
 CHUNK = 4 << 20
 
@@ -129,14 +129,6 @@ def image_info(img) -> dict:  # noqa: ANN001 - ImageFile
         },
         "warnings": list(img.warnings),
     }
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:g} {unit}" if unit == "B" else f"{n:.4g} {unit}"
-        n /= 1024
-    return str(n)
 
 
 class _LoneImage:
@@ -305,7 +297,8 @@ def cmd_hash(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import convert_to_raw, convert_to_vhdx, open_source, output_format
+    from .convert import convert_to_raw, convert_to_vhdx, output_format
+    from .formats import open_source
 
     out = args.output
     fmt = output_format(out, args.format)
@@ -340,7 +333,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    from .create import create
+    from .formats import create
 
     if args.parent and (args.size or args.type or args.logical_sector_size or args.physical_sector_size):
         raise UsageError(f"{args.output}: --parent takes the size, type and sector sizes from the parent; "
@@ -470,7 +463,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .merge_engine import merge
+    from .formats import merge
 
     if args.into and args.output:
         raise UsageError(f"{args.image}: give either --into or --output, not both")

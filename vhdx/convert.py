@@ -15,7 +15,7 @@ read-only; a raw source can be a block device (P2V).
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from . import structures as S
 from . import fileio
@@ -23,6 +23,9 @@ from .create import plan_new
 from .errors import InvalidArgumentError, UsageError, VhdxIOError
 from .layout import write_new_image
 from .storage import DeferredSyncStorage
+
+if TYPE_CHECKING:
+    from .disk import VirtualDisk
 
 __all__ = ["convert_to_vhdx", "convert_to_raw", "open_source", "Source", "is_vhdx_file",
            "raw_data_ranges", "output_format"]
@@ -200,11 +203,22 @@ class Source:
         self.close()
 
 
+def disk_source(path: str, disk: VirtualDisk) -> Source:
+    """A :class:`Source` reading an open disk (any format); closing it closes the disk."""
+    try:
+        ranges = [(e.offset, e.length) for e in disk.extents() if e.kind == "data"]
+    except BaseException:
+        disk.close()
+        raise
+    return Source(path, disk.size, disk.logical_sector_size, disk.physical_sector_size, ranges,
+                  disk.readinto_at, list(disk.warnings), [f.path for f in disk.chain], disk.close)
+
+
 def open_source(source: str | os.PathLike[str], *, parents=None, search_dirs=(),  # noqa: ANN001
                 ignore_linkage: bool = False, ignore_checksums: bool = False) -> Source:
-    """Open ``source`` read-only for a conversion (VHDX or VHD chain, raw file or
-    block device); ``ignore_checksums`` as for :func:`vhdx.open` (VHD only)."""
-    from .vhd.file import is_vhd_file
+    """Open ``source`` read-only for a conversion (VHDX chain, raw file or block
+    device; :func:`vhdx.formats.open_source` opens a VHD chain as well, and
+    ``ignore_checksums`` is for those)."""
     from .disk import open as open_disk
 
     path = os.fspath(source)
@@ -214,17 +228,10 @@ def open_source(source: str | os.PathLike[str], *, parents=None, search_dirs=(),
     except OSError as e:
         os.close(fd)
         raise VhdxIOError.from_os(e, path, "read failed") from None
-    if vhdx_sig or (size >= 512 and is_vhd_file(path)):
+    if vhdx_sig:
         os.close(fd)
-        disk = open_disk(path, parents=parents, search_dirs=search_dirs, ignore_linkage=ignore_linkage,
-                         ignore_checksums=ignore_checksums)
-        try:
-            ranges = [(e.offset, e.length) for e in disk.extents() if e.kind == "data"]
-        except BaseException:
-            disk.close()
-            raise
-        return Source(path, disk.size, disk.logical_sector_size, disk.physical_sector_size, ranges,
-                      disk.readinto_at, list(disk.warnings), [f.path for f in disk.chain], disk.close)
+        return disk_source(path, open_disk(path, parents=parents, search_dirs=search_dirs,
+                                           ignore_linkage=ignore_linkage))
     try:
         if parents:
             raise UsageError(f"{path}: a raw image has no parents (--parent applies to VHDX sources)")

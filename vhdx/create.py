@@ -29,6 +29,7 @@ from .storage import fsync_dir
 
 __all__ = ["create", "plan_new", "parse_size", "creator_string", "parent_info_for"]
 
+VHD_NAMES = (".vhd", ".avhd")  # a new file's name chooses the legacy format (vhdx.create)
 _SUFFIXES = {"": 1, "K": S.KiB, "M": S.MiB, "G": S.GiB, "T": S.TiB}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
 
@@ -115,11 +116,6 @@ def _plan_new(path: str, size: int | str | None, type: str, block_size: int | st
     if parent is not None:
         if type == "fixed":
             raise InvalidArgumentError(f"{path}: a differencing disk cannot be fixed")
-        from .vhd.file import is_vhd_file
-
-        if is_vhd_file(parent):
-            raise InvalidArgumentError(f"{os.fspath(parent)}: the parent of a VHDX must be a VHDX "
-                                       "(mixed VHD/VHDX chains are not supported; name the child .avhd)")
         pimg = ImageFile(parent)
         try:
             vsize = pimg.virtual_size
@@ -150,16 +146,8 @@ def create(path: str | os.PathLike[str], size: int | str | None = None, *, type:
     an existing ``path`` raises :class:`OutputExistsError`; nor follows a symlink.
     """
     path = os.fspath(path)
-    if path.lower().endswith((".vhd", ".avhd")):  # legacy VHD: vhdx/vhd/create.py
-        from .vhd.create import create_vhd
-
-        if type not in ("dynamic", "fixed"):
-            raise InvalidArgumentError(f"{path}: the type must be dynamic or fixed, not {type!r}")
-        if logical_sector_size != 512:
-            raise InvalidArgumentError(f"{path}: a VHD always has 512-byte sectors")
-        bs = parse_size(block_size) if block_size is not None else None
-        return create_vhd(path, parse_size(size) if size is not None else None, type=type,
-                          block_size=bs, parent=parent)
+    if path.lower().endswith(VHD_NAMES):  # vhdx.create (vhdx/formats.py) makes those
+        raise InvalidArgumentError(f"{path}: a VHDX cannot take a VHD name (.vhd, .avhd)")
     plan = plan_new(path, size, type=type, block_size=block_size,
                     logical_sector_size=logical_sector_size,
                     physical_sector_size=physical_sector_size, parent=parent)

@@ -20,21 +20,26 @@ import bisect
 import io
 import os
 import uuid
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Literal, NoReturn, Sequence
 
 from . import structures as S
 from .errors import InvalidArgumentError, ReadOnlyError, VhdxError, VhdxIOError  # noqa: F401
-from .image import Extent, ImageFile, NotCopyable, ReadableObject, pread_into
+from .image import Extent, ExtentKind, ImageFile, NotCopyable, ReadableObject, pread_into
 
 if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer, WriteableBuffer
+
     from .native import ChainReader
     from .partitions import Partition
+
+ReadMode = Literal["r", "rb"]
+WriteMode = Literal["r+", "r+b", "rb+"]
 
 ZERO = -1  # segment source: reads zeros because the chain defines zeros
 UNALLOCATED = -2  # segment source: nothing in the chain ever wrote here
 
 # (buffer offset, length, source: chain index or ZERO/UNALLOCATED, file offset)
-Segment = list  # [int, int, int, int]; a list so the last one can be extended in place
+Segment = list[int]  # [pos, length, source, file_offset]; a list so the last one can be extended in place
 
 _ZEROS = memoryview(bytes(1 << 20))  # sliced without copying
 _MAP_CACHE_BLOCKS = 64
@@ -81,6 +86,9 @@ class VirtualDisk(NotCopyable, io.RawIOBase):
                          f.logical_sector_size, f.bat, not f.overlay, f) for f in self.chain]
         self._fds = [f.fd for f in self.chain]
         reader = self._make_native()
+        # (offset, buffer) -> bytes read, and (offset, size) -> bytes; None: take the Python path
+        self._native: Callable[[int, WriteableBuffer], int | None] | None
+        self._native_read: Callable[[int, int], bytes | None] | None
         self._native = reader.fast if reader is not None else None
         self._native_read = reader.read if reader is not None else None
 
@@ -141,7 +149,7 @@ class VirtualDisk(NotCopyable, io.RawIOBase):
         return self.top.parent_locator
 
     @property
-    def path(self) -> str:
+    def path(self) -> str:  # type: ignore[override]  # NotCopyable's attribute, read-only here: the top's
         return self.top.path
 
     # --- resolution --------------------------------------------------------------
@@ -322,7 +330,7 @@ class VirtualDisk(NotCopyable, io.RawIOBase):
                 return ZERO, 0
         return UNALLOCATED, 0
 
-    def readinto_at(self, offset: int, buffer) -> int:  # noqa: ANN001 - any writable buffer
+    def readinto_at(self, offset: int, buffer: WriteableBuffer) -> int:
         """Fill ``buffer`` from virtual ``offset``; returns bytes read (short at the end)."""
         fast = self._native
         # One C call resolves and reads the whole range (GIL released). Anything
@@ -406,10 +414,10 @@ class VirtualDisk(NotCopyable, io.RawIOBase):
             src, foff = self._locate(offset, n)
             if src >= 0 and self._fds[src] >= 0:
                 try:
-                    data = os.pread(self._fds[src], n, foff)
+                    piece = os.pread(self._fds[src], n, foff)
                 except OSError as e:
                     self._raise_read_error(src, e)
-                return data if len(data) == n else data + bytes(n - len(data))
+                return piece if len(piece) == n else piece + bytes(n - len(piece))
             if src < 0 and src != -3 and not self.closed:
                 return bytes(n)
         if self.closed:
@@ -428,7 +436,7 @@ class VirtualDisk(NotCopyable, io.RawIOBase):
             raise ValueError("I/O operation on closed disk")
         self.chain[src].pread_into(mv, foff)
 
-    def _raise_read_error(self, src: int, e: OSError) -> None:
+    def _raise_read_error(self, src: int, e: OSError) -> NoReturn:
         if self.closed:
             raise ValueError("I/O operation on closed disk") from None
         raise VhdxIOError.from_os(e, self.chain[src].path, "read failed") from None
@@ -437,15 +445,14 @@ class VirtualDisk(NotCopyable, io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def write(self, data) -> int:  # noqa: ANN001 - io.RawIOBase signature
+    def write(self, data: ReadableBuffer) -> int:
         """Refused: this disk is read-only (``vhdx.open(path, "r+")`` opens it writable)."""
         raise ReadOnlyError(f"{self.path}: opened read-only (open it with mode 'r+' to write)")
-
 
     def seekable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:  # noqa: ANN001
+    def readinto(self, buffer: WriteableBuffer) -> int:
         # Straight into the C reader when no subclass wraps readinto_at (a writable
         # disk commits first): one Python frame less per call of BufferedReader,
         # hashlib.file_digest or shutil.copyfileobj.
@@ -514,13 +521,14 @@ class VirtualDisk(NotCopyable, io.RawIOBase):
         while pos < end:
             n = min(step, end - pos)
             for p, ln, src, foff in self.segments(pos, n):
-                kind = "data" if src >= 0 else ("zero" if src == ZERO else "unallocated")
+                kind: ExtentKind = "data" if src >= 0 else ("zero" if src == ZERO else "unallocated")
                 vo = pos + p
                 if out:
                     last = out[-1]
                     if (last.kind == kind and last.source == (src if src >= 0 else None)
                             and last.offset + last.length == vo
-                            and (src < 0 or last.file_offset + last.length == foff)):
+                            and (src < 0 or (last.file_offset is not None
+                                             and last.file_offset + last.length == foff))):
                         out[-1] = Extent(last.offset, last.length + ln, kind, last.source, last.file_offset)
                         continue
                 out.append(Extent(vo, ln, kind, src if src >= 0 else None, foff if src >= 0 else None))
@@ -541,66 +549,21 @@ class VirtualDisk(NotCopyable, io.RawIOBase):
         return f"<VirtualDisk {self.path!r} size={self.size} chain={len(self.chain)}>"
 
 
-def open(path: str | os.PathLike[str] | ReadableObject, mode: str = "r", *,  # noqa: A001 - mirrors io.open
+def open(path: str | os.PathLike[str] | ReadableObject, mode: ReadMode = "r", *,  # noqa: A001 - mirrors io.open
          parents: Sequence[str | os.PathLike[str] | ReadableObject] | None = None,
          search_dirs: Sequence[str | os.PathLike[str]] = (),
          ignore_linkage: bool = False, force_share: bool = False,
          confine: Sequence[str | os.PathLike[str]] | None = None,
-         force: bool = False,
-         opener: Callable[[str], object] | None = None,
-         ignore_checksums: bool = False) -> VirtualDisk:
-    """Open a VHDX/AVHDX file and its whole parent chain; ``mode`` "r" (default,
-    read-only) or "r+" (writable top file; parents stay read-only).
+         opener: Callable[[str], object] | None = None) -> VirtualDisk:
+    """Open a VHDX/AVHDX file and its whole parent chain read-only.
 
-    ``path`` may be an open binary file object (a regular file behind it is read
-    through its descriptor, anything else through ``readinto``/``seek``; such
-    opens are read-only). ``parents`` lists parent files or file objects
-    explicitly (immediate parent first); otherwise parents are found through
-    ``opener(name)`` when given (it returns a file object, a path, or None for
-    each candidate name from the parent locator), else through the parent
-    locator on the file system and ``search_dirs``, only inside the ``confine``
-    folder trees when given. A dirty log is replayed in memory; no byte of any
-    file is ever written. Files are locked as QEMU locks them (readers shared;
-    :mod:`vhdx.locking`): LockedError while a writer holds one, unless
-    ``force_share`` (read-only only, as qemu-img's ``-U``). "r+" refuses a disk
-    that other disks depend on (DependentDisksError naming them,
-    :mod:`vhdx.dependents`) unless ``force``; forced, ``disk.warnings`` names the
-    children that the writes invalidate.
-
-    A legacy VHD/AVHD (detected by signature, not by name) opens as a
-    :class:`vhdx.vhd.VhdDisk`; ``ignore_checksums`` applies to those only.
+    This is the VHDX reader below the writers; :func:`vhdx.open` (the format
+    dispatch, :mod:`vhdx.formats`) adds VHD files and mode "r+", and documents
+    the arguments. A dirty log is replayed in memory; no byte of any file is
+    ever written.
     """
-    from .vhd.file import is_vhd_file
-
-    if is_vhd_file(path):
-        from .vhd.disk import open_vhd
-
-        return open_vhd(path, mode, parents=parents, search_dirs=search_dirs,
-                        ignore_linkage=ignore_linkage, ignore_checksums=ignore_checksums)
-    if mode in ("r+", "r+b", "rb+"):
-        if not isinstance(path, (str, os.PathLike)):
-            raise InvalidArgumentError("file objects open read-only; give a path for mode 'r+'")
-        from .dependents import invalidated_note, refuse_if_children
-        from .writer import WritableDisk
-
-        if force_share:
-            raise InvalidArgumentError("force_share is for read-only opens")
-        # Opening writes nothing (a dirty log aside, whose replay keeps the content);
-        # the chain's folders are known only once it is open.
-        disk = WritableDisk(path, parents=parents, search_dirs=search_dirs,
-                            ignore_linkage=ignore_linkage, confine=confine)
-        try:
-            children = refuse_if_children(path, "writing", search_dirs, force=force,
-                                          chain=[f.path for f in disk.chain[1:]])
-        except BaseException:
-            disk.close()
-            raise
-        if children:
-            disk.warnings.append(f"{os.fspath(path)}: opened with force; writes make its children "
-                                 + invalidated_note(children))
-        return disk
     if mode not in ("r", "rb"):
-        raise InvalidArgumentError(f"mode {mode!r} is not supported (use 'r' or 'r+')")
+        raise InvalidArgumentError(f"mode {mode!r} is not supported here (vhdx.open opens 'r+')")
     from .chain import open_chain
 
     chain, warnings = open_chain(path, parents, search_dirs, ignore_linkage, opener=opener,

@@ -16,7 +16,7 @@ import stat
 import threading
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Iterator, Literal, Protocol, Sequence
 
 from . import structures as S
 from .bat import (
@@ -171,18 +171,21 @@ def _descriptor_of(obj: object) -> int | None:
         return None
 
 
+ExtentKind = Literal["data", "zero", "unallocated"]  # what an Extent's bytes are
+
+
 @dataclass(frozen=True)
 class Extent:
     """A run of the virtual disk with one origin."""
 
     offset: int
     length: int
-    kind: str  # "data" | "zero" | "unallocated"
+    kind: ExtentKind
     source: int | None  # index into VirtualDisk.chain for data, else None
     file_offset: int | None = None  # where the data lies in that file
 
     def to_dict(self, chain: Sequence[ImageFile] | None = None) -> dict:
-        d = {"offset": self.offset, "length": self.length, "kind": self.kind}
+        d: dict[str, Any] = {"offset": self.offset, "length": self.length, "kind": self.kind}
         if self.source is not None:
             d["source"] = self.source
             d["file_offset"] = self.file_offset
@@ -550,7 +553,7 @@ class ImageFile(NotCopyable):
         size, bs, lss = self.virtual_size, self.block_size, self.logical_sector_size
         out: list[Extent] = []
 
-        def emit(off: int, length: int, kind: str, foff: int | None) -> None:
+        def emit(off: int, length: int, kind: ExtentKind, foff: int | None) -> None:
             if length <= 0:
                 return
             if out:

@@ -460,16 +460,8 @@ def merge(child: str | os.PathLike[str], into: str | os.PathLike[str] | None = N
     is checked before the first write; an interrupted merge, in any phase, is
     completed by running the same merge again. ``confine`` restricts parent
     lookups to those folder trees. ``storage_factory`` (tests) supplies the
-    Storage for every file written.
+    Storage for every file written. (VHDX chains: :func:`vhdx.merge` routes VHD.)
     """
-    from .vhd.file import is_vhd_file
-
-    if is_vhd_file(child):  # legacy VHD/AVHD chains: vhdx/vhd/merge.py
-        from .vhd.merge import merge_vhd
-
-        return merge_vhd(child, into, output, dry_run=dry_run, keep=keep, force=force,
-                         progress=progress, parents=parents, search_dirs=search_dirs,
-                         ignore_linkage=ignore_linkage, storage_factory=storage_factory)
     t0 = time.monotonic()
     if output is None and not dry_run:
         done = _finish_deletions(os.fspath(child), search_dirs, confine, t0)

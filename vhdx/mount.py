@@ -444,12 +444,12 @@ def _unescape_mountinfo(s: str) -> str:
 
 # --- CLI ------------------------------------------------------------------------------
 def _open_for_mount(args: argparse.Namespace) -> Any:
-    from .disk import open as open_disk
+    from .formats import open as open_disk
 
     chain_kw = {"parents": args.parent, "search_dirs": args.search_dir, "ignore_linkage": args.ignore_linkage}
     if not args.write_to:
         return open_disk(args.image, **chain_kw)
-    from .create import create
+    from .formats import create
 
     new = args.write_to
     if os.path.exists(new):

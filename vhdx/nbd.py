@@ -824,11 +824,11 @@ def open_for_serving(image: str | os.PathLike[str], *, parents: Sequence[str | o
     """Open IMAGE's chain read-only, or with ``write_to`` first create that file as a new
     differencing child of IMAGE and open it writable: every write then lands in the new
     file while the chain's existing files stay byte-identical."""
-    from .disk import open as open_disk
+    from .formats import open as open_disk
 
     if write_to is None:
         return open_disk(image, parents=parents, search_dirs=search_dirs, ignore_linkage=ignore_linkage)
-    from .create import create
+    from .formats import create
 
     with open_disk(image, parents=parents, search_dirs=search_dirs, ignore_linkage=ignore_linkage) as base:
         chain = [f.path for f in base.chain]  # validated now; the child reuses exactly these files

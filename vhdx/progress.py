@@ -83,3 +83,12 @@ def clear_all() -> None:
     """Close every bar still on screen (before an interruption or error message)."""
     for p in list(_live):
         p.close()
+
+
+def human_size(n: float) -> str:
+    """``1536`` -> ``"1.5 KiB"``: a byte count as the CLI's reports show it."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:g} {unit}" if unit == "B" else f"{n:.4g} {unit}"
+        n /= 1024
+    return str(n)

@@ -41,11 +41,14 @@ def _open_source(source: str, parents, search_dirs, ignore_linkage: bool, ignore
     """(disk or None, raw fd or None) for ``source``."""
     from ..convert import is_vhdx_file
     from ..disk import open as open_disk
+    from .disk import open_vhd
     from .file import is_vhd_file
 
-    if is_vhdx_file(source) or is_vhd_file(source):
-        return open_disk(source, parents=parents, search_dirs=search_dirs, ignore_linkage=ignore_linkage,
-                         ignore_checksums=ignore_checksums), None
+    if is_vhd_file(source):
+        return open_vhd(source, parents=parents, search_dirs=search_dirs, ignore_linkage=ignore_linkage,
+                        ignore_checksums=ignore_checksums), None
+    if is_vhdx_file(source):
+        return open_disk(source, parents=parents, search_dirs=search_dirs, ignore_linkage=ignore_linkage), None
     if parents:
         raise InvalidArgumentError(f"{source}: a raw image has no parents")
     return None, os.open(source, os.O_RDONLY | getattr(os, "O_BINARY", 0))

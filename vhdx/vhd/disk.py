@@ -173,14 +173,10 @@ class VhdDisk(VirtualDisk):
 def open_vhd(path: PathLike, mode: str = "r", *, parents: Sequence[PathLike] | None = None,
              search_dirs: Sequence[PathLike] = (), ignore_linkage: bool = False,
              ignore_checksums: bool = False) -> VhdDisk:
-    """Open a VHD/AVHD and its chain (``vhdx.open`` routes here by signature)."""
-    if mode in ("r+", "r+b", "rb+"):
-        from .writer import VhdWritableDisk
-
-        return VhdWritableDisk(path, parents=parents, search_dirs=search_dirs,
-                               ignore_linkage=ignore_linkage)
+    """Open a VHD/AVHD and its chain read-only (``vhdx.open`` routes here by
+    signature; for "r+" it builds a :class:`vhdx.vhd.writer.VhdWritableDisk`)."""
     if mode not in ("r", "rb"):
-        raise InvalidArgumentError(f"mode {mode!r} is not supported (use 'r' or 'r+')")
+        raise InvalidArgumentError(f"mode {mode!r} is not supported here (vhdx.open opens 'r+')")
     from .chain import open_chain
 
     chain, warnings = open_chain(path, parents, search_dirs, ignore_linkage, ignore_checksums)

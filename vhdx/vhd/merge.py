@@ -121,7 +121,7 @@ def merge_vhd(child: PathLike, into: PathLike | None = None, output: PathLike | 
 
 def _flatten(child: PathLike, output: str, dry_run: bool, progress: ProgressFn | None,
              parents, search_dirs, ignore_linkage: bool, t0: float) -> MergeSummary:
-    from ..disk import open as open_disk
+    from .disk import open_vhd as open_disk
 
     with open_disk(child, parents=parents, search_dirs=search_dirs, ignore_linkage=ignore_linkage) as d:
         files = [f.path for f in d.chain]
@@ -133,10 +133,14 @@ def _flatten(child: PathLike, output: str, dry_run: bool, progress: ProgressFn |
     if not dry_run:
         bar = (lambda done, *_: progress(done, data)) if progress else None
         if output.lower().endswith((".vhdx", ".avhdx")):
-            from ..convert import convert_to_vhdx
+            from ..convert import convert_to_vhdx, disk_source
 
-            convert_to_vhdx(child, output, parents=parents, search_dirs=search_dirs,
-                            ignore_linkage=ignore_linkage, progress=bar)
+            src = disk_source(os.fspath(child), open_disk(child, parents=parents, search_dirs=search_dirs,
+                                                          ignore_linkage=ignore_linkage))
+            try:
+                convert_to_vhdx(src, output, progress=bar)
+            finally:
+                src.close()
         else:
             from .convert import convert_to_vhd
 

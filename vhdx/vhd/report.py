@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..cli import _human  # imported from cmd_info only: the CLI is loaded already
+from ..progress import human_size as _human
 
 
 def info_lines(f: dict) -> list[str]:
