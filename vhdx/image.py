@@ -15,8 +15,9 @@ import os
 import stat
 import threading
 import uuid
+from array import array
 from dataclasses import dataclass
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Iterator, Literal, NoReturn, Protocol, Sequence, SupportsIndex
 
 from . import structures as S
 from .bat import (
@@ -31,7 +32,7 @@ from .bat import (
 )
 from .errors import (CorruptImageError, ImageNotFoundError, InvalidArgumentError, NotCopyableError,
                      VhdxError, VhdxIOError, naming)
-from .headers import HeaderSection, read_header_section
+from .headers import Header, HeaderSection, read_header_section
 from .log import Overlay, ReplayPlan, plan_replay
 from .metadata import Metadata, parse_metadata
 
@@ -171,18 +172,21 @@ def _descriptor_of(obj: object) -> int | None:
         return None
 
 
+ExtentKind = Literal["data", "zero", "unallocated"]
+
+
 @dataclass(frozen=True)
 class Extent:
     """A run of the virtual disk with one origin."""
 
     offset: int
     length: int
-    kind: str  # "data" | "zero" | "unallocated"
+    kind: ExtentKind
     source: int | None  # index into VirtualDisk.chain for data, else None
     file_offset: int | None = None  # where the data lies in that file
 
-    def to_dict(self, chain: Sequence[ImageFile] | None = None) -> dict:
-        d = {"offset": self.offset, "length": self.length, "kind": self.kind}
+    def to_dict(self, chain: Sequence[ImageFile] | None = None) -> dict[str, Any]:
+        d: dict[str, Any] = {"offset": self.offset, "length": self.length, "kind": self.kind}
         if self.source is not None:
             d["source"] = self.source
             d["file_offset"] = self.file_offset
@@ -223,13 +227,13 @@ class NotCopyable:
     def _refuse(self, what: str) -> NotCopyableError:
         return NotCopyableError(f"{self.path}: an open disk cannot be {what}; open the file again")
 
-    def __copy__(self) -> None:
+    def __copy__(self) -> NoReturn:
         raise self._refuse("copied")
 
-    def __deepcopy__(self, memo: dict) -> None:
+    def __deepcopy__(self, memo: dict[int, Any]) -> NoReturn:
         raise self._refuse("copied")
 
-    def __reduce_ex__(self, protocol: object) -> None:
+    def __reduce_ex__(self, protocol: SupportsIndex) -> NoReturn:
         raise self._refuse("pickled")
 
 
@@ -453,7 +457,7 @@ class ImageFile(NotCopyable):
         return self.header_section.creator
 
     @property
-    def header(self):  # noqa: ANN201 - headers.Header
+    def header(self) -> Header:
         return self.header_section.header
 
     @property
@@ -550,13 +554,13 @@ class ImageFile(NotCopyable):
         size, bs, lss = self.virtual_size, self.block_size, self.logical_sector_size
         out: list[Extent] = []
 
-        def emit(off: int, length: int, kind: str, foff: int | None) -> None:
+        def emit(off: int, length: int, kind: ExtentKind, foff: int | None) -> None:
             if length <= 0:
                 return
             if out:
                 last = out[-1]
                 if last.kind == kind and last.offset + last.length == off and (
-                        foff is None or last.file_offset + last.length == foff):
+                        foff is None or (last.file_offset is not None and last.file_offset + last.length == foff)):
                     out[-1] = Extent(last.offset, last.length + length, kind, last.source, last.file_offset)
                     return
             out.append(Extent(off, length, kind, 0 if foff is not None else None, foff))
@@ -678,7 +682,7 @@ class ImageFile(NotCopyable):
         self.source = None  # the caller owns the object; only our reference goes
         # Release the BAT and caches now, not when the last reference goes: a merge
         # keeps closed ImageFiles in its lists while it parses the same files again.
-        self.bat = ()
+        self.bat = array("Q")  # empty
         self.bat_spans = []
         self._runs = {}
 

@@ -182,15 +182,18 @@ class DiskFS:
         n = min(len(mv), f.length - offset)
         if n <= 0:
             return 0
+        got: int
         if self.lock is None:
-            return self.disk.readinto_at(f.offset + offset, mv[:n] if n < len(mv) else mv)
+            got = self.disk.readinto_at(f.offset + offset, mv[:n] if n < len(mv) else mv)
+            return got
         with self.lock:
-            return self.disk.readinto_at(f.offset + offset, mv[:n])
+            got = self.disk.readinto_at(f.offset + offset, mv[:n])
+        return got
 
-    def write(self, path: str, data: Any, offset: int, fi: Any) -> int:
+    def write(self, path: str | None, data: Any, offset: int, fi: Any) -> int:
         if not self.writable:
             raise _oserror(errno.EROFS)
-        f = self.files[fi.fh]
+        f: MountFile = self.files[fi.fh]
         n = min(len(data), f.length - offset)
         if n <= 0:
             raise _oserror(errno.ENOSPC)
@@ -271,7 +274,7 @@ def load_fuse() -> Any:
         if find_library("fuse3"):
             os.environ["FUSE_LIBRARY_NAME"] = "fuse3"  # mfusepy would pick libfuse2 first
     try:
-        import mfusepy  # type: ignore[import-untyped]
+        import mfusepy
     except ImportError:
         raise VhdxError(f"vhdx mount needs mfusepy: {INSTALL_HINT}") from None
     except (OSError, AttributeError) as e:  # no usable libfuse shared library
@@ -284,18 +287,20 @@ def _fuse_class(mfusepy: Any) -> Any:
     (mfusepy would copy through a bytes object both ways)."""
     global _FUSE_CLASS
     if _FUSE_CLASS is None:
-        class _FUSE(mfusepy.FUSE):  # type: ignore[misc, name-defined]
+        class _FUSE(mfusepy.FUSE):  # type: ignore[misc]  # mfusepy has no stubs: FUSE is Any
             def read(self, path: Any, buf: Any, size: int, offset: int, fip: Any) -> int:
                 if not size:
                     return 0
                 mv = memoryview((ctypes.c_ubyte * size).from_address(ctypes.addressof(buf.contents))).cast("B")
-                return self.operations.read_into(mv, offset, fip.contents.fh)
+                ops: DiskFS = self.operations
+                return ops.read_into(mv, offset, fip.contents.fh)
 
             def write(self, path: Any, buf: Any, size: int, offset: int, fip: Any) -> int:
                 if not size:
                     return 0
                 mv = memoryview((ctypes.c_ubyte * size).from_address(ctypes.addressof(buf.contents))).cast("B")
-                return self.operations.write(None, mv, offset, fip.contents)
+                ops: DiskFS = self.operations
+                return ops.write(None, mv, offset, fip.contents)
 
             def _wrapper(self, func: Any, *args: Any, **kwargs: Any) -> Any:
                 # A damaged image or a failed read is EIO to the reader, not a

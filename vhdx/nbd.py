@@ -139,7 +139,7 @@ _DATA_AT = _CHUNK_DATA.size  # payload offset in a connection's buffer (room for
 _SIMPLE_AT = _DATA_AT - _SIMPLE.size
 
 
-class _Disconnect(Exception):
+class _Disconnect(Exception):  # noqa: N818 - control flow inside this module, not an error
     """The peer went away, or broke the protocol so that the stream cannot go on."""
 
 

@@ -33,7 +33,7 @@ class Step:
     summary: dict[str, Any] | None = None
     done: bool = False
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"vm": self.vm, "links": self.links, "target": self.target, "child": self.child,
                 "refused": self.refused, "done": self.done, "merge": self.summary}
 
@@ -44,7 +44,7 @@ class CleanReport:
     steps: list[Step] = field(default_factory=list)
     verified: list[str] = field(default_factory=list)  # configs whose drives re-opened afterwards
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"dry_run": self.dry_run, "steps": [s.to_dict() for s in self.steps], "verified": self.verified}
 
 

@@ -38,6 +38,8 @@ MAX_LOG_PAST_EOF = 16 << 20  # replayed targets may extend the file by at most t
 MAX_LOG_HEADER_AREA = 1 << 20
 MAX_FILE_OBJECT = 64 << 20  # per value
 MAX_FILE_OBJECT_TOTAL = 128 << 20
+# One decoded key entry: (name, its parsed header, its value bytes, where it is for messages).
+_Record = tuple[str, Any, bytes, str]
 
 
 @dataclass
@@ -72,7 +74,7 @@ class Key:
         "value",
     )
 
-    def __init__(self, name: str, type: int, value: Any = None, flags: int = 0,
+    def __init__(self, name: str, type: int, value: Any = None, flags: int = 0,  # noqa: A002 - the attribute's name
                  insertion: int = 0, table: int = 0, offset: int = 0) -> None:
         self.name = name
         self.type = type
@@ -457,7 +459,7 @@ class ConfigFile:
                     self.warnings.append(f"{where}: object type {e.type} in use; not interpreted")
         return key_tables, file_objects
 
-    def _read_key_tables(self, key_tables: list[tuple[int, int]]) -> dict[tuple[int, int], tuple]:
+    def _read_key_tables(self, key_tables: list[tuple[int, int]]) -> dict[tuple[int, int], _Record]:
         if len(key_tables) > MAX_KEY_TABLES:
             raise self._err(f"{len(key_tables)} key tables (more than {MAX_KEY_TABLES})")
         chosen: dict[int, tuple[TableInfo, bytes]] = {}
@@ -488,14 +490,14 @@ class ConfigFile:
                 if not newer:
                     continue
             chosen[hdr.index] = (info, raw)
-        records: dict[tuple[int, int], tuple] = {}
+        records: dict[tuple[int, int], _Record] = {}
         for index in sorted(chosen):
             info, raw = chosen[index]
             self.tables.append(info)
             self._walk_table(info, raw, records)
         return records
 
-    def _walk_table(self, info: TableInfo, raw: bytes, records: dict[tuple[int, int], tuple]) -> None:
+    def _walk_table(self, info: TableInfo, raw: bytes, records: dict[tuple[int, int], _Record]) -> None:
         pos, end = S.KEY_TABLE_HEADER_SIZE, len(raw)
         where = f"key table {info.index} at {info.offset:#x}"
         while pos + S.KEY_ENTRY_HEADER_SIZE <= end:
@@ -523,7 +525,7 @@ class ConfigFile:
         if any(raw[pos:]):
             self.warnings.append(f"{where}: {end - pos} trailing bytes after the last entry")
 
-    def _decode_entry(self, raw: bytes, pos: int, h: Any, at: str) -> tuple:
+    def _decode_entry(self, raw: bytes, pos: int, h: Any, at: str) -> _Record:
         if h.type not in S.VALUE_TYPE_NAMES:
             raise self._err(f"{at}: unknown value type {h.type}")
         nl = h.name_length
@@ -600,7 +602,7 @@ class ConfigFile:
             if key.invalid:
                 self.warnings.append(f"{at}: string value kept as raw bytes ({key.invalid})")
 
-    def _build_tree(self, records: dict[tuple[int, int], tuple], file_objects: dict[int, int]) -> None:
+    def _build_tree(self, records: dict[tuple[int, int], _Record], file_objects: dict[int, int]) -> None:
         keys: dict[tuple[int, int], Key] = {}
         for loc, (name, h, vb, at) in records.items():
             k = Key(name, h.type, flags=h.flags, insertion=h.insertion, table=loc[0], offset=loc[1])
@@ -613,7 +615,8 @@ class ConfigFile:
             if parent != (0, 0):
                 p = keys.get(parent)
                 if p is None:
-                    orphans.append(Orphan(*loc, name, f"parent {parent[0]}:{parent[1]:#x} is not the start of an entry"))
+                    orphans.append(Orphan(*loc, name,
+                                          f"parent {parent[0]}:{parent[1]:#x} is not the start of an entry"))
                     continue
                 if not p.is_node:
                     orphans.append(Orphan(*loc, name, f"parent {p.name!r} is not a node"))
@@ -654,7 +657,8 @@ class ConfigFile:
         return self.root.value_at(path, default, ignore_case)
 
     def to_dict(self) -> dict[str, Any]:
-        return self.root.to_dict()
+        tree: dict[str, Any] = self.root.to_dict()  # the root is a node, so a dict
+        return tree
 
     def stats(self) -> dict[str, int]:
         nodes = values = 0

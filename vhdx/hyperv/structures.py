@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from construct import (
     Bytes,
+    Construct,
     Default,
     Float64l,
     Int8ul,
@@ -42,7 +43,7 @@ VALUE_TYPE_NAMES = {VT_INT: "int", VT_UINT: "uint", VT_DOUBLE: "double", VT_STRI
 FLAG_FILE_OBJECT = 0x01
 
 
-def _sig(width, value: int):
+def _sig(width: Construct, value: int) -> Construct:
     # A plain integer with a build default: the parser checks it itself so a bad
     # signature becomes a named error instead of a construct exception.
     return Default(width, value)
