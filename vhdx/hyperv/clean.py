@@ -1,7 +1,7 @@
 """``vm clean``: fold unowned chain links into their parents with the merge engine.
 
 An unowned link is a differencing disk that some configuration's chain still
-runs through but that no checkpoint configuration owns (ref §4.5.3). A run of
+runs through but that no checkpoint configuration owns (hyperv.md §4.5.3). A run of
 consecutive unowned links is folded, with one ``vhdx.merge(top, into=parent)``,
 into the disk below it; the disk above the run is re-pointed to that parent by
 the engine and the folded files are deleted. Refused, per run, when the target

@@ -1,13 +1,13 @@
 """Read-only parser of the HyperVStorage key-value container (.vmcx, .vmrs, data.vmcx).
 
-Procedure (ref §3): choose the current file header among the copies whose
+Procedure (hyperv.md §3): choose the current file header among the copies whose
 signature and CRC-32 verify (u16 serial sequence); read the replay log header
 and, when it has active entries, apply them to an in-memory overlay (never to
 the file); walk the object table chain from 0x2000; take key tables *only* from
 in-use type-2 objects (stale copies in free space are never looked at); verify
 every live structure's CRC; link entries to their parents and order siblings by
 insertion sequence, keeping repeated names (an ordered multimap). Every limit of
-ref §5.1 is enforced, so hostile files cost bounded time and memory and fail
+hyperv.md §5.1 is enforced, so hostile files cost bounded time and memory and fail
 with :class:`~vhdx.errors.CorruptConfigError` subclasses.
 """
 
@@ -358,7 +358,7 @@ class ConfigFile:
             raise self._err(f"replay log: {lh.active} active entries, more than the maximum {lh.max_entries}")
         self.log = LogInfo(h.log_offset, h.log_size, lh.active, lh.max_entries)
         if lh.active == 0:
-            return  # stale slots are never applied (ref §2.10 rule 1)
+            return  # stale slots are never applied (hyperv.md §2.10 rule 1)
         if not replay:
             self.warnings.append(f"replay log has {lh.active} active entries; NOT applied (replay disabled): "
                                  "the tables read may be torn")

@@ -1,10 +1,10 @@
 """What Hyper-V configuration files say about VMs, their drives and checkpoints.
 
-Read (ref §4.1-§4.4): VM identity, drives of IDE, SCSI and floppy controllers,
+Read (hyperv.md §4.1-§4.4): VM identity, drives of IDE, SCSI and floppy controllers,
 data roots, checkpoint settings, the host registry ``data.vmcx``. Every value
 is type-checked; a value of the wrong type is reported and treated as absent.
 
-Derived (ref §4.5.2, §4.5.3), because the keys that name a checkpoint's parent
+Derived (hyperv.md §4.5.2, §4.5.3), because the keys that name a checkpoint's parent
 and type are not known: checkpoint configs are the ``<GUID>.vmcx`` files under
 the snapshot root; each checkpoint's drives are its frozen disks; its parent is
 the checkpoint whose frozen disk for the same drive slot is the nearest ancestor
@@ -169,7 +169,7 @@ def config_kind(cfg: ConfigFile) -> str:
 
 def _device_nodes(conf: Key) -> list[tuple[str, str, Key]]:
     """(class GUID, instance GUID, settings node) of every storage-controller-like device:
-    from the manifest, and top-level nodes named after a known class (ref §4.2)."""
+    from the manifest, and top-level nodes named after a known class (hyperv.md §4.2)."""
     out: list[tuple[str, str, Key]] = []
     seen: set[str] = set()
     manifest = conf.child("manifest", ignore_case=True)
@@ -398,7 +398,7 @@ class Checkpoint:
     saved_state_note: str = ""
     parent: str | None = None  # checkpoint id, or None for a root
     parent_source: str = "unknown"  # "disk chains" | "creation time" | "unknown"
-    type: str = "unknown"  # the type key is not known (ref §4.5.2 step 3)
+    type: str = "unknown"  # the type key is not known (hyperv.md §4.5.2 step 3)
 
     @property
     def name(self) -> str | None:
@@ -514,7 +514,7 @@ def _resolve_drives(cfg: VmConfig, mapper: PathMapper, disks: DiskIndex, unresol
 
 
 def _local_roots(vm: VmConfig, mapper: PathMapper, unresolved: list[dict[str, Any]]) -> tuple[str, str]:
-    """(data root, snapshot root) as local folders (ref §4.3, §6)."""
+    """(data root, snapshot root) as local folders (hyperv.md §4.3, §6)."""
     vmdir = os.path.dirname(os.path.abspath(vm.path))
     default = os.path.dirname(vmdir) if os.path.basename(vmdir).casefold() == "virtual machines" else vmdir
     roots = []
@@ -558,7 +558,7 @@ def _nearest(chain: list[DiskInfo] | None, frozen: dict[tuple[int, int], list[st
 
 def _derive_parent(disks: list[DriveDisk], frozen: dict[tuple[str, int, int], dict[tuple[int, int], list[str]]],
                    what: str, findings: list[str]) -> tuple[bool, str | None]:
-    """Vote over drive slots (ref §4.5.2 step 2); (answered, parent id or None = root)."""
+    """Vote over drive slots (hyperv.md §4.5.2 step 2); (answered, parent id or None = root)."""
     votes: dict[str | None, list[str]] = {}
     for dd in disks:
         answered, owners = _nearest(dd.chain, frozen.get(dd.drive.slot, {}))
@@ -629,7 +629,7 @@ def analyze_vm(vm: VmConfig, checkpoint_configs: Sequence[VmConfig], mapper: Pat
 
 def find_lingering(rep: VmReport, all_referenced: set[tuple[int, int]],
                    all_closure: dict[tuple[int, int], DiskInfo], disks: DiskIndex) -> None:
-    """Fill ``rep.lingering`` (ref §4.5.3). ``all_*`` cover every VM known, so one
+    """Fill ``rep.lingering`` (hyperv.md §4.5.3). ``all_*`` cover every VM known, so one
     VM's disks are never reported as another VM's orphans."""
     closure = rep.chain_closure()
     frozen = {dd.top.ident for c in rep.checkpoints for dd in c.disks if dd.top is not None}
