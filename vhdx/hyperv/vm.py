@@ -21,7 +21,7 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from ..chain import accepted_linkages, open_chain
 from ..errors import VhdxError
@@ -33,7 +33,9 @@ IDE_CLASS = "83f8638b-8dca-4152-9eda-2ca8b33039b4"
 SCSI_CLASS = "d422512d-2bf2-4752-809d-7b82b5fcb1b4"
 FLOPPY_CLASS = "8f0d2762-0b00-4e04-af4f-19010527cb93"
 GUEST_STATE_CLASS = "917bd8cb-3bb6-4124-9383-b7d21ac07f79"
-BUSES = {IDE_CLASS: "IDE", SCSI_CLASS: "SCSI", FLOPPY_CLASS: "floppy"}
+Bus = Literal["IDE", "SCSI", "floppy"]
+ParentSource = Literal["disk chains", "creation time", "unknown"]  # where a checkpoint's parent came from
+BUSES: dict[str, Bus] = {IDE_CLASS: "IDE", SCSI_CLASS: "SCSI", FLOPPY_CLASS: "floppy"}
 DISK_TYPES = ("VHD",)  # drive types whose pathname is a virtual hard disk
 DIFF_SUFFIXES = (".avhdx", ".avhd")
 DISK_SUFFIXES = (".vhdx", ".avhdx")
@@ -86,7 +88,7 @@ class _Typed:
 
 @dataclass
 class Drive:
-    bus: str  # IDE | SCSI | floppy
+    bus: Bus
     controller_id: str  # the controller device's instance GUID
     controller: int
     location: int
@@ -397,7 +399,7 @@ class Checkpoint:
     saved_state: bool | None = None
     saved_state_note: str = ""
     parent: str | None = None  # checkpoint id, or None for a root
-    parent_source: str = "unknown"  # "disk chains" | "creation time" | "unknown"
+    parent_source: ParentSource = "unknown"
     type: str = "unknown"  # the type key is not known (hyperv.md §4.5.2 step 3)
 
     @property
@@ -435,7 +437,7 @@ class VmReport:
     snapshot_root: str | None  # local folder holding Snapshots\
     checkpoints: list[Checkpoint] = field(default_factory=list)
     now_parent: str | None = None
-    now_parent_source: str = "unknown"
+    now_parent_source: ParentSource = "unknown"
     lingering: Lingering = field(default_factory=Lingering)
     unresolved: list[dict[str, Any]] = field(default_factory=list)
     findings: list[str] = field(default_factory=list)
