@@ -143,7 +143,7 @@ class ObjectSource:
                 if readinto is not None:
                     k = readinto(mv[got:])
                 else:  # read-only objects such as pytsk3's expose read(n) only
-                    b = self.obj.read(n - got)  # type: ignore[attr-defined]
+                    b = getattr(self.obj, "read")(n - got)
                     k = len(b)
                     mv[got:got + k] = b
                 if not k:
@@ -164,7 +164,7 @@ def _descriptor_of(obj: object) -> int | None:
     """A private duplicate of ``obj``'s descriptor when it is a regular file (so
     the C read path serves it and its own position is never moved), else None."""
     try:
-        fd = obj.fileno()  # type: ignore[attr-defined]
+        fd: int = getattr(obj, "fileno")()  # AttributeError when it has none: caught below
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return None
         return os.dup(fd)

@@ -232,9 +232,10 @@ class LogWriter:
 
     # ---- construction -------------------------------------------------------
     @classmethod
-    def open(cls, storage: Storage, **kwargs: object) -> "LogWriter":
-        """Writable open: read headers and replay a dirty log into the file."""
-        lw = cls(storage, **kwargs)  # type: ignore[arg-type]
+    def open(cls, storage: Storage, **kwargs: Any) -> "LogWriter":
+        """Writable open: read headers and replay a dirty log into the file.
+        ``kwargs`` are the constructor's keyword arguments."""
+        lw = cls(storage, **kwargs)
         if lw.needs_replay:
             lw.replay()
         return lw

@@ -104,7 +104,9 @@ class DiskFS:
         self.by_name = {"/" + f.name: i for i, f in enumerate(files)}
         self.writable = writable
         self.on_init = on_init
-        self.lock = threading.Lock() if writable else None
+        # Every call on a writable disk holds this lock; reads of a read-only one take none.
+        self._write_lock = threading.Lock()
+        self.lock = self._write_lock if writable else None
         top = os.stat(disk.chain[0].path)
         self._times = {"st_atime": top.st_atime_ns, "st_mtime": top.st_mtime_ns, "st_ctime": top.st_ctime_ns}
         self._uid, self._gid = os.getuid(), os.getgid()
@@ -147,7 +149,7 @@ class DiskFS:
                     "st_uid": self._uid, "st_gid": self._gid, **self._times}
         i = self._file(path)
         if self._written and time.monotonic() - self._blocks_at > self._blocks_every:
-            with self.lock:  # type: ignore[union-attr]  # only written disks set _written
+            with self._write_lock:  # only written disks set _written
                 self.disk.flush()  # commits the pending map changes the extent map reads
                 self._refresh_blocks()
         f = self.files[i]
@@ -197,7 +199,7 @@ class DiskFS:
         n = min(len(data), f.length - offset)
         if n <= 0:
             raise _oserror(errno.ENOSPC)
-        with self.lock:  # type: ignore[union-attr]
+        with self._write_lock:
             self.disk.write_at(f.offset + offset, memoryview(data)[:n])
             self._written = True
         return n
@@ -221,7 +223,7 @@ class DiskFS:
         if not mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
             return 0
         start, end = f.offset + offset, f.offset + offset + size
-        with self.lock:  # type: ignore[union-attr]
+        with self._write_lock:
             if mode & FALLOC_FL_PUNCH_HOLE:
                 # A punched hole must read zeros: the edges get zeros written and only
                 # the whole blocks inside are discarded (UNMAPPED).
@@ -241,7 +243,7 @@ class DiskFS:
 
     def fsync(self, path: str, datasync: int, fi: Any) -> int:
         if self.writable:
-            with self.lock:  # type: ignore[union-attr]
+            with self._write_lock:
                 self.disk.flush()
         return 0
 

@@ -28,10 +28,13 @@ import struct
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .disk import VirtualDisk
 from .errors import InvalidArgumentError, ReadOnlyError, VhdxError
+
+if TYPE_CHECKING:
+    from .writer import WritableDisk
 
 DEFAULT_PORT = 10809  # IANA-assigned NBD port
 
@@ -493,8 +496,8 @@ class _Connection:
             self._locked_op(cookie, lambda: self._do_write(offset, mv[:length], fua))
 
     def _do_write(self, offset: int, data: memoryview, fua: bool) -> None:
-        disk = self.export.disk
-        disk.write_at(offset, data)  # type: ignore[attr-defined]
+        disk = cast("WritableDisk", self.export.disk)  # a writable export serves a WritableDisk
+        disk.write_at(offset, data)
         if fua:
             disk.flush()
 
