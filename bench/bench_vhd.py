@@ -252,7 +252,7 @@ def main() -> int:
         qt.append(timed(["qemu-img", "convert", "-f", "vhdx", "-O", "vpc", "-o", "subformat=fixed,force_size",
                          m["vhdx"], str(qout)]))
     results["convert"] = {"vhdx": statistics.median(vt), "qemu-img": statistics.median(qt)}
-    print("| row | vhdx | libvhdi | qemu | vhdx vs fastest peer |")
+    print(f"| row | vhdx | libvhdi | qemu | vhdx vs fastest peer |")
     print("|---|---|---|---|---|")
     for key, r in results.items():
         if key in ("merge", "convert"):

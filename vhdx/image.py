@@ -172,7 +172,7 @@ def _descriptor_of(obj: object) -> int | None:
         return None
 
 
-ExtentKind = Literal["data", "zero", "unallocated"]
+ExtentKind = Literal["data", "zero", "unallocated"]  # what an Extent's bytes are
 
 
 @dataclass(frozen=True)
