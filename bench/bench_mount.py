@@ -164,9 +164,11 @@ def main() -> int:
           f"{img.stat().st_size / MiB:.0f} MiB file; {args.reps} passes each, median (best)\n")
     print("| read | vhdx mount | vhdimount | ratio (median) |")
     print("|---|---|---|---|")
+    def fmt(t: list[float]) -> str:
+        return f"{size / statistics.median(t) / 1e6:.0f} MB/s ({size / min(t) / 1e6:.0f})"
+
     for row in ROWS:
         a, b = times[row]["vhdx mount"], times[row]["vhdimount"]
-        fmt = lambda t: f"{size / statistics.median(t) / 1e6:.0f} MB/s ({size / min(t) / 1e6:.0f})"
         print(f"| {row} | {fmt(a)} | {fmt(b)} | {statistics.median(b) / statistics.median(a):.2f}x |")
     ok = all(d == want for d in digests.values())
     print(f"\nSHA-256 equal to `vhdx hash`: {'yes' if ok else digests}")

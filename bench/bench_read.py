@@ -217,9 +217,10 @@ def peak_rss_kib() -> int:
     """Peak RSS of this process image: VmHWM (reset by execve, unlike ru_maxrss,
     which Linux carries over from the forking parent); ru_maxrss elsewhere."""
     try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -349,10 +350,11 @@ def rate(res: dict | None, row: str) -> float | None:
 def machine() -> dict:
     cpu = "?"
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
     except OSError:
         pass
     vers = {}

@@ -69,7 +69,8 @@ def have(*tools: str) -> bool:
     return all(shutil.which(t) for t in tools)
 
 
-def sh(*args: str | os.PathLike[str], input: str | None = None, timeout: float = 120) -> str:
+def sh(*args: str | os.PathLike[str], input: str | None = None,  # noqa: A002 - subprocess.run's name
+       timeout: float = 120) -> str:
     p = subprocess.run([str(a) for a in args], input=input, capture_output=True, text=True,
                        timeout=timeout, check=False)
     if p.returncode:

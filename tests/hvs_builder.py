@@ -1,7 +1,7 @@
 """Test builder: HyperVStorage files (.vmcx / .vmrs) from the project's own declarations.
 
 Everything is produced with ``vhdx.hyperv.structures`` (the declarations the
-parser reads with), laid out like the real fixtures (ref §2.1): two header pages,
+parser reads with), laid out like the real fixtures (hyperv.md §2.1): two header pages,
 the object table at 0x2000, 4 KiB key tables from 0x3000, file objects after
 them, then the replay log. ``build(tree, dirty_from=old_tree)`` writes the *old*
 tree's tables in place and puts the pages that differ into an **active** replay
@@ -34,15 +34,15 @@ class N:
 class V:
     """A value; the type follows the Python type unless ``type`` is given."""
 
-    def __init__(self, name: str, value: Any, type: int | None = None, file_object: bool = False) -> None:
+    def __init__(self, name: str, value: Any, type: int | None = None,  # noqa: A002 - Key.type's name
+                 file_object: bool = False) -> None:
         self.name = name
         self.value = value
         self.file_object = file_object
-        if type is None:
-            type = (S.VT_BOOL if isinstance(value, bool) else S.VT_INT if isinstance(value, int) else
-                    S.VT_DOUBLE if isinstance(value, float) else S.VT_STRING if isinstance(value, str) else
-                    S.VT_ARRAY)
-        self.type = type
+        self.type = type if type is not None else (
+            S.VT_BOOL if isinstance(value, bool) else S.VT_INT if isinstance(value, int) else
+            S.VT_DOUBLE if isinstance(value, float) else S.VT_STRING if isinstance(value, str) else
+            S.VT_ARRAY)
 
 
 def _value_bytes(v: V) -> bytes:
@@ -321,7 +321,7 @@ def vm_tree(name: str, vm_id: str, *, ide: list[str] = (), scsi: list[str] = (),
 
 
 def runtime_tree(saved: bool, ram_blocks: int = 0) -> list:
-    """A .vmrs; with ``saved``, a ``savedstate`` key (ref §8) holding ``ram_blocks``
+    """A .vmrs; with ``saved``, a ``savedstate`` key (hyperv.md §8) holding ``ram_blocks``
     64 KiB blocks as file objects (real ones hold 1 MiB blocks)."""
     top = [N("configuration", N("properties", V("version", 2304)))]
     if saved:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
 
 import pytest
 
@@ -142,7 +143,7 @@ def test_dirty_log_entry_in_a_bat_hole(tmp_path):
             lw.transaction({sector_off: bytes(sector)})
     finally:
         st.close()
-    before = open(path, "rb").read()
+    before = Path(path).read_bytes()
     with ImageFile(path) as img:
         assert img.log_replayed
         assert img.bat[idx] & S.BAT_OFFSET_MASK == new_off
@@ -150,7 +151,7 @@ def test_dirty_log_entry_in_a_bat_hole(tmp_path):
         assert list(img.bat) == whole_table(img)
     with vhdx.open(path) as d:
         assert d.read_at(block * MiB, 4096) == b"\xab" * 4096
-    assert open(path, "rb").read() == before  # read-only: not one byte changed
+    assert Path(path).read_bytes() == before  # read-only: not one byte changed
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -497,11 +497,8 @@ def test_open_disks_refuse_copies_and_pickles(chain):
             with pytest.raises(TypeError):
                 attempt(d.chain[0])
         # The original still reads its own bytes (the bug: a closed copy's fds).
-        other = open(chain.parents[0], "rb")  # would reuse a freed descriptor number
-        try:
+        with open(chain.parents[0], "rb"):  # would reuse a freed descriptor number
             assert d.read_at(0, d.size) == want
-        finally:
-            other.close()
 
 
 # --- 5. interruption ------------------------------------------------------------------------

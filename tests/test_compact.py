@@ -231,8 +231,8 @@ def fast_dir():  # noqa: ANN201
     shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.mark.parametrize("seed,lss", [(11, 512), *(pytest.param(s, l, marks=pytest.mark.soak)
-                                                   for s in (12, 13, 14) for l in (512, 4096))])
+@pytest.mark.parametrize("seed,lss", [(11, 512), *(pytest.param(s, sz, marks=pytest.mark.soak)
+                                                   for s in (12, 13, 14) for sz in (512, 4096))])
 def test_power_cuts_during_compact(fast_dir, seed, lss):
     """>= 300 crash images at every point of two compactions (a base with zero
     blocks, a child with parent-equal and partial blocks): each reads as before,

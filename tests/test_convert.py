@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+from pathlib import Path
 
 import pytest
 
@@ -116,4 +117,4 @@ def test_convert_cli_errors(tmp_path):
     assert not (tmp_path / "b.vhdx").exists() and not list(tmp_path.glob("*.part"))
     run("convert", out, tmp_path / "x.raw", "--type", "fixed", rc=2)  # VHDX-only options: usage
     run("convert", out, tmp_path / "x.raw")                           # raw output as before
-    assert (tmp_path / "x.raw").read_bytes() == open(src, "rb").read()
+    assert (tmp_path / "x.raw").read_bytes() == Path(src).read_bytes()

@@ -41,7 +41,7 @@ MiB = 1 << 20
 TIMEOUT = 20
 
 
-class Hang(Exception):
+class Hang(Exception):  # noqa: N818 - the symptom under test, not an error of the library
     pass
 
 
@@ -245,20 +245,28 @@ def _must_fail(vhdx_mod, chain: BuiltChain, exc=None) -> None:
         assert str(chain.top) in str(r) or any(str(p) in str(r) for p in chain.paths), repr(r)
 
 
+def _bat(offset: int, length: int = MiB) -> tuple:
+    """A required BAT region entry."""
+    return (s.BAT_REGION_GUID, offset, length, 1)
+
+
+def _md(plan, offset: int | None = None) -> tuple:
+    """A required metadata region entry, where the layout put it unless ``offset``."""
+    return (s.METADATA_REGION_GUID, plan.metadata_offset if offset is None else offset, MiB, 1)
+
+
 HOSTILE_REGIONS: list[tuple[str, Callable]] = [
-    ("bat_past_eof", lambda p: [(s.BAT_REGION_GUID, 1 << 40, MiB, 1), (s.METADATA_REGION_GUID, p.metadata_offset, MiB, 1)]),
-    ("bat_too_small", lambda p: [(s.BAT_REGION_GUID, p.bat_offset, 0, 1), (s.METADATA_REGION_GUID, p.metadata_offset, MiB, 1)]),
-    ("bat_huge_len", lambda p: [(s.BAT_REGION_GUID, p.bat_offset, 0xFFF00000, 1), (s.METADATA_REGION_GUID, p.metadata_offset, MiB, 1)]),
-    ("bat_over_metadata", lambda p: [(s.BAT_REGION_GUID, p.metadata_offset, MiB, 1), (s.METADATA_REGION_GUID, p.metadata_offset, MiB, 1)]),
-    ("bat_in_header", lambda p: [(s.BAT_REGION_GUID, 0, MiB, 1), (s.METADATA_REGION_GUID, p.metadata_offset, MiB, 1)]),
-    ("bat_over_log", lambda p: [(s.BAT_REGION_GUID, p.log_offset, MiB, 1), (s.METADATA_REGION_GUID, p.metadata_offset, MiB, 1)]),
-    ("unaligned", lambda p: [(s.BAT_REGION_GUID, p.bat_offset + 4096, MiB, 1), (s.METADATA_REGION_GUID, p.metadata_offset, MiB, 1)]),
-    ("missing_bat", lambda p: [(s.METADATA_REGION_GUID, p.metadata_offset, MiB, 1)]),
-    ("duplicate_bat", lambda p: [(s.BAT_REGION_GUID, p.bat_offset, MiB, 1), (s.BAT_REGION_GUID, p.bat_offset, MiB, 1),
-                                 (s.METADATA_REGION_GUID, p.metadata_offset, MiB, 1)]),
-    ("unknown_required", lambda p: [(s.BAT_REGION_GUID, p.bat_offset, MiB, 1), (s.METADATA_REGION_GUID, p.metadata_offset, MiB, 1),
-                                    (uuid.UUID(int=99), 64 * MiB, MiB, 1)]),
-    ("metadata_past_eof", lambda p: [(s.BAT_REGION_GUID, p.bat_offset, MiB, 1), (s.METADATA_REGION_GUID, 1 << 44, MiB, 1)]),
+    ("bat_past_eof", lambda p: [_bat(1 << 40), _md(p)]),
+    ("bat_too_small", lambda p: [_bat(p.bat_offset, 0), _md(p)]),
+    ("bat_huge_len", lambda p: [_bat(p.bat_offset, 0xFFF00000), _md(p)]),
+    ("bat_over_metadata", lambda p: [_bat(p.metadata_offset), _md(p)]),
+    ("bat_in_header", lambda p: [_bat(0), _md(p)]),
+    ("bat_over_log", lambda p: [_bat(p.log_offset), _md(p)]),
+    ("unaligned", lambda p: [_bat(p.bat_offset + 4096), _md(p)]),
+    ("missing_bat", lambda p: [_md(p)]),
+    ("duplicate_bat", lambda p: [_bat(p.bat_offset), _bat(p.bat_offset), _md(p)]),
+    ("unknown_required", lambda p: [_bat(p.bat_offset), _md(p), (uuid.UUID(int=99), 64 * MiB, MiB, 1)]),
+    ("metadata_past_eof", lambda p: [_bat(p.bat_offset), _md(p, 1 << 44)]),
 ]
 
 
@@ -320,7 +328,8 @@ HOSTILE_METADATA: list[tuple[str, Callable[[bytearray], None]]] = [
     ("item_offset_huge", lambda md: _put(md, _entry(md, s.FILE_PARAMETERS_GUID) + 16, 0xFFFFFFF0, 4)),
     ("item_length_huge", lambda md: _put(md, _entry(md, s.VIRTUAL_DISK_SIZE_GUID) + 20, 0xFFFFFFFF, 4)),
     ("item_in_table", lambda md: _put(md, _entry(md, s.VIRTUAL_DISK_SIZE_GUID) + 16, 0x100, 4)),
-    ("items_overlap", lambda md: _put(md, _entry(md, s.VIRTUAL_DISK_SIZE_GUID) + 16, _item(md, s.FILE_PARAMETERS_GUID) + 4, 4)),
+    ("items_overlap", lambda md: _put(md, _entry(md, s.VIRTUAL_DISK_SIZE_GUID) + 16,
+                                      _item(md, s.FILE_PARAMETERS_GUID) + 4, 4)),
     ("wrong_item_size", lambda md: _put(md, _entry(md, s.LOGICAL_SECTOR_SIZE_GUID) + 20, 2, 4)),
     ("unknown_required_item", lambda md: md.__setitem__(slice(_entry(md, s.PHYSICAL_SECTOR_SIZE_GUID),
                                                               _entry(md, s.PHYSICAL_SECTOR_SIZE_GUID) + 16),
@@ -385,7 +394,8 @@ def test_hostile_bat(vhdx_mod, tmp_path: Path, name: str, fn) -> None:
 
 def test_partial_without_sector_bitmap(vhdx_mod, tmp_path: Path) -> None:
     base = ImageSpec(virtual_size=4 * MiB, name="base", blocks={0: Block(FULLY)})
-    child = ImageSpec(virtual_size=4 * MiB, name="child", blocks={0: Block(PARTIAL)}, sb_states={0: s.SB_BLOCK_NOT_PRESENT})
+    child = ImageSpec(virtual_size=4 * MiB, name="child", blocks={0: Block(PARTIAL)},
+                      sb_states={0: s.SB_BLOCK_NOT_PRESENT})
     _must_fail(vhdx_mod, build_chain(tmp_path, [base, child]), vhdx_mod.CorruptImageError)
 
 
@@ -500,8 +510,8 @@ def test_cyclic_parent_chain(vhdx_mod, tmp_path: Path) -> None:
 
     ga, gb = uuid.uuid4(), uuid.uuid4()
     for name, own, other in (("a", ga, gb), ("b", gb, ga)):
-        plan = plan_layout(4 * MiB, MiB, parent=ParentInfo(other, relative_path=".\\" + ("b" if name == "a" else "a") + ".avhdx"),
-                           data_write_guid=own)
+        rel = ".\\" + ("b" if name == "a" else "a") + ".avhdx"
+        plan = plan_layout(4 * MiB, MiB, parent=ParentInfo(other, relative_path=rel), data_write_guid=own)
         write_new_image(tmp_path / f"{name}.avhdx", plan)
     with time_limit(TIMEOUT):
         with pytest.raises(vhdx_mod.VhdxError):
@@ -526,7 +536,8 @@ def test_parent_sector_size_mismatch(vhdx_mod, tmp_path: Path) -> None:
     chain = build_chain(tmp_path, [base])
     from vhdx.layout import ParentInfo, plan_layout, write_new_image
 
-    plan = plan_layout(4 * MiB, MiB, 512, parent=ParentInfo(chain.images[0].data_write_guid, relative_path=".\\base.vhdx"))
+    plan = plan_layout(4 * MiB, MiB, 512,
+                       parent=ParentInfo(chain.images[0].data_write_guid, relative_path=".\\base.vhdx"))
     write_new_image(tmp_path / "c.avhdx", plan)
     with pytest.raises(vhdx_mod.ParentMismatchError):
         vhdx_mod.open(tmp_path / "c.avhdx", parents=[chain.top])

@@ -81,7 +81,7 @@ def _regions(layout: dict, size: int) -> dict[str, tuple[int, int]]:
          "object table": (0x2000, 0x1000), "log header": (layout["log"], 0x22 + 28 * 8)}
     for i, (off, n) in enumerate(layout["tables"]):
         r[f"key table {i + 1}"] = (off, n)
-    # File objects are raw value bytes with no checksum in the format (ref §2.8): a flip
+    # File objects are raw value bytes with no checksum in the format (hyperv.md §2.8): a flip
     # there is a different value, read faithfully, so they are not a corruption target.
     return r
 
@@ -201,7 +201,7 @@ def test_structural_edits(tmp_path, sample):
     vm = read_vm_config(cfg)
     assert vm.name is None and any("properties/name" in w for w in vm.warnings)
 
-    # a boolean where a string is expected (the crash ref §5.2 found in a semantic layer):
+    # a boolean where a string is expected (the semantic-layer crash of hyperv.md §5.2):
     # a valid container, so it parses; the VM layer reports the drive's path as absent
     p.write_bytes(_edit(data, layout, "pathname", lambda buf, off: _set(buf, off, 1, S.VT_BOOL)))
     cfg = open_config(p)
@@ -321,7 +321,8 @@ def _run_fuzz(tmp_path: Path, seconds: int, rss_mb: int) -> subprocess.Completed
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     p = subprocess.run([sys.executable, str(TESTS / "fuzz" / "fuzz_hyperv.py"), f"-max_total_time={seconds}",
-                        f"-rss_limit_mb={rss_mb}", f"-artifact_prefix={tmp_path}/", str(corpus)], check=False, capture_output=True, text=True,
+                        f"-rss_limit_mb={rss_mb}", f"-artifact_prefix={tmp_path}/", str(corpus)],
+                       check=False, capture_output=True, text=True,
                        timeout=seconds * 3 + 120)
     assert p.returncode == 0, p.stderr[-3000:]
     return p

@@ -1,4 +1,4 @@
-"""The five real HyperVStorage files report what ref §9 (shared/docs/hyperv-config.md)
+"""The five real HyperVStorage files report what docs/hyperv.md §9
 measured on them, every CRC verifies (the parser is strict), and the key tree agrees
 with dissect.hypervisor, an independent reader, wherever dissect's dict model can
 hold it."""
@@ -14,7 +14,7 @@ from vhdx import cli
 from vhdx.hyperv import open_config
 from vhdx.hyperv.vm import config_kind, read_host_registry, read_vm_config
 
-# Ref §9 "Fixtures: what a correct parser must report" (measured byte by byte there):
+# hyperv.md §9, the sample files as measured byte by byte (and read alike by dissect):
 # size, header sequences (copy 0, copy 1), log offset+size, key tables, entries (free),
 # keys, nodes, values, root key.
 FIXTURES = {
@@ -27,7 +27,7 @@ FIXTURES = {
     "dissect.target/data.vmcx": (49246, (105, 104), (0x9000, 0x5000), 3, 43, 4, 39, 4, 35, "Configurations"),
 }
 
-# Ref §9 semantic table: name, id, generation, version, created, drives (label, type, pathname)
+# hyperv.md §9, second table: name, id, generation, version, created, drives (label, type, pathname)
 VMS = {
     "dissect.hypervisor/test.vmcx": (
         "Other Location", "282874FC-59D6-4F30-BC04-5FDD909C82E0", 1, 2304, "2021-08-22T21:41:00.717226Z",
@@ -97,7 +97,7 @@ def test_tree_agrees_with_dissect(rel, fixture_path):
 
     assert lossy(cfg.root) == theirs
     if rel.endswith("test.VMRS"):
-        # ... which hides 89 of the 113 keys (ref §2.9); the multimap keeps them all.
+        # ... which hides 89 of the 113 keys (hyperv.md §2.9); the multimap keeps them all.
         def count(d):
             return sum(1 + (count(v) if isinstance(v, dict) else 0) for v in d.values())
         assert count(theirs) == 24 and cfg.stats()["keys"] == 113
@@ -144,12 +144,12 @@ def test_host_registry(fixture_path):
     cfg = open_config(fixture_path("dissect.target/data.vmcx"))
     assert config_kind(cfg) == "host"
     reg = read_host_registry(cfg)
-    want = {
-        "EC04F346-DB96-4700-AF5B-77B3C56C38BD": r"C:\Hyper-V\EasyToFind\Virtual Machines\EC04F346-DB96-4700-AF5B-77B3C56C38BD.vmcx",
-        "993F7B33-6057-4D1E-A1FE-A1A1D77BE974": r"C:\Hyper-V\EasyToFind\Virtual Machines\993F7B33-6057-4D1E-A1FE-A1A1D77BE974.vmcx",
-        "A5B56431-CA94-482A-B70A-F1F2B12373BE": r"C:\VM\Other Generation 1\Virtual Machines\A5B56431-CA94-482A-B70A-F1F2B12373BE.vmcx",
-        "4C57771A-3230-4B92-B029-D63F96518E70": r"C:\VM\Other Generation 2\Virtual Machines\4C57771A-3230-4B92-B029-D63F96518E70.vmcx",
-    }
+    want = {guid: folder + "\\Virtual Machines\\" + guid + ".vmcx" for guid, folder in (
+        ("EC04F346-DB96-4700-AF5B-77B3C56C38BD", r"C:\Hyper-V\EasyToFind"),
+        ("993F7B33-6057-4D1E-A1FE-A1A1D77BE974", r"C:\Hyper-V\EasyToFind"),
+        ("A5B56431-CA94-482A-B70A-F1F2B12373BE", r"C:\VM\Other Generation 1"),
+        ("4C57771A-3230-4B92-B029-D63F96518E70", r"C:\VM\Other Generation 2"),
+    )}
     assert reg.vms == want
     assert len(reg.cache) == 4 and len(reg.resource_types) == 25 and reg.format_version == 2
     assert all(p.startswith("C:\\ProgramData\\Microsoft\\Windows\\Hyper-V\\Virtual Machines Cache\\")
@@ -180,7 +180,7 @@ def test_dump_and_show_cli_are_read_only(fixture_path, capsys):
 
 
 def test_stale_key_tables_in_free_space_are_never_read(fixture_path):
-    """data.vmcx keeps old key-table copies in a free object (ref §2.4: index 2 sequence 15
+    """data.vmcx keeps old key-table copies in a free object (hyperv.md §2.4: index 2 sequence 15
     at 0x5000, index 1 sequence 29 at 0x6000); only the object table's live tables count."""
     from vhdx.hyperv import structures as S
 

@@ -4,7 +4,7 @@ HyperVStorage configs (tests/hvs_builder.py): ``vm show`` / ``vm scan`` report t
 remaining configuration's drives read as before; dry runs and read-only commands
 change no byte.
 
-The layout follows ref §6: ``<C:>/Hyper-V/<VM>/{Virtual Machines,Snapshots,Virtual Hard
+The layout follows hyperv.md §6: ``<C:>/Hyper-V/<VM>/{Virtual Machines,Snapshots,Virtual Hard
 Disks}``; configs name disks by their Windows path ``C:\\Hyper-V\\...`` and the tests map
 ``C:`` with ``--root``.
 """

@@ -372,7 +372,8 @@ def _open_pair(tmp: Path, content: bytes, dst_content: bytes = b""):
 
 
 @pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("flags", FLAG_COMBOS, ids=lambda f: f"clone={f['allow_clone']},cfr={f['allow_copy_file_range']}")
+@pytest.mark.parametrize("flags", FLAG_COMBOS,
+                         ids=lambda f: f"clone={f['allow_clone']},cfr={f['allow_copy_file_range']}")
 def test_copy_ranges_c_vs_py(tmp_path: Path, seed: int, flags) -> None:
     rng = random.Random(seed)
     src = rng.randbytes(6 * MiB + 1234)

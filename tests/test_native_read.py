@@ -181,8 +181,8 @@ def test_fastread_constructor_checks(tmp_path) -> None:
         owner = f.bat.obj
         good = (f.fd, owner, 0, len(f.bat), f.virtual_size, f.block_size, f.geometry.chunk_ratio,
                 f.logical_sector_size, True)
-        CR = native._fastread.ChainReader
-        r = CR([good])
+        chain_reader = native._fastread.ChainReader
+        r = chain_reader([good])
         buf = bytearray(100)
         assert r.readinto(0, buf) == 100 and buf == chain.expected()[:100]
         r.invalidate()
@@ -199,9 +199,9 @@ def test_fastread_constructor_checks(tmp_path) -> None:
         ]
         for levels, exc in bad_cases:
             with pytest.raises(exc):
-                CR(levels)
+                chain_reader(levels)
         with pytest.raises(TypeError):
-            CR([good], x=1)
+            chain_reader([good], x=1)
         with pytest.raises(TypeError):
             r.readinto(0)
 

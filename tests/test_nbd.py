@@ -572,7 +572,8 @@ def test_writable_api_write_flush_trim_and_errors(chain, sockdir, tmp_path):
         assert tflags & N.TF_SEND_WRITE_ZEROES and tflags & N.TF_SEND_TRIM and tflags & N.TF_SEND_FUA
         cookie = c.send(N.CMD_WRITE, 3 * MiB + 7, 5, N.CMD_FLAG_FUA, b"hello")
         assert c.reply()[:2] == (cookie, 0)
-        assert c.read(3 * MiB, 16) == chain.truth[3 * MiB:3 * MiB + 7] + b"hello" + chain.truth[3 * MiB + 12:3 * MiB + 16]
+        assert c.read(3 * MiB, 16) == (chain.truth[3 * MiB:3 * MiB + 7] + b"hello"
+                                       + chain.truth[3 * MiB + 12:3 * MiB + 16])
         cookie = c.send(N.CMD_WRITE, SIZE - 2, 4, 0, b"abcd")  # past the end: ENOSPC
         assert c.reply()[:2] == (cookie, N.ENOSPC)
         cookie = c.send(N.CMD_WRITE_ZEROES, SIZE - 512, 1024)

@@ -196,9 +196,9 @@ class Checker:
                     ok[a:b] |= g[a:b] == np.frombuffer(op.data, dtype=np.uint8)[:b - a]
         if not ok.all():
             bad = int(np.argmin(ok))
+            by = [(o.kind, o.offset, o.length) for o in later if o.offset <= bad < o.offset + o.length]
             raise AssertionError(f"cut {cut} (durable {durable}): byte {bad:#x} reads {g[bad]:#x}, "
-                                 f"flushed {ref[bad]:#x}, written later by "
-                                 f"{[(o.kind, o.offset, o.length) for o in later if o.offset <= bad < o.offset + o.length]}")
+                                 f"flushed {ref[bad]:#x}, written later by {by}")
         rep = check_chain(self.crash)
         assert not rep.errors, [f.message for f in rep.errors]
         shutil.copyfile(self.crash, self.copy)

@@ -215,18 +215,18 @@ def _sparse_dirty_log(tmp_path: Path, log_gib: int) -> tuple[Path, bytes]:
     data = random.Random(log_gib).randbytes(MiB)
     poke(img.path, size, data)  # block 1's data, at the end of the file
     log_off = size + MiB
-    L = log_gib * GiB
-    os.truncate(img.path, log_off + L)
+    log_len = log_gib * GiB
+    os.truncate(img.path, log_off + log_len)
     sector = bytearray(S.LOG_SECTOR_SIZE)
     geo = img.plan.geometry
     for b, raw in ((0, img.bat[geo.payload_index(0)]), (1, S.bat_entry(FULLY, size))):
         sector[8 * geo.payload_index(b):8 * geo.payload_index(b) + 8] = raw.to_bytes(8, "little")
     guid = uuid.uuid4()
-    pos = L // 2 + 8192
-    fsz = log_off + L
+    pos = log_len // 2 + 8192
+    fsz = log_off + log_len
     poke(img.path, log_off + pos, build_log_entry(7, pos, guid, [("data", img.plan.bat_offset, bytes(sector))],
                                                   fsz, fsz))
-    rewrite_headers(img.path, img.plan, log_guid=guid, log_offset=log_off, log_length=L)
+    rewrite_headers(img.path, img.plan, log_guid=guid, log_offset=log_off, log_length=log_len)
     return img.path, data
 
 
@@ -255,8 +255,8 @@ def test_many_descriptors_replay_in_n_log_n(tmp_path):
     img = c.images[0]
     size = img.path.stat().st_size
     log_off = -(-size // MiB) * MiB
-    L = 64 * MiB
-    area = log_off + L  # the replay's target range, past the log: no structure there
+    log_len = 64 * MiB
+    area = log_off + log_len  # the replay's target range, past the log: no structure there
     n = 12000
     rng = random.Random(3)
     data = [rng.randbytes(4096) for _ in range(n)]
@@ -268,7 +268,7 @@ def test_many_descriptors_replay_in_n_log_n(tmp_path):
     poke(img.path, zero_at, b"\xff" * (2 * n * 4096))  # what the zero descriptors clear
     guid = uuid.uuid4()
     poke(img.path, log_off, build_log_entry(9, 0, guid, descs, fsz, fsz))
-    rewrite_headers(img.path, img.plan, log_guid=guid, log_offset=log_off, log_length=L)
+    rewrite_headers(img.path, img.plan, log_guid=guid, log_offset=log_off, log_length=log_len)
     r = measure(tmp_path, "info", "--json", img.path)
     assert r["rc"] == 0, r["stderr"]
     assert json.loads(r["stdout"])["chain"][0]["log"]["entries_replayed"] == 1

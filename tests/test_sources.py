@@ -3,6 +3,7 @@ file) and a lone checkpoint file inspected without its parent."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -43,17 +44,14 @@ def test_chain_from_file_objects_and_a_zip(tmp_path: Path) -> None:
         want = _sha(disk)
         assert want == hashlib.sha256(chain.expected()).hexdigest()
     # Open files: read through duplicates of their descriptors (the C path).
-    handles = [open(p, "rb") for p in chain.paths]
-    try:
+    with contextlib.ExitStack() as stack:
+        handles = [stack.enter_context(open(p, "rb")) for p in chain.paths]
         handles[0].seek(123)
         with vhdx.open(handles[0], parents=handles[1:]) as disk:
             assert disk._native is not None
             assert _sha(disk) == want
             assert disk.chain[0].path == str(chain.top)
         assert handles[0].tell() == 123 and not handles[0].closed  # untouched, still the caller's
-    finally:
-        for h in handles:
-            h.close()
     # In-memory objects: no descriptor, read through readinto/seek.
     bufs = [io.BytesIO(Path(p).read_bytes()) for p in chain.paths]
     with vhdx.open(bufs[0], parents=bufs[1:]) as disk:

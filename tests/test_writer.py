@@ -149,7 +149,8 @@ def test_session_guids(tmp_path):
 
 # --- resize ------------------------------------------------------------------------
 def _region_tables(path):  # noqa: ANN001, ANN202
-    raw = open(path, "rb").read(S.REGION_TABLE_OFFSETS[1] + S.REGION_TABLE_SIZE)
+    with open(path, "rb") as f:
+        raw = f.read(S.REGION_TABLE_OFFSETS[1] + S.REGION_TABLE_SIZE)
     out = []
     for off in S.REGION_TABLE_OFFSETS:
         assert verify(raw[off:off + S.REGION_TABLE_SIZE])  # CRC over the whole 64 KiB

@@ -8,10 +8,12 @@ of FORMAT.md §11). Validation per FORMAT.md §10 rows 10-12.
 from __future__ import annotations
 
 import bisect
+import mmap
 import sys
 from array import array
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from collections.abc import Iterator
+from typing import Callable, Sequence, TypeAlias
 
 from . import structures as S
 from .errors import CorruptImageError
@@ -83,12 +85,12 @@ class Geometry:
         return min(self.block_size, self.virtual_size - block * self.block_size)
 
 
-Table = memoryview | array
+Table: TypeAlias = "memoryview | array[int]"  # a string: array is not subscriptable at run time before 3.12
 """The decoded BAT: indexable u64 entries (a ``memoryview`` cast to 'Q' on
 little-endian hosts, so the table is held once, in the buffer it was read into)."""
 
 
-def decode_table(raw: bytearray, count: int) -> Table:
+def decode_table(raw: bytearray | mmap.mmap, count: int) -> Table:
     """The first ``count`` u64 LE entries of ``raw``, without copying where possible."""
     if sys.byteorder == "big":
         table = array("Q")
@@ -123,8 +125,8 @@ def normalize_spans(spans: Spans, n: int) -> Spans:
     return out
 
 
-def iter_nonzero(table: Table, chunk_ratio: int | None = None,  # noqa: ANN201
-                 spans: Spans | None = None):
+def iter_nonzero(table: Table, chunk_ratio: int | None = None,
+                 spans: Spans | None = None) -> Iterator[tuple[int, int]]:
     """(index, entry) of every non-zero entry, skipping all-zero stretches fast.
 
     With ``spans``, only those index ranges are examined (the rest is known to be
@@ -141,7 +143,7 @@ def iter_nonzero(table: Table, chunk_ratio: int | None = None,  # noqa: ANN201
         yield from _iter_span(table, chunk_ratio, lo, hi)
 
 
-def _iter_span(table: Table, chunk_ratio: int | None, lo: int, hi: int):  # noqa: ANN202
+def _iter_span(table: Table, chunk_ratio: int | None, lo: int, hi: int) -> Iterator[tuple[int, int]]:
     raw = memoryview(table).cast("B") if isinstance(table, memoryview) else None
     for base in range(lo, hi, _SCAN_STRIDE):
         end = min(base + _SCAN_STRIDE, hi)
@@ -451,7 +453,7 @@ def _overlaps_by_map(table: Table, geo: Geometry, placed: _Placed,
         _report_clash(table, geo, placed, reserved_spans, out, entry_spans, clashes[0], count)
 
 
-def _mark(owner: bytearray, entries: array, size: int, clashes: list[tuple[int, int]]) -> int:
+def _mark(owner: bytearray, entries: array[int], size: int, clashes: list[tuple[int, int]]) -> int:
     """Mark the ``size`` MiB units of each block of ``entries`` (raw entries or
     offsets) in ``owner``; returns how many found a unit taken already."""
     count = 0

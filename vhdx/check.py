@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import Any, Literal, Sequence
 
 from . import structures as S
 from .chain import check_parent, find_parent
@@ -20,10 +20,13 @@ from .errors import VhdxError
 from .image import ImageFile
 
 
+Severity = Literal["error", "warning", "leak"]
+
+
 @dataclass
 class Finding:
     file: str
-    severity: str  # "error" | "warning" | "leak"
+    severity: Severity
     message: str
 
 
@@ -46,19 +49,21 @@ class CheckReport:
     def errors(self) -> list[Finding]:
         return [f for f in self.findings if f.severity == "error"]
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"clean": self.clean, "files": self.files, "blocks_checked": self.blocks_checked,
                 "leaked_bytes": self.leaked_bytes, "findings": [asdict(f) for f in self.findings]}
 
 
 def _check_file(img: ImageFile, report: CheckReport) -> None:
-    add = lambda sev, msg: report.findings.append(Finding(img.path, sev, msg))  # noqa: E731
+    def add(sev: Severity, msg: str) -> None:
+        report.findings.append(Finding(img.path, sev, msg))
+
     for w in img.header_section.warnings:
         add("warning", w)
     if img.header.log_dirty:
-        if img.log_replayed:
-            add("warning", f"log holds {len(img.replay.entries)} unapplied entr"
-                f"{'y' if len(img.replay.entries) == 1 else 'ies'} (replayed in memory; "
+        if img.replay is not None and img.log_replayed:
+            n = len(img.replay.entries)
+            add("warning", f"log holds {n} unapplied entr{'y' if n == 1 else 'ies'} (replayed in memory; "
                 "`vhdx check --repair` applies them)")
         else:
             add("warning", "header LogGuid is set but the log is empty")

@@ -15,6 +15,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
+from construct import ConstructError
+
 from . import structures as S
 from .crc import verify
 from .errors import ChecksumError, CorruptImageError, UnsupportedFeatureError
@@ -83,9 +85,10 @@ def parse_file_identifier(buf: bytes) -> str:
     if len(buf) < 520:
         raise CorruptImageError("file identifier truncated")
     try:
-        return S.FileIdentifier.parse(buf[:520]).creator
-    except (UnicodeDecodeError, Exception):  # the creator is informational only
+        creator: str = S.FileIdentifier.parse(buf[:520]).creator
+    except (UnicodeDecodeError, ConstructError):  # the creator is informational only
         return ""
+    return creator
 
 
 def parse_header(buf: bytes, slot: int) -> Header | None:
@@ -143,7 +146,8 @@ def validate_regions(regions: list[Region], header: Header, warnings: list[str])
                 raise UnsupportedFeatureError(f"unknown required region {r.guid}")
             warnings.append(f"ignoring unknown optional region {r.guid}")
         if r.file_offset % S.ALIGNMENT or r.file_offset < S.HEADER_SECTION_SIZE:
-            raise CorruptImageError(f"region {r.name} at {r.file_offset:#x} is not 1 MiB aligned past the header section")
+            raise CorruptImageError(f"region {r.name} at {r.file_offset:#x} is not 1 MiB aligned "
+                                    "past the header section")
         if r.length == 0 or r.length % S.ALIGNMENT:
             raise CorruptImageError(f"region {r.name} length {r.length:#x} is not a non-zero multiple of 1 MiB")
     for guid in S.KNOWN_REGIONS:

@@ -15,8 +15,9 @@ import os
 import stat
 import threading
 import uuid
+from array import array
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal, Protocol, Sequence
+from typing import Any, Iterator, Literal, NoReturn, Protocol, Sequence, SupportsIndex
 
 from . import structures as S
 from .bat import (
@@ -31,7 +32,7 @@ from .bat import (
 )
 from .errors import (CorruptImageError, ImageNotFoundError, InvalidArgumentError, NotCopyableError,
                      VhdxError, VhdxIOError, naming)
-from .headers import HeaderSection, read_header_section
+from .headers import Header, HeaderSection, read_header_section
 from .log import Overlay, ReplayPlan, plan_replay
 from .metadata import Metadata, parse_metadata
 
@@ -142,7 +143,7 @@ class ObjectSource:
                 if readinto is not None:
                     k = readinto(mv[got:])
                 else:  # read-only objects such as pytsk3's expose read(n) only
-                    b = self.obj.read(n - got)  # type: ignore[attr-defined]
+                    b = getattr(self.obj, "read")(n - got)
                     k = len(b)
                     mv[got:got + k] = b
                 if not k:
@@ -163,7 +164,7 @@ def _descriptor_of(obj: object) -> int | None:
     """A private duplicate of ``obj``'s descriptor when it is a regular file (so
     the C read path serves it and its own position is never moved), else None."""
     try:
-        fd = obj.fileno()  # type: ignore[attr-defined]
+        fd: int = getattr(obj, "fileno")()  # AttributeError when it has none: caught below
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return None
         return os.dup(fd)
@@ -184,7 +185,7 @@ class Extent:
     source: int | None  # index into VirtualDisk.chain for data, else None
     file_offset: int | None = None  # where the data lies in that file
 
-    def to_dict(self, chain: Sequence[ImageFile] | None = None) -> dict:
+    def to_dict(self, chain: Sequence[ImageFile] | None = None) -> dict[str, Any]:
         d: dict[str, Any] = {"offset": self.offset, "length": self.length, "kind": self.kind}
         if self.source is not None:
             d["source"] = self.source
@@ -226,13 +227,13 @@ class NotCopyable:
     def _refuse(self, what: str) -> NotCopyableError:
         return NotCopyableError(f"{self.path}: an open disk cannot be {what}; open the file again")
 
-    def __copy__(self) -> None:
+    def __copy__(self) -> NoReturn:
         raise self._refuse("copied")
 
-    def __deepcopy__(self, memo: dict) -> None:
+    def __deepcopy__(self, memo: dict[int, Any]) -> NoReturn:
         raise self._refuse("copied")
 
-    def __reduce_ex__(self, protocol: object) -> None:
+    def __reduce_ex__(self, protocol: SupportsIndex) -> NoReturn:
         raise self._refuse("pickled")
 
 
@@ -456,7 +457,7 @@ class ImageFile(NotCopyable):
         return self.header_section.creator
 
     @property
-    def header(self):  # noqa: ANN201 - headers.Header
+    def header(self) -> Header:
         return self.header_section.header
 
     @property
@@ -559,7 +560,7 @@ class ImageFile(NotCopyable):
             if out:
                 last = out[-1]
                 if last.kind == kind and last.offset + last.length == off and (
-                        foff is None or last.file_offset + last.length == foff):
+                        foff is None or (last.file_offset is not None and last.file_offset + last.length == foff)):
                     out[-1] = Extent(last.offset, last.length + length, kind, last.source, last.file_offset)
                     return
             out.append(Extent(off, length, kind, 0 if foff is not None else None, foff))
@@ -681,7 +682,7 @@ class ImageFile(NotCopyable):
         self.source = None  # the caller owns the object; only our reference goes
         # Release the BAT and caches now, not when the last reference goes: a merge
         # keeps closed ImageFiles in its lists while it parses the same files again.
-        self.bat = ()
+        self.bat = array("Q")  # empty
         self.bat_spans = []
         self._runs = {}
 

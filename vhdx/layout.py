@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -347,7 +348,7 @@ def build_bat(plan: LayoutPlan) -> bytes:
     return bytes(out)
 
 
-def _fixed_bat_entries(plan: LayoutPlan, first: int, stop: int):
+def _fixed_bat_entries(plan: LayoutPlan, first: int, stop: int) -> Iterator[tuple[int, int]]:
     if not plan.fixed:
         return
     geo = plan.geometry

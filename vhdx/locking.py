@@ -78,7 +78,8 @@ def _held_by_other(fd: int, getlk: int, offset: int) -> bool:
     import fcntl
 
     out = _byte_lock(fd, getlk, fcntl.F_WRLCK, offset)
-    return struct.unpack(_FLOCK, out)[0] != fcntl.F_UNLCK
+    kind: int = struct.unpack(_FLOCK, out)[0]
+    return kind != fcntl.F_UNLCK
 
 
 def _busy(path: str, what: str) -> LockedError:

@@ -149,9 +149,9 @@ def _parse_entry(ring: _Ring, offset: int, log_guid: uuid.UUID, keep_data: bool 
     if head[:4] != S.SIG_LOG_ENTRY:
         return None
     h = S.LogEntryHeader.parse(head)
-    L = ring.length
-    if (h.entry_length == 0 or h.entry_length % SECTOR or h.entry_length > L
-            or h.tail % SECTOR or h.tail >= L or h.sequence_number == 0
+    ring_len = ring.length
+    if (h.entry_length == 0 or h.entry_length % SECTOR or h.entry_length > ring_len
+            or h.tail % SECTOR or h.tail >= ring_len or h.sequence_number == 0
             or h.log_guid != log_guid):
         return None
     count = h.descriptor_count
@@ -327,7 +327,8 @@ def plan_replay(log_data: bytes | ReadFn, log_length: int, log_guid: uuid.UUID, 
     head = entries[-1]
     if file_size < head.flushed_file_offset:
         raise CorruptImageError(
-            f"file is {file_size:#x} bytes but the log says at least {head.flushed_file_offset:#x} were flushed (truncated)")
+            f"file is {file_size:#x} bytes but the log says at least {head.flushed_file_offset:#x} "
+            "were flushed (truncated)")
     if head.last_file_offset > MAX_FILE_OFFSET:
         raise CorruptImageError(f"log LastFileOffset {head.last_file_offset:#x} is absurd")
     updates = [u for e in entries for u in e.updates]

@@ -31,7 +31,7 @@ import secrets
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from . import headers as H
 from . import log as LOG
@@ -152,7 +152,7 @@ def build_log_entry(
 @dataclass
 class _HeaderState:
     slot: int                       # 0 -> 64 KiB, 1 -> 128 KiB
-    fields: dict                    # Header fields as accepted by structures.Header
+    fields: dict[str, Any]          # Header fields as accepted by structures.Header
 
 
 _HEADER_FIELDS = ("sequence_number", "file_write_guid", "data_write_guid", "log_guid",
@@ -232,16 +232,17 @@ class LogWriter:
 
     # ---- construction -------------------------------------------------------
     @classmethod
-    def open(cls, storage: Storage, **kwargs: object) -> "LogWriter":
-        """Writable open: read headers and replay a dirty log into the file."""
-        lw = cls(storage, **kwargs)  # type: ignore[arg-type]
+    def open(cls, storage: Storage, **kwargs: Any) -> "LogWriter":
+        """Writable open: read headers and replay a dirty log into the file.
+        ``kwargs`` are the constructor's keyword arguments."""
+        lw = cls(storage, **kwargs)
         if lw.needs_replay:
             lw.replay()
         return lw
 
     # ---- header state ---------------------------------------------------------
     @property
-    def header(self) -> dict:
+    def header(self) -> dict[str, Any]:
         """Fields of the current header (a copy)."""
         return dict(self._hdr.fields)
 
@@ -251,15 +252,18 @@ class LogWriter:
 
     @property
     def file_write_guid(self) -> uuid.UUID:
-        return self._hdr.fields["file_write_guid"]
+        guid: uuid.UUID = self._hdr.fields["file_write_guid"]
+        return guid
 
     @property
     def data_write_guid(self) -> uuid.UUID:
-        return self._hdr.fields["data_write_guid"]
+        guid: uuid.UUID = self._hdr.fields["data_write_guid"]
+        return guid
 
     @property
     def log_guid(self) -> uuid.UUID:
-        return self._hdr.fields["log_guid"]
+        guid: uuid.UUID = self._hdr.fields["log_guid"]
+        return guid
 
     @property
     def needs_replay(self) -> bool:
@@ -343,7 +347,7 @@ class LogWriter:
         with self._io():
             self._start_session(header_changes)
 
-    def _start_session(self, header_changes: dict) -> None:
+    def _start_session(self, header_changes: dict[str, object]) -> None:
         # Nothing may be pending: the durable size goes into FlushedFileOffset.
         if self.storage.dirty:
             self.storage.flush()
@@ -531,11 +535,12 @@ class LogWriter:
             return
         from .storage import DeferredSyncStorage, FileStorage
 
-        if type(self.storage) in (FileStorage, DeferredSyncStorage):
+        st = self.storage
+        if isinstance(st, FileStorage) and type(st) in (FileStorage, DeferredSyncStorage):
             from . import native
 
-            native.zero_ranges(self.storage.fd, [(off, end - off)])
-            self.storage.note_external_write()
+            native.zero_ranges(st.fd, [(off, end - off)])
+            st.note_external_write()
             return
         done = off
         while done < end:  # recording storages (tests) see every write

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
+
+from construct import Construct
 
 from . import structures as S
 from .errors import CorruptImageError, UnsupportedFeatureError
@@ -99,7 +101,7 @@ def parse_parent_locator(data: bytes) -> dict[str, str]:
     return out
 
 
-def _u(struct, item: MetadataItem, field_name: str):  # noqa: ANN001, ANN202
+def _u(struct: Construct, item: MetadataItem, field_name: str) -> Any:
     size = struct.sizeof()
     if item.length != size:
         raise CorruptImageError(f"metadata item {item.name} has length {item.length}, expected {size}")

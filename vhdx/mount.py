@@ -104,7 +104,9 @@ class DiskFS:
         self.by_name = {"/" + f.name: i for i, f in enumerate(files)}
         self.writable = writable
         self.on_init = on_init
-        self.lock = threading.Lock() if writable else None
+        # Every call on a writable disk holds this lock; reads of a read-only one take none.
+        self._write_lock = threading.Lock()
+        self.lock = self._write_lock if writable else None
         top = os.stat(disk.chain[0].path)
         self._times = {"st_atime": top.st_atime_ns, "st_mtime": top.st_mtime_ns, "st_ctime": top.st_ctime_ns}
         self._uid, self._gid = os.getuid(), os.getgid()
@@ -147,7 +149,7 @@ class DiskFS:
                     "st_uid": self._uid, "st_gid": self._gid, **self._times}
         i = self._file(path)
         if self._written and time.monotonic() - self._blocks_at > self._blocks_every:
-            with self.lock:  # type: ignore[union-attr]  # only written disks set _written
+            with self._write_lock:  # only written disks set _written
                 self.disk.flush()  # commits the pending map changes the extent map reads
                 self._refresh_blocks()
         f = self.files[i]
@@ -182,19 +184,22 @@ class DiskFS:
         n = min(len(mv), f.length - offset)
         if n <= 0:
             return 0
+        got: int
         if self.lock is None:
-            return self.disk.readinto_at(f.offset + offset, mv[:n] if n < len(mv) else mv)
+            got = self.disk.readinto_at(f.offset + offset, mv[:n] if n < len(mv) else mv)
+            return got
         with self.lock:
-            return self.disk.readinto_at(f.offset + offset, mv[:n])
+            got = self.disk.readinto_at(f.offset + offset, mv[:n])
+        return got
 
-    def write(self, path: str, data: Any, offset: int, fi: Any) -> int:
+    def write(self, path: str | None, data: Any, offset: int, fi: Any) -> int:
         if not self.writable:
             raise _oserror(errno.EROFS)
-        f = self.files[fi.fh]
+        f: MountFile = self.files[fi.fh]
         n = min(len(data), f.length - offset)
         if n <= 0:
             raise _oserror(errno.ENOSPC)
-        with self.lock:  # type: ignore[union-attr]
+        with self._write_lock:
             self.disk.write_at(f.offset + offset, memoryview(data)[:n])
             self._written = True
         return n
@@ -218,7 +223,7 @@ class DiskFS:
         if not mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
             return 0
         start, end = f.offset + offset, f.offset + offset + size
-        with self.lock:  # type: ignore[union-attr]
+        with self._write_lock:
             if mode & FALLOC_FL_PUNCH_HOLE:
                 # A punched hole must read zeros: the edges get zeros written and only
                 # the whole blocks inside are discarded (UNMAPPED).
@@ -238,7 +243,7 @@ class DiskFS:
 
     def fsync(self, path: str, datasync: int, fi: Any) -> int:
         if self.writable:
-            with self.lock:  # type: ignore[union-attr]
+            with self._write_lock:
                 self.disk.flush()
         return 0
 
@@ -271,7 +276,7 @@ def load_fuse() -> Any:
         if find_library("fuse3"):
             os.environ["FUSE_LIBRARY_NAME"] = "fuse3"  # mfusepy would pick libfuse2 first
     try:
-        import mfusepy  # type: ignore[import-untyped]
+        import mfusepy
     except ImportError:
         raise VhdxError(f"vhdx mount needs mfusepy: {INSTALL_HINT}") from None
     except (OSError, AttributeError) as e:  # no usable libfuse shared library
@@ -284,18 +289,20 @@ def _fuse_class(mfusepy: Any) -> Any:
     (mfusepy would copy through a bytes object both ways)."""
     global _FUSE_CLASS
     if _FUSE_CLASS is None:
-        class _FUSE(mfusepy.FUSE):  # type: ignore[misc, name-defined]
+        class _FUSE(mfusepy.FUSE):  # type: ignore[misc]  # mfusepy has no stubs: FUSE is Any
             def read(self, path: Any, buf: Any, size: int, offset: int, fip: Any) -> int:
                 if not size:
                     return 0
                 mv = memoryview((ctypes.c_ubyte * size).from_address(ctypes.addressof(buf.contents))).cast("B")
-                return self.operations.read_into(mv, offset, fip.contents.fh)
+                ops: DiskFS = self.operations
+                return ops.read_into(mv, offset, fip.contents.fh)
 
             def write(self, path: Any, buf: Any, size: int, offset: int, fip: Any) -> int:
                 if not size:
                     return 0
                 mv = memoryview((ctypes.c_ubyte * size).from_address(ctypes.addressof(buf.contents))).cast("B")
-                return self.operations.write(None, mv, offset, fip.contents)
+                ops: DiskFS = self.operations
+                return ops.write(None, mv, offset, fip.contents)
 
             def _wrapper(self, func: Any, *args: Any, **kwargs: Any) -> Any:
                 # A damaged image or a failed read is EIO to the reader, not a

@@ -28,10 +28,13 @@ import struct
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .disk import VirtualDisk
 from .errors import InvalidArgumentError, ReadOnlyError, VhdxError
+
+if TYPE_CHECKING:
+    from .writer import WritableDisk
 
 DEFAULT_PORT = 10809  # IANA-assigned NBD port
 
@@ -139,7 +142,7 @@ _DATA_AT = _CHUNK_DATA.size  # payload offset in a connection's buffer (room for
 _SIMPLE_AT = _DATA_AT - _SIMPLE.size
 
 
-class _Disconnect(Exception):
+class _Disconnect(Exception):  # noqa: N818 - control flow inside this module, not an error
     """The peer went away, or broke the protocol so that the stream cannot go on."""
 
 
@@ -493,8 +496,8 @@ class _Connection:
             self._locked_op(cookie, lambda: self._do_write(offset, mv[:length], fua))
 
     def _do_write(self, offset: int, data: memoryview, fua: bool) -> None:
-        disk = self.export.disk
-        disk.write_at(offset, data)  # type: ignore[attr-defined]
+        disk = cast("WritableDisk", self.export.disk)  # a writable export serves a WritableDisk
+        disk.write_at(offset, data)
         if fua:
             disk.flush()
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import uuid
 import zlib
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import construct as c
 from construct import Array, Bytes, Const, Int8ul, Int32ul, Int64ul, Struct
@@ -111,6 +111,9 @@ class _Disk(Protocol):
     def read_at(self, offset: int, size: int) -> bytes: ...
 
 
+PartitionScheme = Literal["mbr", "gpt"]
+
+
 @dataclass(frozen=True)
 class Partition:
     """One partition: where it lies on the virtual disk and what the table says of it."""
@@ -118,7 +121,7 @@ class Partition:
     number: int                  # as Linux numbers it (sdaN)
     offset: int                  # bytes from the start of the disk
     length: int                  # bytes
-    scheme: str                  # "mbr" | "gpt"
+    scheme: PartitionScheme
     type: int | str              # MBR system id, or GPT type GUID (upper case, as sgdisk prints)
     name: str = ""               # GPT partition name
     guid: str | None = None      # GPT unique partition GUID

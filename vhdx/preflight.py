@@ -34,11 +34,12 @@ def inode_flags(path: str) -> int:
         return 0
     try:
         out = fcntl.ioctl(fd, FS_IOC_GETFLAGS, bytes(8))
-        return struct.unpack("i", out[:4])[0]
+        flags: int = struct.unpack("i", out[:4])[0]
     except OSError:
         return 0
     finally:
         os.close(fd)
+    return flags
 
 
 def _flag_problem(path: str) -> str | None:

@@ -137,7 +137,7 @@ BAT_OFFSET_MASK = 0xFFFFFFFFFFF00000
 
 
 # --- adapters ----------------------------------------------------------------
-class GuidAdapter(Adapter):
+class GuidAdapter(Adapter):  # type: ignore[misc]  # construct ships no type stubs: Adapter is Any
     """16 raw bytes (mixed-endian) <-> uuid.UUID."""
 
     def _decode(self, obj: bytes, context: Any, path: Any) -> uuid.UUID:
@@ -320,7 +320,8 @@ def parse(struct: c.Construct, data: bytes | bytearray | memoryview, what: str) 
 
 
 def build(struct: c.Construct, obj: Any) -> bytes:
-    return struct.build(obj)
+    raw: bytes = struct.build(obj)
+    return raw
 
 
 def _first_line(e: Exception) -> str:
@@ -350,7 +351,7 @@ def build_parent_locator(pairs: dict[str, str]) -> bytes:
                             key_length=len(kb), value_length=len(vb)))
         blob += kb + vb
         pos += len(kb) + len(vb)
-    return ParentLocator.build(dict(
+    return build(ParentLocator, dict(
         header=dict(locator_type=VHDX_PARENT_LOCATOR_TYPE, reserved=0,
                     key_value_count=len(pairs)),
         entries=entries,

@@ -17,14 +17,14 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), os.path.dirname(os.path.dirname(HERE))]
 
-import atheris
+import atheris  # noqa: E402 - after the sys.path set-up
 
 with atheris.instrument_imports(include=["vhdx"]):
     from vhdx.errors import VhdxError
     from vhdx.hyperv import open_config
     from vhdx.hyperv.vm import config_kind, read_host_registry, read_vm_config
 
-import hvs_builder as B
+import hvs_builder as B  # noqa: E402
 
 _TMP = tempfile.mkdtemp(prefix="fuzz_hyperv_")
 _PATH = os.path.join(_TMP, "input.vmcx")

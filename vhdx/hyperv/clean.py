@@ -1,7 +1,7 @@
 """``vm clean``: fold unowned chain links into their parents with the merge engine.
 
 An unowned link is a differencing disk that some configuration's chain still
-runs through but that no checkpoint configuration owns (ref §4.5.3). A run of
+runs through but that no checkpoint configuration owns (hyperv.md §4.5.3). A run of
 consecutive unowned links is folded, with one ``vhdx.merge(top, into=parent)``,
 into the disk below it; the disk above the run is re-pointed to that parent by
 the engine and the folded files are deleted. Refused, per run, when the target
@@ -33,7 +33,7 @@ class Step:
     summary: dict[str, Any] | None = None
     done: bool = False
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"vm": self.vm, "links": self.links, "target": self.target, "child": self.child,
                 "refused": self.refused, "done": self.done, "merge": self.summary}
 
@@ -44,7 +44,7 @@ class CleanReport:
     steps: list[Step] = field(default_factory=list)
     verified: list[str] = field(default_factory=list)  # configs whose drives re-opened afterwards
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"dry_run": self.dry_run, "steps": [s.to_dict() for s in self.steps], "verified": self.verified}
 
 

@@ -6,9 +6,12 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidArgumentError, VhdxError
+
+if TYPE_CHECKING:  # the commands import .vm lazily; the annotations only name its classes
+    from .vm import Checkpoint, Inventory, VmReport
 
 
 def jsonable(v: Any) -> Any:
@@ -40,7 +43,7 @@ def _vm_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true")
 
 
-def _inventory(args: argparse.Namespace, path: str, ignore_linkage: bool = False):
+def _inventory(args: argparse.Namespace, path: str, ignore_linkage: bool = False) -> Inventory:
     from .vm import inventory
     from .winpath import PathMapper
 
@@ -51,7 +54,7 @@ def _inventory(args: argparse.Namespace, path: str, ignore_linkage: bool = False
     return inventory(path, mapper, args.search_dir, ignore_linkage)
 
 
-def _print_tree(nodes: list[dict], checkpoints: dict[str, Any], indent: str) -> None:
+def _print_tree(nodes: list[dict[str, Any]], checkpoints: dict[str, Checkpoint], indent: str) -> None:
     for n in nodes:
         if n["id"] == "Now":
             print(f"{indent}Now")
@@ -63,7 +66,7 @@ def _print_tree(nodes: list[dict], checkpoints: dict[str, Any], indent: str) -> 
         _print_tree(n["children"], checkpoints, indent + "  ")
 
 
-def _print_vm(rep) -> None:
+def _print_vm(rep: VmReport) -> None:
     v = rep.config
     print(f"VM {v.name!r} {v.id}, generation {v.generation}, configuration version {v.version_text}, "
           f"created {v.created}")
@@ -101,11 +104,11 @@ def _print_vm(rep) -> None:
         print(f"    orphan differencing disk {o['path']}: {o['note']}")
     for u in rep.unresolved:
         print(f"  unresolved: {u['of']} {u['slot'] or ''} {u['windows_path']!r}: {u['problem']}")
-    for f in rep.findings + v.warnings:
-        print(f"  note: {f}")
+    for note in rep.findings + v.warnings:
+        print(f"  note: {note}")
 
 
-def _print_inventory(inv) -> None:
+def _print_inventory(inv: Inventory) -> None:
     for i, rep in enumerate(inv.vms):
         if i:
             print()
@@ -123,7 +126,7 @@ def _print_inventory(inv) -> None:
         print(f"unreadable configuration: {e['error']}")
 
 
-def _finish(inv) -> int:
+def _finish(inv: Inventory) -> int:
     if inv.errors:
         n = len(inv.errors)
         print(f"vhdx: error: {inv.errors[0]['error']}" + (f" (and {n - 1} more unreadable)" if n > 1 else ""),

@@ -1,13 +1,13 @@
 """Read-only parser of the HyperVStorage key-value container (.vmcx, .vmrs, data.vmcx).
 
-Procedure (ref §3): choose the current file header among the copies whose
+Procedure (hyperv.md §3): choose the current file header among the copies whose
 signature and CRC-32 verify (u16 serial sequence); read the replay log header
 and, when it has active entries, apply them to an in-memory overlay (never to
 the file); walk the object table chain from 0x2000; take key tables *only* from
 in-use type-2 objects (stale copies in free space are never looked at); verify
 every live structure's CRC; link entries to their parents and order siblings by
 insertion sequence, keeping repeated names (an ordered multimap). Every limit of
-ref §5.1 is enforced, so hostile files cost bounded time and memory and fail
+hyperv.md §5.1 is enforced, so hostile files cost bounded time and memory and fail
 with :class:`~vhdx.errors.CorruptConfigError` subclasses.
 """
 
@@ -38,6 +38,8 @@ MAX_LOG_PAST_EOF = 16 << 20  # replayed targets may extend the file by at most t
 MAX_LOG_HEADER_AREA = 1 << 20
 MAX_FILE_OBJECT = 64 << 20  # per value
 MAX_FILE_OBJECT_TOTAL = 128 << 20
+# One decoded key entry: (name, its parsed header, its value bytes, where it is for messages).
+_Record = tuple[str, Any, bytes, str]
 
 
 @dataclass
@@ -72,7 +74,7 @@ class Key:
         "value",
     )
 
-    def __init__(self, name: str, type: int, value: Any = None, flags: int = 0,
+    def __init__(self, name: str, type: int, value: Any = None, flags: int = 0,  # noqa: A002 - the attribute's name
                  insertion: int = 0, table: int = 0, offset: int = 0) -> None:
         self.name = name
         self.type = type
@@ -356,7 +358,7 @@ class ConfigFile:
             raise self._err(f"replay log: {lh.active} active entries, more than the maximum {lh.max_entries}")
         self.log = LogInfo(h.log_offset, h.log_size, lh.active, lh.max_entries)
         if lh.active == 0:
-            return  # stale slots are never applied (ref §2.10 rule 1)
+            return  # stale slots are never applied (hyperv.md §2.10 rule 1)
         if not replay:
             self.warnings.append(f"replay log has {lh.active} active entries; NOT applied (replay disabled): "
                                  "the tables read may be torn")
@@ -457,7 +459,7 @@ class ConfigFile:
                     self.warnings.append(f"{where}: object type {e.type} in use; not interpreted")
         return key_tables, file_objects
 
-    def _read_key_tables(self, key_tables: list[tuple[int, int]]) -> dict[tuple[int, int], tuple]:
+    def _read_key_tables(self, key_tables: list[tuple[int, int]]) -> dict[tuple[int, int], _Record]:
         if len(key_tables) > MAX_KEY_TABLES:
             raise self._err(f"{len(key_tables)} key tables (more than {MAX_KEY_TABLES})")
         chosen: dict[int, tuple[TableInfo, bytes]] = {}
@@ -488,14 +490,14 @@ class ConfigFile:
                 if not newer:
                     continue
             chosen[hdr.index] = (info, raw)
-        records: dict[tuple[int, int], tuple] = {}
+        records: dict[tuple[int, int], _Record] = {}
         for index in sorted(chosen):
             info, raw = chosen[index]
             self.tables.append(info)
             self._walk_table(info, raw, records)
         return records
 
-    def _walk_table(self, info: TableInfo, raw: bytes, records: dict[tuple[int, int], tuple]) -> None:
+    def _walk_table(self, info: TableInfo, raw: bytes, records: dict[tuple[int, int], _Record]) -> None:
         pos, end = S.KEY_TABLE_HEADER_SIZE, len(raw)
         where = f"key table {info.index} at {info.offset:#x}"
         while pos + S.KEY_ENTRY_HEADER_SIZE <= end:
@@ -523,7 +525,7 @@ class ConfigFile:
         if any(raw[pos:]):
             self.warnings.append(f"{where}: {end - pos} trailing bytes after the last entry")
 
-    def _decode_entry(self, raw: bytes, pos: int, h: Any, at: str) -> tuple:
+    def _decode_entry(self, raw: bytes, pos: int, h: Any, at: str) -> _Record:
         if h.type not in S.VALUE_TYPE_NAMES:
             raise self._err(f"{at}: unknown value type {h.type}")
         nl = h.name_length
@@ -600,7 +602,7 @@ class ConfigFile:
             if key.invalid:
                 self.warnings.append(f"{at}: string value kept as raw bytes ({key.invalid})")
 
-    def _build_tree(self, records: dict[tuple[int, int], tuple], file_objects: dict[int, int]) -> None:
+    def _build_tree(self, records: dict[tuple[int, int], _Record], file_objects: dict[int, int]) -> None:
         keys: dict[tuple[int, int], Key] = {}
         for loc, (name, h, vb, at) in records.items():
             k = Key(name, h.type, flags=h.flags, insertion=h.insertion, table=loc[0], offset=loc[1])
@@ -613,7 +615,8 @@ class ConfigFile:
             if parent != (0, 0):
                 p = keys.get(parent)
                 if p is None:
-                    orphans.append(Orphan(*loc, name, f"parent {parent[0]}:{parent[1]:#x} is not the start of an entry"))
+                    orphans.append(Orphan(*loc, name,
+                                          f"parent {parent[0]}:{parent[1]:#x} is not the start of an entry"))
                     continue
                 if not p.is_node:
                     orphans.append(Orphan(*loc, name, f"parent {p.name!r} is not a node"))
@@ -654,7 +657,8 @@ class ConfigFile:
         return self.root.value_at(path, default, ignore_case)
 
     def to_dict(self) -> dict[str, Any]:
-        return self.root.to_dict()
+        tree: dict[str, Any] = self.root.to_dict()  # the root is a node, so a dict
+        return tree
 
     def stats(self) -> dict[str, int]:
         nodes = values = 0

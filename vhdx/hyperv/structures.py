@@ -1,15 +1,16 @@
 """construct declarations of the HyperVStorage container (.vmcx, .vmrs, data.vmcx).
 
 Declarations only: no I/O and no policy; the same objects parse (container.py)
-and build (the test builder). "ref §n" is shared/docs/hyperv-config.md. All
+and build (the test builder). "hyperv.md §n" is the project's docs/hyperv.md. All
 integers are little-endian and every structure is packed. Checksums are the
-standard CRC-32 (zlib), each taken with its own 4-byte field zeroed (ref §0).
+standard CRC-32 (zlib), each taken with its own 4-byte field zeroed (hyperv.md §0).
 """
 
 from __future__ import annotations
 
 from construct import (
     Bytes,
+    Construct,
     Default,
     Float64l,
     Int8ul,
@@ -22,7 +23,7 @@ from construct import (
 
 from ..crc import checksum_of, crc32, seal, verify
 
-# --- signatures and fixed places (ref §2.1-§2.10) ----------------------------------
+# --- signatures and fixed places (hyperv.md §2.1-§2.10) ----------------------------------
 FILE_SIGNATURE = 0x01282014
 OBJECT_TABLE_SIGNATURE = 0x01110001
 KEY_TABLE_SIGNATURE = 0x0002
@@ -32,17 +33,17 @@ HEADER_OFFSETS = (0x0000, 0x1000)
 ROOT_OBJECT_TABLE_OFFSET = 0x2000
 PAGE = 0x1000
 
-# Object-table entry types (ref §2.4).
+# Object-table entry types (hyperv.md §2.4).
 OBJ_EMPTY, OBJ_TABLE, OBJ_KEY_TABLE, OBJ_FILE, OBJ_FREE = 0, 1, 2, 3, 4
 
-# Key-entry value types (ref §2.7) and flags (ref §2.6).
+# Key-entry value types (hyperv.md §2.7) and flags (hyperv.md §2.6).
 VT_FREE, VT_INT, VT_UINT, VT_DOUBLE, VT_STRING, VT_ARRAY, VT_BOOL, VT_NODE = 1, 3, 4, 5, 6, 7, 8, 9
 VALUE_TYPE_NAMES = {VT_INT: "int", VT_UINT: "uint", VT_DOUBLE: "double", VT_STRING: "string",
                     VT_ARRAY: "array", VT_BOOL: "bool", VT_NODE: "node"}
 FLAG_FILE_OBJECT = 0x01
 
 
-def _sig(width, value: int):
+def _sig(width: Construct, value: int) -> Construct:
     # A plain integer with a build default: the parser checks it itself so a bad
     # signature becomes a named error instead of a construct exception.
     return Default(width, value)
@@ -116,7 +117,7 @@ NodeValue = Struct(
     "change_sequence" / Int64ul,
     "next_insertion" / Int32ul,
 )
-FileObjectPointer = Struct(  # the value bytes when FLAG_FILE_OBJECT is set (ref §2.8)
+FileObjectPointer = Struct(  # the value bytes when FLAG_FILE_OBJECT is set (hyperv.md §2.8)
     "length" / Int32ul,
     "offset" / Int64ul,
 )
@@ -176,5 +177,5 @@ def crc32_seal(buf: bytearray, crc_offset: int) -> bytearray:
 
 
 def serial_newer(a: int, b: int) -> bool:
-    """u16 serial arithmetic: is sequence ``a`` newer than ``b``? (ref §2.2)"""
+    """u16 serial arithmetic: is sequence ``a`` newer than ``b``? (hyperv.md §2.2)"""
     return 0 < (a - b) % 65536 < 32768

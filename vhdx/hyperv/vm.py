@@ -1,10 +1,10 @@
 """What Hyper-V configuration files say about VMs, their drives and checkpoints.
 
-Read (ref §4.1-§4.4): VM identity, drives of IDE, SCSI and floppy controllers,
+Read (hyperv.md §4.1-§4.4): VM identity, drives of IDE, SCSI and floppy controllers,
 data roots, checkpoint settings, the host registry ``data.vmcx``. Every value
 is type-checked; a value of the wrong type is reported and treated as absent.
 
-Derived (ref §4.5.2, §4.5.3), because the keys that name a checkpoint's parent
+Derived (hyperv.md §4.5.2, §4.5.3), because the keys that name a checkpoint's parent
 and type are not known: checkpoint configs are the ``<GUID>.vmcx`` files under
 the snapshot root; each checkpoint's drives are its frozen disks; its parent is
 the checkpoint whose frozen disk for the same drive slot is the nearest ancestor
@@ -21,7 +21,7 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from ..chain import accepted_linkages, open_chain
 from ..errors import VhdxError
@@ -33,7 +33,9 @@ IDE_CLASS = "83f8638b-8dca-4152-9eda-2ca8b33039b4"
 SCSI_CLASS = "d422512d-2bf2-4752-809d-7b82b5fcb1b4"
 FLOPPY_CLASS = "8f0d2762-0b00-4e04-af4f-19010527cb93"
 GUEST_STATE_CLASS = "917bd8cb-3bb6-4124-9383-b7d21ac07f79"
-BUSES = {IDE_CLASS: "IDE", SCSI_CLASS: "SCSI", FLOPPY_CLASS: "floppy"}
+Bus = Literal["IDE", "SCSI", "floppy"]
+ParentSource = Literal["disk chains", "creation time", "unknown"]  # where a checkpoint's parent came from
+BUSES: dict[str, Bus] = {IDE_CLASS: "IDE", SCSI_CLASS: "SCSI", FLOPPY_CLASS: "floppy"}
 DISK_TYPES = ("VHD",)  # drive types whose pathname is a virtual hard disk
 DIFF_SUFFIXES = (".avhdx", ".avhd")
 DISK_SUFFIXES = (".vhdx", ".avhdx")
@@ -86,7 +88,7 @@ class _Typed:
 
 @dataclass
 class Drive:
-    bus: str  # IDE | SCSI | floppy
+    bus: Bus
     controller_id: str  # the controller device's instance GUID
     controller: int
     location: int
@@ -105,7 +107,7 @@ class Drive:
     def is_disk(self) -> bool:
         return self.type.upper() in DISK_TYPES and bool(self.pathname)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"bus": self.bus, "controller_id": self.controller_id, "controller": self.controller,
                 "location": self.location, "type": self.type, "pathname": self.pathname}
 
@@ -132,14 +134,14 @@ class VmConfig:
     automatic_checkpoints: bool | None = None
     disk_merge_pending: bool | None = None
     manifest_size: int | None = None
-    controllers: list[dict] = field(default_factory=list)  # bus, id, drive count
+    controllers: list[dict[str, Any]] = field(default_factory=list)  # bus, id, drive count
     warnings: list[str] = field(default_factory=list)
 
     @property
     def version_text(self) -> str | None:
         return None if self.version is None else f"{self.version >> 8}.{self.version & 0xFF}"
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "name": self.name, "id": self.id, "logical_id": self.logical_id,
                 "type_id": self.type_id, "generation": self.generation, "version": self.version,
                 "version_text": self.version_text, "created": self.created,
@@ -169,7 +171,7 @@ def config_kind(cfg: ConfigFile) -> str:
 
 def _device_nodes(conf: Key) -> list[tuple[str, str, Key]]:
     """(class GUID, instance GUID, settings node) of every storage-controller-like device:
-    from the manifest, and top-level nodes named after a known class (ref §4.2)."""
+    from the manifest, and top-level nodes named after a known class (hyperv.md §4.2)."""
     out: list[tuple[str, str, Key]] = []
     seen: set[str] = set()
     manifest = conf.child("manifest", ignore_case=True)
@@ -248,7 +250,7 @@ class HostRegistry:
     resource_types: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "format_version": self.format_version, "reg_id": self.reg_id,
                 "virtual_machines": self.vms, "virtual_machines_cache": self.cache,
                 "resource_types": self.resource_types, "warnings": self.warnings}
@@ -282,7 +284,7 @@ class DiskInfo:
     linkages: list[str]
     virtual_size: int
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "differencing": self.has_parent, "data_write_guid": self.data_write_guid,
                 "virtual_size": self.virtual_size}
 
@@ -383,7 +385,7 @@ class DriveDisk:
     def top(self) -> DiskInfo | None:
         return self.chain[0] if self.chain else None
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {**self.drive.to_dict(), "slot": self.drive.label, "resolution": self.resolution.to_dict(),
                 "chain": [d.to_dict() for d in self.chain] if self.chain is not None else None,
                 "error": self.error}
@@ -397,8 +399,8 @@ class Checkpoint:
     saved_state: bool | None = None
     saved_state_note: str = ""
     parent: str | None = None  # checkpoint id, or None for a root
-    parent_source: str = "unknown"  # "disk chains" | "creation time" | "unknown"
-    type: str = "unknown"  # the type key is not known (ref §4.5.2 step 3)
+    parent_source: ParentSource = "unknown"
+    type: str = "unknown"  # the type key is not known (hyperv.md §4.5.2 step 3)
 
     @property
     def name(self) -> str | None:
@@ -408,7 +410,7 @@ class Checkpoint:
     def created(self) -> str | None:
         return self.config.created
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "created": self.created, "config": self.config.path,
                 "config_id": self.config.id, "saved_state": self.saved_state,
                 "saved_state_note": self.saved_state_note, "parent": self.parent,
@@ -418,11 +420,11 @@ class Checkpoint:
 
 @dataclass
 class Lingering:
-    orphans: list[dict] = field(default_factory=list)
-    unowned_links: list[dict] = field(default_factory=list)
+    orphans: list[dict[str, Any]] = field(default_factory=list)
+    unowned_links: list[dict[str, Any]] = field(default_factory=list)
     pending_merge: bool = False
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"orphan_differencing_disks": self.orphans, "unowned_chain_links": self.unowned_links,
                 "pending_merge": self.pending_merge}
 
@@ -435,9 +437,9 @@ class VmReport:
     snapshot_root: str | None  # local folder holding Snapshots\
     checkpoints: list[Checkpoint] = field(default_factory=list)
     now_parent: str | None = None
-    now_parent_source: str = "unknown"
+    now_parent_source: ParentSource = "unknown"
     lingering: Lingering = field(default_factory=Lingering)
-    unresolved: list[dict] = field(default_factory=list)
+    unresolved: list[dict[str, Any]] = field(default_factory=list)
     findings: list[str] = field(default_factory=list)
     saved_state: bool | None = None  # the running VM's own .vmrs holds a saved state
     saved_state_note: str = ""
@@ -457,16 +459,16 @@ class VmReport:
                 out.setdefault(i.ident, i)
         return out
 
-    def tree(self) -> list[dict]:
+    def tree(self) -> list[dict[str, Any]]:
         """Checkpoints as nested dicts (children by creation time); Now is a node too."""
-        kids: dict[str | None, list[dict]] = {}
+        kids: dict[str | None, list[dict[str, Any]]] = {}
         for c in sorted(self.checkpoints, key=lambda c: (c.created or "", c.id)):
             kids.setdefault(c.parent, []).append({"id": c.id, "name": c.name, "created": c.created})
         kids.setdefault(self.now_parent, []).append({"id": "Now", "name": "Now", "created": None})
 
         placed: set[str] = set()
 
-        def build(parent: str | None) -> list[dict]:
+        def build(parent: str | None) -> list[dict[str, Any]]:
             out = []
             for n in kids.get(parent, []):
                 if n["id"] in placed:
@@ -484,7 +486,7 @@ class VmReport:
                     roots.append({**n, "children": [], "note": "parent cycle (drive slots disagree)"})
         return roots
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"vm": self.config.to_dict(), "data_root": self.data_root, "snapshot_root": self.snapshot_root,
                 "drives": [d.to_dict() for d in self.drives],
                 "checkpoints": [c.to_dict() for c in self.checkpoints],
@@ -495,7 +497,7 @@ class VmReport:
 
 
 # --- analysis ---------------------------------------------------------------------------------
-def _resolve_drives(cfg: VmConfig, mapper: PathMapper, disks: DiskIndex, unresolved: list[dict],
+def _resolve_drives(cfg: VmConfig, mapper: PathMapper, disks: DiskIndex, unresolved: list[dict[str, Any]],
                     who: str) -> list[DriveDisk]:
     out = []
     cdir = os.path.dirname(os.path.abspath(cfg.path))
@@ -513,8 +515,8 @@ def _resolve_drives(cfg: VmConfig, mapper: PathMapper, disks: DiskIndex, unresol
     return out
 
 
-def _local_roots(vm: VmConfig, mapper: PathMapper, unresolved: list[dict]) -> tuple[str, str]:
-    """(data root, snapshot root) as local folders (ref §4.3, §6)."""
+def _local_roots(vm: VmConfig, mapper: PathMapper, unresolved: list[dict[str, Any]]) -> tuple[str, str]:
+    """(data root, snapshot root) as local folders (hyperv.md §4.3, §6)."""
     vmdir = os.path.dirname(os.path.abspath(vm.path))
     default = os.path.dirname(vmdir) if os.path.basename(vmdir).casefold() == "virtual machines" else vmdir
     roots = []
@@ -556,9 +558,9 @@ def _nearest(chain: list[DiskInfo] | None, frozen: dict[tuple[int, int], list[st
     return True, []
 
 
-def _derive_parent(disks: list[DriveDisk], frozen: dict[tuple, dict[tuple[int, int], list[str]]],
+def _derive_parent(disks: list[DriveDisk], frozen: dict[tuple[str, int, int], dict[tuple[int, int], list[str]]],
                    what: str, findings: list[str]) -> tuple[bool, str | None]:
-    """Vote over drive slots (ref §4.5.2 step 2); (answered, parent id or None = root)."""
+    """Vote over drive slots (hyperv.md §4.5.2 step 2); (answered, parent id or None = root)."""
     votes: dict[str | None, list[str]] = {}
     for dd in disks:
         answered, owners = _nearest(dd.chain, frozen.get(dd.drive.slot, {}))
@@ -579,7 +581,7 @@ def _derive_parent(disks: list[DriveDisk], frozen: dict[tuple, dict[tuple[int, i
 
 def analyze_vm(vm: VmConfig, checkpoint_configs: Sequence[VmConfig], mapper: PathMapper,
                disks: DiskIndex) -> VmReport:
-    unresolved: list[dict] = []
+    unresolved: list[dict[str, Any]] = []
     data_root, snap_root = _local_roots(vm, mapper, unresolved)
     rep = VmReport(vm, _resolve_drives(vm, mapper, disks, unresolved, "Now"), data_root, snap_root)
     rep.unresolved = unresolved
@@ -597,7 +599,7 @@ def analyze_vm(vm: VmConfig, checkpoint_configs: Sequence[VmConfig], mapper: Pat
         cp.saved_state, cp.saved_state_note = _saved_state(cc.path)
         rep.checkpoints.append(cp)
     # frozen[slot][disk identity] -> ids of the checkpoints freezing that disk
-    frozen: dict[tuple, dict[tuple[int, int], list[str]]] = {}
+    frozen: dict[tuple[str, int, int], dict[tuple[int, int], list[str]]] = {}
     for cp in rep.checkpoints:
         for dd in cp.disks:
             if dd.top is not None:
@@ -629,7 +631,7 @@ def analyze_vm(vm: VmConfig, checkpoint_configs: Sequence[VmConfig], mapper: Pat
 
 def find_lingering(rep: VmReport, all_referenced: set[tuple[int, int]],
                    all_closure: dict[tuple[int, int], DiskInfo], disks: DiskIndex) -> None:
-    """Fill ``rep.lingering`` (ref §4.5.3). ``all_*`` cover every VM known, so one
+    """Fill ``rep.lingering`` (hyperv.md §4.5.3). ``all_*`` cover every VM known, so one
     VM's disks are never reported as another VM's orphans."""
     closure = rep.chain_closure()
     frozen = {dd.top.ident for c in rep.checkpoints for dd in c.disks if dd.top is not None}
@@ -698,8 +700,8 @@ class Inventory:
     context: list[VmReport] = field(default_factory=list)  # sibling VMs read to judge the shown one
     hosts: list[HostRegistry] = field(default_factory=list)
     unattributed: list[str] = field(default_factory=list)  # checkpoint configs no VM claims
-    errors: list[dict] = field(default_factory=list)  # configs that could not be read
-    registry_unresolved: list[dict] = field(default_factory=list)  # data.vmcx entries not found locally
+    errors: list[dict[str, Any]] = field(default_factory=list)  # configs that could not be read
+    registry_unresolved: list[dict[str, Any]] = field(default_factory=list)  # data.vmcx entries not found locally
     disks: DiskIndex | None = None
 
     def referenced(self) -> set[tuple[int, int]]:
@@ -715,7 +717,7 @@ class Inventory:
             out.update(v.chain_closure())
         return out
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"vms": [v.to_dict() for v in self.vms], "hosts": [h.to_dict() for h in self.hosts],
                 "unattributed_checkpoint_configs": self.unattributed, "errors": self.errors,
                 "registry_unresolved": self.registry_unresolved}
@@ -854,13 +856,13 @@ def _owners_by_disks(cc: VmConfig, vms: list[VmConfig], idx: list[int], mapper: 
     return [i for i, vm in zip(idx, vms) if bases(vm) & mine]
 
 
-def unreferenced_disks(top: str, inv: Inventory) -> list[dict]:
+def unreferenced_disks(top: str, inv: Inventory) -> list[dict[str, Any]]:
     """Every .vhdx/.avhdx below ``top`` that no configuration references (directly or as
     a parent of a referenced disk), grouped into chains by parent linkage."""
     assert inv.disks is not None
     closure = inv.closure()
     infos: list[DiskInfo] = []
-    broken: list[dict] = []
+    broken: list[dict[str, Any]] = []
     for p in walk_files(top, DISK_SUFFIXES):
         info = inv.disks.info(p)
         if isinstance(info, str):
@@ -872,7 +874,7 @@ def unreferenced_disks(top: str, inv: Inventory) -> list[dict]:
     for i in infos:
         parent_of[i.ident] = next((by_guid[g] for g in i.linkages if g in by_guid and by_guid[g].ident != i.ident),
                                   None)
-    groups: dict[tuple[int, int], dict] = {}
+    groups: dict[tuple[int, int], dict[str, Any]] = {}
     for i in infos:
         root, depth, seen = i, 0, {i.ident}
         while True:

@@ -19,6 +19,7 @@ import re
 import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 _DRIVE = re.compile(r"^([A-Za-z]):[\\/]")
 _DRIVE_ROOT = re.compile(r"^([A-Za-z]):=(.+)$")
@@ -78,7 +79,7 @@ class Resolution:
     problem: str | None = None
     tried: list[str] = field(default_factory=list)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"windows_path": self.windows_path, "local": self.local, "how": self.how,
                 "problem": self.problem, "tried": self.tried}
 
