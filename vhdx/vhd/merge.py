@@ -12,7 +12,11 @@ older data, ref §11) through the C copy engine (:func:`vhdx.native.copy_ranges`
 clone / copy_file_range / read-write). Until the upper files are removed they
 mask every sector the merge writes, so the chain reads the same at every instant
 and the target's own ordering only has to keep that file valid
-(:meth:`VhdWritableDisk.prepare_masked`); the target is flushed, children of the
+(:meth:`VhdWritableDisk.prepare_masked`: bitmaps and BAT entries of up to
+PREPARE_BLOCKS blocks behind two barriers, BAT entries of consecutive blocks in
+one write). The data then moves in 64 MiB rounds (:class:`vhdx.mergekit.RangeMover`,
+writeback started behind each round, so the last fsync overlaps the copy), with
+progress and cancellation between rounds; the target is flushed, children of the
 merged child are re-pointed to the target (Parent Unique ID, time stamp, name and
 locators, one 1 KiB header write), and only then are the merged files deleted.
 An interrupted merge is completed by running it again (the copies are
@@ -27,7 +31,6 @@ import os
 import time
 from collections.abc import Callable, Sequence
 
-from .. import native
 from ..errors import (
     CancelledError,
     DependentDisksError,
@@ -36,6 +39,7 @@ from ..errors import (
     VhdxError,
 )
 from ..merge_engine import MergeSummary
+from ..mergekit import CHUNK_BYTES, RangeMover
 from ..storage import fsync_dir
 from . import structures as S
 from .chain import VHD_SUFFIXES, open_chain
@@ -45,9 +49,12 @@ from .file import VhdFile
 
 ProgressFn = Callable[[int, int], object]
 PathLike = str | os.PathLike[str]
-BATCH_BLOCKS = 256  # blocks prepared per pair of barriers
-_METHODS = {native.CLONE: "clone", native.COPY_FILE_RANGE: "copy_file_range",
-            native.READ_WRITE: "read_write", native.NONE: "none"}
+# Target blocks whose bitmaps and BAT entries are prepared per pair of barriers
+# (all of a 16 GiB merge of 2 MiB blocks): the barriers then find the target
+# clean, and the data moves after them in CHUNK_BYTES rounds with writeback
+# started behind each, so the final fsync overlaps the copy instead of
+# following it.
+PREPARE_BLOCKS = 8192
 
 
 def find_vhd_dependents(dirs: Sequence[str], ids: dict[bytes, str], exclude: Sequence[str]) -> list[tuple[str, str]]:
@@ -209,43 +216,25 @@ def _merge_into(chain: list[VhdFile], k: int, dry_run: bool, keep: bool, force: 
     target_path = target.path
     with VhdWritableDisk(target_path, parents=None if k + 1 >= len(chain) else [f.path for f in chain[k + 1:]],
                          storage=storage) as t:
-        out_fd = getattr(t.storage, "fd", None)
-        for i in range(0, len(plan), BATCH_BLOCKS):
-            batch = plan[i:i + BATCH_BLOCKS]
+        mover = RangeMover(t.storage, upper, summary)
+        bs = t.top.block_size
+        for i in range(0, len(plan), PREPARE_BLOCKS):
+            batch = plan[i:i + PREPARE_BLOCKS]
             where: dict[int, int | None]
             if t.top.is_fixed:
                 where = {tb: None for tb, _ in batch}
             else:
-                bs = t.top.block_size
                 wanted = {tb: [((v - tb * bs) // S.SECTOR, ln // S.SECTOR) for v, ln, _, _ in segs]
                           for tb, segs in batch}
                 where = dict(t.prepare_masked(wanted))
-            by_src: dict[int, list[tuple[int, int, int]]] = {}
             for tb, segs in batch:
+                base = where[tb]
                 for v, ln, src, foff in segs:
-                    dst = v if where[tb] is None else where[tb] + v - tb * t.top.block_size
-                    by_src.setdefault(src, []).append((foff, dst, ln))
-            for src, ranges in by_src.items():
-                if out_fd is None:  # a test storage without a descriptor: plain writes
-                    for foff, dst, ln in ranges:
-                        t.storage.pwrite(dst, os.pread(upper[src].fd, ln, foff))
-                        summary.bytes_copied += ln
-                    continue
-                methods = native.copy_ranges(upper[src].fd, out_fd, ranges)
-                for (_, _, ln), m in zip(ranges, methods):
-                    name = _METHODS.get(m, str(m))
-                    summary.ranges_by_method[name] = summary.ranges_by_method.get(name, 0) + 1
-                    if m == native.CLONE:
-                        summary.bytes_cloned += ln
-                    else:
-                        summary.bytes_copied += ln
-            if out_fd is not None and hasattr(t.storage, "note_external_write"):
-                t.storage.note_external_write()  # the copy engine wrote past the storage
-            summary.blocks_changed += len(batch)
-            done += sum(ln for _, segs in batch for _, ln, _, _ in segs)
-            if progress is not None and progress(done, total) is False:
-                t.flush()
-                raise CancelledError("merge cancelled; run it again to complete it")
+                    mover.copy(src, foff, v if base is None else base + v - tb * bs, ln)
+                summary.blocks_changed += 1
+                if mover.queued >= CHUNK_BYTES:
+                    done = _move(mover, t, done, total, progress)
+            done = _move(mover, t, done, total, progress)
         t.storage.flush()  # the target is durable before anything stops masking it
     for path in summary.repointed:
         repoint(path, target_path)
@@ -256,6 +245,16 @@ def _merge_into(chain: list[VhdFile], k: int, dry_run: bool, keep: bool, force: 
         fsync_dir(target_path)
     summary.seconds = time.monotonic() - t0
     return summary
+
+
+def _move(mover: RangeMover, t: object, done: int, total: int, progress: ProgressFn | None) -> int:
+    """Move what ``mover`` holds; report progress; cancel (after a flush) when asked."""
+    done += mover.queued
+    mover.run()
+    if progress is not None and progress(done, total) is False:
+        t.flush()  # type: ignore[attr-defined]
+        raise CancelledError("merge cancelled; run it again to complete it")
+    return done
 
 
 def repoint(child_path: str, parent_path: str) -> None:

@@ -268,12 +268,17 @@ class VhdWritableDisk(VhdDisk):
                 _set_bits(bm, 0, self._spb)
             self._pwrite(bitmap_off, bm)
         self._barrier()
-        for block, bitmap_off, _ in new:
+        run: list[int] = []  # consecutive blocks' entries go out as one write
+        for j, (block, bitmap_off, _) in enumerate(new):
             entry = bitmap_off // S.SECTOR
-            self._pwrite(top.table_offset + 4 * block, entry.to_bytes(4, "big"))
+            run.append(entry)
             top.bat[block] = entry
             top.forget_block(block)
             self._maps.pop(block, None)
+            if j + 1 == len(new) or new[j + 1][0] != block + 1:
+                first = block + 1 - len(run)
+                self._pwrite(top.table_offset + 4 * first, b"".join(e.to_bytes(4, "big") for e in run))
+                run = []
         return out
 
     def _mark(self, block: int, base: int, runs: list[tuple[int, int]]) -> None:
