@@ -7,12 +7,11 @@ sector bitmap says "this file" (1) or "parent / zeros" (0). Past a parent's
 end the disk reads zeros. Everything above resolution (positional reads, the
 block-map cache, gather reads, extents, the stream API) is the VHDX disk's.
 
-Reads use one pread per run of one source: the common single-source read (any
-4 KiB read, a sequential 1 MiB read of a fully marked block) costs one lookup
-and one pread; reads split over many bitmap runs go through
-:func:`vhdx.native.gather_read` (one C call, GIL released). The VHDX C chain
-reader is not used: its tables are VHDX BATs (MiB-granular offsets, LSB-first
-bitmaps in separate blocks).
+Reads go through the C chain reader with VHD levels
+(:class:`vhdx.vhd.native_read.VhdChainReader`: one call per read, GIL
+released) when the extension is built; the Python resolver below is the
+reference and the fallback: one pread per run of one source, reads split over
+many bitmap runs through :func:`vhdx.native.gather_read`.
 """
 
 from __future__ import annotations
@@ -22,10 +21,12 @@ import os
 import uuid
 from collections.abc import Sequence
 
+from .. import native
 from ..disk import UNALLOCATED, ZERO, Segment, VirtualDisk, _emit
 from ..errors import InvalidArgumentError
 from . import structures as S
 from .file import VhdFile
+from .native_read import VhdChainReader
 
 PathLike = str | os.PathLike[str]
 
@@ -42,13 +43,19 @@ class VhdDisk(VirtualDisk):
         # The block-map cache of VirtualDisk keys on the top file's block size.
         self._levels = [(top.virtual_size, top.block_size)]  # type: ignore[list-item]
         self._fds = [f.fd for f in self.chain]
-        # The VHDX C chain reader does not apply (VHDX tables only): both of its
-        # entry points (the newer base class also has ``_native_read``) stay off.
-        self._native = None
-        self._native_read = None
+        reader = self._make_native()
+        self._native = reader.fast if reader is not None else None
+        self._native_read = reader.read if reader is not None else None
+        self._reader = reader
 
-    def _make_native(self):
-        return None
+    def _make_native(self) -> VhdChainReader | None:  # type: ignore[override]
+        """The C read path over VHD levels, or None (no extension, a closed file)."""
+        if not native.HAVE_CHAIN_READER or any(f.closed or f.fd < 0 for f in self.chain):
+            return None
+        try:  # a writer changes its top file's bitmaps between reads
+            return VhdChainReader(self.chain, cache_top=not self.writable())
+        except (ValueError, OSError, TypeError, BufferError, NotImplementedError):
+            return None  # the Python resolver handles it
 
     # --- properties --------------------------------------------------------------
     @property
