@@ -35,20 +35,19 @@ def _python_read(disk: VhdDisk, offset: int, size: int) -> bytes:
 
 
 def _build(tmp, rng: random.Random, base_kind: str, depth: int, size: int, block: int) -> list[str]:
-    paths = []
-    base = str(tmp / "base.vhd")
-    vhdx.create(base, size, type=base_kind, **({} if base_kind == "fixed" else {"block_size": block}))
-    paths.append(base)
-    for i in range(depth):
-        c = str(tmp / f"c{i}.avhd")
-        vhdx.create(c, parent=paths[-1])
-        paths.append(c)
-    for p in paths:
-        with vhdx.open(p, "r+", parents=list(reversed(paths[:paths.index(p)]))) as w:
+    paths: list[str] = []
+    for i in range(depth + 1):
+        p = str(tmp / (f"c{i}.avhd" if i else "base.vhd"))
+        if i:
+            vhdx.create(p, parent=paths[-1])
+        else:
+            vhdx.create(p, size, type=base_kind, **({} if base_kind == "fixed" else {"block_size": block}))
+        with vhdx.open(p, "r+", parents=list(reversed(paths))) as w:
             for _ in range(rng.randrange(1, 12)):
                 sec = rng.randrange(size // 512)
                 n = min(rng.choice([1, 2, 7, 64, 300, 2048]), size // 512 - sec)
                 w.write_at(sec * 512, rng.randbytes(n * 512))
+        paths.append(p)
     return list(reversed(paths))  # child first
 
 

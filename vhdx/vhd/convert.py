@@ -130,7 +130,7 @@ def convert_to_vhd(source: str | os.PathLike[str], output: str | os.PathLike[str
             create_vhd(tmp, vsize, type="dynamic", block_size=block_size)
             try:
                 storage = DeferredSyncStorage.open(tmp)
-                out = VhdWritableDisk(tmp, storage=storage)
+                out = VhdWritableDisk(tmp, storage=storage, dependents=False)  # a new file
                 try:
                     _copy(iter(ranges), readinto, out.write_at, _one_arg(progress))
                     storage.sync()

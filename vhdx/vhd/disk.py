@@ -179,16 +179,21 @@ class VhdDisk(VirtualDisk):
 
 def open_vhd(path: PathLike, mode: str = "r", *, parents: Sequence[PathLike] | None = None,
              search_dirs: Sequence[PathLike] = (), ignore_linkage: bool = False,
-             ignore_checksums: bool = False) -> VhdDisk:
-    """Open a VHD/AVHD and its chain (``vhdx.open`` routes here by signature)."""
+             ignore_checksums: bool = False, force_share: bool = False, force: bool = False) -> VhdDisk:
+    """Open a VHD/AVHD and its chain (``vhdx.open`` routes here by signature).
+    Locks and ``force_share`` as for VHDX; "r+" refuses a disk with children
+    unless ``force`` (:class:`vhdx.vhd.writer.VhdWritableDisk`)."""
     if mode in ("r+", "r+b", "rb+"):
+        if force_share:
+            raise InvalidArgumentError("force_share is for read-only opens")
         from .writer import VhdWritableDisk
 
         return VhdWritableDisk(path, parents=parents, search_dirs=search_dirs,
-                               ignore_linkage=ignore_linkage)
+                               ignore_linkage=ignore_linkage, force=force)
     if mode not in ("r", "rb"):
         raise InvalidArgumentError(f"mode {mode!r} is not supported (use 'r' or 'r+')")
     from .chain import open_chain
 
-    chain, warnings = open_chain(path, parents, search_dirs, ignore_linkage, ignore_checksums)
+    chain, warnings = open_chain(path, parents, search_dirs, ignore_linkage, ignore_checksums,
+                                 force_share=force_share)
     return VhdDisk(chain, warnings)  # type: ignore[arg-type]

@@ -25,6 +25,7 @@ from ..errors import (
     VhdxError,
 )
 from ..image import open_regular_file, pread_into
+from ..locking import lock_image
 from ..native import bitmap_runs
 from . import structures as S
 
@@ -97,7 +98,9 @@ class VhdFile:
     """A single fixed, dynamic or differencing VHD (or .avhd), read-only.
 
     ``ignore_checksums`` accepts a file whose footer copies and dynamic header all
-    fail their checksums (forensic use; a warning is recorded instead).
+    fail their checksums (forensic use; a warning is recorded instead). An own
+    descriptor (``fd`` None) takes a reader's lock (:mod:`vhdx.locking`: LockedError
+    while a writer, vhdx or QEMU, holds the file) unless ``force_share``.
     """
 
     logical_sector_size = S.SECTOR
@@ -105,7 +108,7 @@ class VhdFile:
     overlay = None  # no log: nothing patches reads (the VHDX reader's attribute)
 
     def __init__(self, path: str | os.PathLike[str], fd: int | None = None, *,
-                 ignore_checksums: bool = False) -> None:
+                 ignore_checksums: bool = False, force_share: bool = False) -> None:
         self.path = os.fspath(path)
         self._owns_fd = fd is None
         self.fd = open_regular_file(path) if fd is None else fd
@@ -117,6 +120,8 @@ class VhdFile:
         self.header: Any = None  # construct container of the dynamic header (None: fixed)
         self._lock = threading.Lock()
         try:
+            if fd is None:  # an own descriptor takes a reader's lock, as ImageFile does
+                lock_image(self.fd, self.path, write=False, force_share=force_share)
             self._load()
         except BaseException:
             self.close()

@@ -31,6 +31,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 
+from ..dependents import search_folders
 from ..errors import (
     CancelledError,
     DependentDisksError,
@@ -41,8 +42,9 @@ from ..errors import (
 from ..merge_engine import MergeSummary
 from ..mergekit import CHUNK_BYTES, RangeMover
 from ..storage import fsync_dir
+from ..writer import lock_exclusive
 from . import structures as S
-from .chain import VHD_SUFFIXES, open_chain
+from .chain import find_vhd_linked, open_chain
 from .create import parent_fields
 from .disk import VhdDisk
 from .file import VhdFile
@@ -55,44 +57,6 @@ PathLike = str | os.PathLike[str]
 # started behind each, so the final fsync overlaps the copy instead of
 # following it.
 PREPARE_BLOCKS = 8192
-
-
-def find_vhd_dependents(dirs: Sequence[str], ids: dict[bytes, str], exclude: Sequence[str]) -> list[tuple[str, str]]:
-    """(path, parent path) of every VHD in ``dirs`` whose Parent Unique ID is one of
-    ``ids`` (Unique Id -> path), other than ``exclude``."""
-    excluded = set()
-    for p in exclude:
-        try:
-            st = os.stat(p)
-            excluded.add((st.st_dev, st.st_ino))
-        except OSError:
-            pass
-    found, seen = [], set()
-    for d in dict.fromkeys(dirs):
-        try:
-            names = sorted(os.listdir(d))
-        except OSError:
-            continue
-        for name in names:
-            if not name.lower().endswith(VHD_SUFFIXES):
-                continue
-            path = os.path.join(d, name)
-            try:
-                st = os.stat(path)
-            except OSError:
-                continue
-            ident = (st.st_dev, st.st_ino)
-            if ident in excluded or ident in seen:
-                continue
-            seen.add(ident)
-            try:
-                with VhdFile(path, ignore_checksums=True) as f:
-                    puid = f.parent_unique_id
-            except VhdxError:
-                continue
-            if puid is not None and puid in ids:
-                found.append((path, ids[puid]))
-    return found
 
 
 def merge_vhd(child: PathLike, into: PathLike | None = None, output: PathLike | None = None, *,
@@ -188,10 +152,10 @@ def _merge_into(chain: list[VhdFile], k: int, dry_run: bool, keep: bool, force: 
     if top.virtual_size != target.virtual_size:
         raise UnsupportedFeatureError(f"the child's virtual size ({top.virtual_size}) differs from the "
                                       f"target's ({target.virtual_size}); VHD merges need equal sizes")
-    dirs = [os.path.dirname(os.path.abspath(f.path)) for f in chain] + [os.fspath(d) for d in search_dirs]
+    dirs = search_folders([f.path for f in chain], search_dirs)
     paths = [f.path for f in chain]
-    dependents = find_vhd_dependents(dirs, {f.unique_id: f.path for f in chain[1:k + 1]}, paths)
-    children = find_vhd_dependents(dirs, {top.unique_id: top.path}, paths)
+    dependents = find_vhd_linked(dirs, {f.unique_id: f.path for f in chain[1:k + 1]}, paths)
+    children = find_vhd_linked(dirs, {top.unique_id: top.path}, paths)
     if dependents:
         names = ", ".join(f"{p} (child of {q})" for p, q in dependents)
         if not force:
@@ -207,15 +171,14 @@ def _merge_into(chain: list[VhdFile], k: int, dry_run: bool, keep: bool, force: 
         summary.bytes_copied = total
         summary.seconds = time.monotonic() - t0
         return summary
-    from ..writer import lock_exclusive
-
     for f in upper:  # no writer may change what is being merged (LockedError otherwise)
         lock_exclusive(f.fd, f.path)
-    storage = storage_factory(target.path) if storage_factory else None
     done = 0
     target_path = target.path
+    target.close()  # its reader's lock would refuse the writer below (the plan is made)
+    storage = storage_factory(target_path) if storage_factory else None
     with VhdWritableDisk(target_path, parents=None if k + 1 >= len(chain) else [f.path for f in chain[k + 1:]],
-                         storage=storage) as t:
+                         storage=storage, dependents=False) as t:  # dependents: checked above
         mover = RangeMover(t.storage, upper, summary)
         bs = t.top.block_size
         for i in range(0, len(plan), PREPARE_BLOCKS):
@@ -292,6 +255,7 @@ def repoint(child_path: str, parent_path: str) -> None:
         header = S.build_header(**obj)
     st = FileStorage.open(child_path, writable=True)
     try:
+        lock_exclusive(st.fd, child_path)  # a VM running on the child refuses the rewrite
         for off, data in writes:  # locator data first: unused until the header names it
             st.pwrite(off, data)
         st.flush()

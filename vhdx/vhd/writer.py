@@ -37,7 +37,9 @@ from ..errors import (
     UnsupportedFeatureError,
     VhdxError,
 )
-from ..storage import FileStorage
+from ..dependents import invalidated_note, refuse_if_children
+from ..storage import FileStorage, Storage
+from ..writer import lock_exclusive
 from . import structures as S
 from .create import next_block_position
 from .disk import VhdDisk
@@ -67,28 +69,40 @@ class VhdWritableDisk(VhdDisk):
     """A VHD/AVHD opened for writing; parents stay read-only. Not thread-safe.
 
     ``storage`` replaces the file's own read-write storage (tests record every
-    write and flush through :class:`vhdx.storage.RecordingStorage`).
+    write and flush through :class:`vhdx.storage.RecordingStorage`). The file is
+    locked as a writer's (:mod:`vhdx.locking`), its parents as readers'. A disk
+    that other VHDs depend on (children found by their Parent Unique ID,
+    :func:`vhdx.dependents.refuse_if_children`) is refused with
+    DependentDisksError unless ``force`` (``disk.warnings`` then names them);
+    ``dependents=False`` skips the search (a merge checks its own; a new file
+    has none).
     """
 
     def __init__(self, path: PathLike, *, parents: Sequence[PathLike] | None = None,
                  search_dirs: Sequence[PathLike] = (), ignore_linkage: bool = False,
-                 storage=None) -> None:
-        from .chain import open_chain
+                 storage: Storage | None = None, force: bool = False, dependents: bool = True) -> None:
+        from .chain import find_vhd_children, open_chain
 
         self._storage = storage if storage is not None else FileStorage.open(path, writable=True)
         try:
             fd = getattr(self._storage, "fd", None)
             if isinstance(fd, int):
-                from ..writer import lock_exclusive
-
                 lock_exclusive(fd, os.fspath(path))
-            top = VhdFile(path)
+            # Parsed through the writer's descriptor: a second open of our own would
+            # take a reader's lock that the writer's lock refuses.
+            top = VhdFile(path, fd=fd if isinstance(fd, int) else None)
             chain, warnings = open_chain(path, parents, search_dirs, ignore_linkage, top=top)
         except BaseException:
             self._storage.close()
             raise
         super().__init__(chain, warnings)  # type: ignore[arg-type]
         try:
+            if dependents:
+                children = refuse_if_children(path, "writing", search_dirs, force=force,
+                                              chain=[f.path for f in chain[1:]], find=find_vhd_children)
+                if children:
+                    self.warnings.append(f"{os.fspath(path)}: opened with force; writes make its children "
+                                         + invalidated_note(children))
             self._prepare()
         except BaseException:
             self.close()
