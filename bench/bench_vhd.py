@@ -27,7 +27,7 @@ How readers are driven: vhdx ``readinto_at`` into a preallocated buffer; libvhdi
 seq1m (its own "Run completed in" time) and ``qemu-io -r`` with ``read`` lines on
 stdin for rand4k (qemu-io's per-op times summed). qemu has no VHD parent support
 (it opens a differencing VHD as a plain dynamic one), so its chain rows are n/a;
-libvhdi's sector-bitmap bug (ref §13) makes its chain *content* wrong, but its
+libvhdi's sector-bitmap bug (vhd.md §13) makes its chain *content* wrong, but its
 speed is still a fair peer figure. Times are medians of ``--reps`` passes after
 one warm-up pass; files are in the page cache. GB = 1e9 bytes.
 """

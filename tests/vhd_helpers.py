@@ -102,7 +102,7 @@ def qemu_check(path: PathLike) -> subprocess.CompletedProcess:
 def libvhdi_bytes(chain: Sequence[PathLike]) -> bytes | None:
     """Whole disk through libvhdi (parents set explicitly), None without pyvhdi.
 
-    libvhdi 20260901 has a sector-bitmap bug (ref §13: the shifted bitmap byte
+    libvhdi 20260901 has a sector-bitmap bug (vhd.md §13: the shifted bitmap byte
     is not masked, so a 0 bit after a 1 bit in the same byte counts as present):
     on a differencing disk with a partial bitmap over a non-zero parent it
     returns the child's (zero) sectors instead of the parent's. Callers use it

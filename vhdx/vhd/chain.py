@@ -1,10 +1,10 @@
 """Differencing VHD / AVHD chains: finding, validating and opening parents.
 
-Linkage (ref §8.3): the parent's footer Unique Id must equal the child's Parent
+Linkage (vhd.md §8.3): the parent's footer Unique Id must equal the child's Parent
 Unique ID, compared as raw bytes (producers disagree on GUID byte order); a
 Parent Time Stamp that matches neither the parent's footer Time Stamp nor its
 file mtime is only a warning (Windows writes 0). Candidates are tried in the
-order of ref §6: W2ru (relative to the child), W2ku, the Parent Unicode Name,
+order of vhd.md §6: W2ru (relative to the child), W2ku, the Parent Unicode Name,
 the deprecated single-byte Wi2r/Wi2k and MacX; absolute Windows paths only
 contribute their file name off Windows. A VHDX found where a VHD parent should
 be is refused: Hyper-V chains never mix the formats.

@@ -4,7 +4,7 @@
 Checked per file: both footer copies (checksum, agreement), the dynamic header
 checksum, BAT entries (inside the file, clear of the header and BAT, no two
 blocks overlapping, none over locator data), sector bitmaps (a dynamic disk's
-unmarked sectors must hold zeros, ref §5.2), parent locators, saved state and
+unmarked sectors must hold zeros, vhd.md §5.2), parent locators, saved state and
 CHS; per link: Unique Id linkage and time stamp (the open path's own rules).
 """
 
@@ -65,7 +65,7 @@ def _check_file(f: VhdFile, report: CheckReport) -> None:
     if not f.has_parent and f.locators:
         add("warning", "a dynamic disk carries parent locators")
     if not f.has_parent:
-        # Unmarked sectors of a dynamic disk must be zeros on disk (ref §5.2).
+        # Unmarked sectors of a dynamic disk must be zeros on disk (vhd.md §5.2).
         for b, off in f.allocated_blocks():
             runs = f.block_runs(b)
             if len(runs) == 1 and runs[0][2]:

@@ -1,6 +1,6 @@
 """Create new VHD / AVHD files: fixed, dynamic, or differencing.
 
-Windows' layout (ref §1.2): footer copy at 0, dynamic header at 512, BAT at
+Windows' layout (vhd.md §1.2): footer copy at 0, dynamic header at 512, BAT at
 1536 padded with 0xFF to a 4 KiB boundary, parent locator data (differencing)
 after it in 4 KiB-aligned slots, and each block's sector bitmap in the last
 sector(s) before a 4 KiB boundary so block data is 4 KiB aligned. The footer
@@ -9,7 +9,7 @@ of a new dynamic disk sits where the next block's bitmap will go.
 Geometry: Current Size is the size asked for (what Windows and Hyper-V expose).
 CHS is the spec's geometry when it describes exactly that size; otherwise the
 maximum 65535/16/255, which QEMU and Disk2vhd write so that CHS-trusting
-readers (qemu-img 7.2) fall back to Current Size (ref §2.3, §3).
+readers (qemu-img 7.2) fall back to Current Size (vhd.md §2.3, §3).
 A differencing child records the parent's footer Unique Id (raw bytes), the
 parent's footer Time Stamp, the parent path as Parent Unicode Name (UTF-16BE)
 and two locators: W2ku (absolute path) and W2ru (``.\\name`` relative to the
@@ -145,7 +145,7 @@ def create_vhd(path: str | os.PathLike[str], size: int | None = None, *, type: s
 
     path = os.fspath(path)
     bs = block_size or DEFAULT_BLOCK_SIZE
-    uid = unique_id or uuid.uuid4().bytes_le  # Windows stores GUID structures (ref §0)
+    uid = unique_id or uuid.uuid4().bytes_le  # Windows stores GUID structures (vhd.md §0)
     if type not in ("dynamic", "fixed"):
         raise InvalidArgumentError(f"type must be 'dynamic' or 'fixed', not {type!r}")
     pinfo = None

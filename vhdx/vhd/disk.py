@@ -1,6 +1,6 @@
 """The virtual disk seen through a VHD / AVHD chain: :class:`VhdDisk`.
 
-A :class:`vhdx.VirtualDisk` whose resolution follows the VHD rules (ref §7): a
+A :class:`vhdx.VirtualDisk` whose resolution follows the VHD rules (vhd.md §7): a
 fixed file maps 1:1; a dynamic or differencing block is unallocated (parent,
 else zeros) or allocated, in which case each sector's bit in the MSB-first
 sector bitmap says "this file" (1) or "parent / zeros" (0). Past a parent's

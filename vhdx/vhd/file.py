@@ -2,7 +2,7 @@
 
 Parses the footer (end copy, 511-byte variant, copy at offset 0 with fallback),
 the dynamic header, the BAT and the parent locators, and answers "which sectors
-of block b are in this file". Every bound of ref §10 is enforced before memory
+of block b are in this file". Every bound of vhd.md §10 is enforced before memory
 is allocated or a byte is read, so a hostile file costs at most a bounded BAT
 read. Parents are found in :mod:`vhdx.vhd.chain`.
 """
@@ -52,7 +52,7 @@ def _pread(fd: int, offset: int, size: int, path: str) -> bytes:
 
 def footer_candidates(fd: int, file_size: int, path: str) -> list[tuple[str, int, bytes]]:
     """(where, offset, 512 bytes) of every place a footer may be: the end (512, then
-    the pre-2004 511-byte variant, ref §2.1) and the copy at offset 0."""
+    the pre-2004 511-byte variant, vhd.md §2.1) and the copy at offset 0."""
     out = []
     if file_size >= S.FOOTER_SIZE:
         out.append(("end", file_size - 512, _pread(fd, file_size - 512, 512, path)))
@@ -169,7 +169,7 @@ class VhdFile:
             self._load_dynamic()
 
     def _choose_footer(self) -> None:
-        """Footer policy (ref §2.1): the end copy when its checksum holds, else the copy
+        """Footer policy (vhd.md §2.1): the end copy when its checksum holds, else the copy
         at offset 0 (dynamic/differencing only), else with ``ignore_checksums`` the
         first copy carrying the cookie; each fallback leaves a warning."""
         cands = footer_candidates(self.fd, self.file_size, self.path)
@@ -274,14 +274,14 @@ class VhdFile:
         if bat.itemsize != 4:
             raise VhdxError("this platform has no 32-bit array type")
         if sys.byteorder == "little":
-            bat.byteswap()  # entries are big-endian (ref §5.1)
+            bat.byteswap()  # entries are big-endian (vhd.md §5.1)
         self.bat = bat
         self._validate_bat(limit)
         self._load_parent_fields(h)
 
     def _validate_bat(self, limit: int) -> None:
         """Every allocated block (bitmap + data) must lie inside the file, after the
-        header and the BAT (ref §10)."""
+        header and the BAT (vhd.md §10)."""
         span = self.bitmap_size + self.block_size
         meta_end = max(self.header_offset + S.HEADER_SIZE, self.table_offset + 4 * self.blocks)
         meta_start = min(self.header_offset, self.table_offset)
@@ -346,7 +346,7 @@ class VhdFile:
     @staticmethod
     def _decode_locator(code: bytes, data: bytes) -> str | None:
         if code in (S.PLATFORM_W2RU, S.PLATFORM_W2KU):
-            # UTF-16LE without terminator (ref §6); unpaired surrogates are replaced.
+            # UTF-16LE without terminator (vhd.md §6); unpaired surrogates are replaced.
             return data.decode("utf-16-le", "replace").rstrip("\0")
         if code in (S.PLATFORM_WI2R, S.PLATFORM_WI2K):
             return data.decode("latin-1").rstrip("\0")
@@ -375,7 +375,7 @@ class VhdFile:
 
     @property
     def virtual_disk_id(self) -> uuid.UUID:
-        """The Unique Id as Windows displays it (GUID structure, ref §0)."""
+        """The Unique Id as Windows displays it (GUID structure, vhd.md §0)."""
         return uuid.UUID(bytes_le=self.unique_id)
 
     data_write_guid = virtual_disk_id  # VHD linkage identity: the same Unique Id
@@ -409,7 +409,7 @@ class VhdFile:
         return _pread(self.fd, off, self.bitmap_size, self.path)
 
     def block_runs(self, block: int) -> Runs:
-        """Runs of the sector bitmap of allocated block ``block`` (MSB-first, ref §5.2)."""
+        """Runs of the sector bitmap of allocated block ``block`` (MSB-first, vhd.md §5.2)."""
         runs = self._runs.get(block)
         if runs is None:
             spb = self.sectors_per_block

@@ -8,7 +8,7 @@ converter's path; the originals stay untouched).
 In place. The files above the target ("upper") are resolved newest-first with
 the reader's own resolver, restricted to their allocated blocks; every sector
 they define is copied into the target (marked all-zero sectors too: they hide
-older data, ref §11) through the C copy engine (:func:`vhdx.native.copy_ranges`:
+older data, vhd.md §11) through the C copy engine (:func:`vhdx.native.copy_ranges`:
 clone / copy_file_range / read-write). Until the upper files are removed they
 mask every sector the merge writes, so the chain reads the same at every instant
 and the target's own ordering only has to keep that file valid

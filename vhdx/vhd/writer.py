@@ -1,6 +1,6 @@
 """Writing to a VHD / AVHD (``vhdx.open(path, "r+")``): :class:`VhdWritableDisk`.
 
-Crash safety by ordering, without a journal (ref §9). A fixed disk is written
+Crash safety by ordering, without a journal (vhd.md §9). A fixed disk is written
 in place. Allocating a block of a dynamic or differencing disk:
 
 1. write the footer at its new position past the new block (the file grows;
