@@ -15,7 +15,6 @@ from vhd_helpers import (
     disk_sha,
     file_sha,
     libvhdi_bytes,
-    qemu_raw,
     qemu_verify,
     require_tool,
     vhd_expected,

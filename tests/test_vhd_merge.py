@@ -28,7 +28,8 @@ def make_chain(d: Path, depth: int, seed: int, fixed_base: bool = False, align: 
     rng = random.Random(seed)
     model = bytearray(SIZE)
     paths = [d / "base.vhd"] + [d / f"s{i}.avhd" for i in range(1, depth + 1)]
-    vhdx.create(paths[0], SIZE, type="fixed" if fixed_base else "dynamic", block_size=None if fixed_base else 512 * 1024)
+    vhdx.create(paths[0], SIZE, type="fixed" if fixed_base else "dynamic",
+                block_size=None if fixed_base else 512 * 1024)
     models = []
     for i, p in enumerate(paths):
         if i:
