@@ -365,6 +365,40 @@ struct rctx {
 
 static int is_pow2(uint64_t x) { return x && !(x & (x - 1)); }
 
+/* A reader with nlevels zeroed levels, or NULL (out of memory). */
+static struct vhdx_reader *reader_alloc(size_t nlevels)
+{
+    struct vhdx_reader *r = (struct vhdx_reader *)calloc(1, sizeof *r);
+    if (!r)
+        return NULL;
+    r->lv = (struct rlevel *)calloc(nlevels, sizeof *r->lv);
+    if (!r->lv || pthread_mutex_init(&r->lock, NULL) != 0) {
+        free(r->lv);
+        free(r);
+        return NULL;
+    }
+    r->nlevels = nlevels;
+    return r;
+}
+
+/* The bitmap cache slots of a level that caches (bm_bytes set): 0 or ENOMEM. */
+static int level_cache_init(struct rlevel *lv)
+{
+    uint64_t k;
+    if (!lv->d.cache_bitmaps)
+        return 0;
+    k = VHDX_BM_CACHE_BYTES / lv->bm_bytes;
+    if (k < VHDX_BM_SLOTS_MIN)
+        k = VHDX_BM_SLOTS_MIN;
+    if (k > VHDX_BM_SLOTS_MAX)
+        k = VHDX_BM_SLOTS_MAX;
+    lv->slots = (struct bm_slot *)calloc((size_t)k, sizeof *lv->slots);
+    if (!lv->slots)
+        return ENOMEM;
+    lv->nslots = k;
+    return 0;
+}
+
 int vhdx_reader_new(const vhdx_rlevel *levels, size_t nlevels,
                     vhdx_reader **out)
 {
@@ -387,34 +421,18 @@ int vhdx_reader_new(const vhdx_rlevel *levels, size_t nlevels,
             d->chunk_ratio * (d->block_size / d->sector_size / 8) != ((uint64_t)1 << 20))
             return VHDX_EARG;
     }
-    r = (struct vhdx_reader *)calloc(1, sizeof *r);
+    r = reader_alloc(nlevels);
     if (!r)
         return ENOMEM;
-    r->lv = (struct rlevel *)calloc(nlevels, sizeof *r->lv);
-    if (!r->lv || pthread_mutex_init(&r->lock, NULL) != 0) {
-        free(r->lv);
-        free(r);
-        return ENOMEM;
-    }
-    r->nlevels = nlevels;
     for (i = 0; i < nlevels; i++) {
         struct rlevel *lv = &r->lv[i];
         lv->d = levels[i];
         while (((uint64_t)1 << lv->bs_shift) < lv->d.block_size)
             lv->bs_shift++;
         lv->bm_bytes = lv->d.block_size / lv->d.sector_size / 8;
-        if (lv->d.cache_bitmaps) {
-            uint64_t k = VHDX_BM_CACHE_BYTES / lv->bm_bytes;
-            if (k < VHDX_BM_SLOTS_MIN)
-                k = VHDX_BM_SLOTS_MIN;
-            if (k > VHDX_BM_SLOTS_MAX)
-                k = VHDX_BM_SLOTS_MAX;
-            lv->slots = (struct bm_slot *)calloc((size_t)k, sizeof *lv->slots);
-            if (!lv->slots) {
-                vhdx_reader_free(r);
-                return ENOMEM;
-            }
-            lv->nslots = k;
+        if (level_cache_init(lv)) {
+            vhdx_reader_free(r);
+            return ENOMEM;
         }
     }
     *out = r;
@@ -551,6 +569,31 @@ static int cached_bits(struct rctx *c, struct rlevel *lv, uint64_t block,
 static int resolve(struct rctx *c, size_t level, uint64_t off, uint64_t len);
 static int resolve_vhd(struct rctx *c, size_t level, uint64_t off, uint64_t len);
 
+/* Block-relative bytes [rel, rel_end) of `level` by the runs of its LSB-first
+ * sector bits (bit 0 of `bits` = sector `bitbase`; sectors below s1 are
+ * covered): 1 = this file's bytes at foff + rel, 0 = the parent's (zeros at
+ * the end of the chain). */
+static int bit_runs(struct rctx *c, size_t level, const uint8_t *bits, uint64_t bitbase,
+                    uint64_t lss, uint64_t bstart, uint64_t foff, uint64_t rel,
+                    uint64_t rel_end, uint64_t s1)
+{
+    int err = 0;
+    while (!err && rel < rel_end) {
+        uint64_t s = rel / lss - bitbase, nx, run_end;
+        int v = (bits[s >> 3] >> (s & 7)) & 1;
+        nx = next_diff(bits, s + 1, s1 - bitbase, v) + bitbase;
+        run_end = nx * lss < rel_end ? nx * lss : rel_end;
+        if (v)
+            err = emit(c, bstart + rel, run_end - rel, (int64_t)level, foff + rel);
+        else if (level + 1 < c->r->nlevels)
+            err = resolve(c, level + 1, bstart + rel, run_end - rel);
+        else
+            err = emit(c, bstart + rel, run_end - rel, VHDX_SRC_ZERO, 0);
+        rel = run_end;
+    }
+    return err;
+}
+
 /* [pos, pos+n) inside PARTIALLY_PRESENT `block` (data at foff) of `level`. */
 static int resolve_partial(struct rctx *c, size_t level, uint64_t block,
                            uint64_t bstart, uint64_t foff, uint64_t pos, uint64_t n)
@@ -582,19 +625,8 @@ static int resolve_partial(struct rctx *c, size_t level, uint64_t block,
         bits = own;
         bitbase = b0 * 8;
     }
-    while (!err && rel < rel_end) {
-        uint64_t s = rel / lss - bitbase, nx, run_end;
-        int v = (bits[s >> 3] >> (s & 7)) & 1;
-        nx = next_diff(bits, s + 1, s1 - bitbase, v) + bitbase;
-        run_end = nx * lss < rel_end ? nx * lss : rel_end;
-        if (v)
-            err = emit(c, bstart + rel, run_end - rel, (int64_t)level, foff + rel);
-        else if (level + 1 < c->r->nlevels)
-            err = resolve(c, level + 1, bstart + rel, run_end - rel);
-        else
-            err = emit(c, bstart + rel, run_end - rel, VHDX_SRC_ZERO, 0);
-        rel = run_end;
-    }
+    if (!err)
+        err = bit_runs(c, level, bits, bitbase, lss, bstart, foff, rel, rel_end, s1);
     free(own);
     return err;
 }
@@ -671,19 +703,8 @@ static int resolve_vhd_bits(struct rctx *c, size_t level, uint64_t bstart,
         bits = own;
         bitbase = b0 * 8;
     }
-    while (!err && rel < rel_end) {
-        uint64_t s = rel / 512 - bitbase, nx, run_end;
-        int v = (bits[s >> 3] >> (s & 7)) & 1;
-        nx = next_diff(bits, s + 1, s1 - bitbase, v) + bitbase;
-        run_end = nx * 512 < rel_end ? nx * 512 : rel_end;
-        if (v)
-            err = emit(c, bstart + rel, run_end - rel, (int64_t)level, foff + rel);
-        else if (level + 1 < c->r->nlevels)
-            err = resolve(c, level + 1, bstart + rel, run_end - rel);
-        else
-            err = emit(c, bstart + rel, run_end - rel, VHDX_SRC_ZERO, 0);
-        rel = run_end;
-    }
+    if (!err)
+        err = bit_runs(c, level, bits, bitbase, 512, bstart, foff, rel, rel_end, s1);
     free(own);
     return err;
 }
@@ -747,16 +768,9 @@ int vhdx_vhd_reader_new(const vhdx_vhd_level *levels, size_t nlevels,
                           d->bat_entries < (d->virtual_size + d->block_size - 1) / d->block_size))
             return VHDX_EARG;
     }
-    r = (struct vhdx_reader *)calloc(1, sizeof *r);
+    r = reader_alloc(nlevels);
     if (!r)
         return ENOMEM;
-    r->lv = (struct rlevel *)calloc(nlevels, sizeof *r->lv);
-    if (!r->lv || pthread_mutex_init(&r->lock, NULL) != 0) {
-        free(r->lv);
-        free(r);
-        return ENOMEM;
-    }
-    r->nlevels = nlevels;
     for (i = 0; i < nlevels; i++) {
         const vhdx_vhd_level *d = &levels[i];
         struct rlevel *lv = &r->lv[i];
@@ -777,18 +791,10 @@ int vhdx_vhd_reader_new(const vhdx_vhd_level *levels, size_t nlevels,
         /* Bits of the block's sectors, padded to whole sectors (docs/vhd.md). */
         lv->bm_bytes = (d->block_size / 512 + 7) / 8;
         lv->bm_span = (lv->bm_bytes + 511) / 512 * 512;
-        if (d->cache_bitmaps) {
-            uint64_t k = VHDX_BM_CACHE_BYTES / lv->bm_bytes;
-            if (k < VHDX_BM_SLOTS_MIN)
-                k = VHDX_BM_SLOTS_MIN;
-            if (k > VHDX_BM_SLOTS_MAX)
-                k = VHDX_BM_SLOTS_MAX;
-            lv->slots = (struct bm_slot *)calloc((size_t)k, sizeof *lv->slots);
-            if (!lv->slots) {
-                vhdx_reader_free(r);
-                return ENOMEM;
-            }
-            lv->nslots = k;
+        lv->d.cache_bitmaps = d->cache_bitmaps;
+        if (level_cache_init(lv)) {
+            vhdx_reader_free(r);
+            return ENOMEM;
         }
     }
     *out = r;

@@ -25,7 +25,7 @@ from ..errors import (
     UnsupportedFeatureError,
     VhdxError,
 )
-from ..image import Extent, open_regular_file, pread_into
+from ..image import Extent, append_own_extent, open_regular_file, pread_into
 from ..locking import lock_image
 from ..native import bitmap_runs
 from . import structures as S
@@ -402,6 +402,10 @@ class VhdFile:
         """Fill ``mv`` from file ``offset`` (zeros past EOF), as ImageFile does."""
         pread_into(self.fd, mv, offset, self.path)
 
+    def read_file(self, offset: int, size: int) -> bytes:
+        """``size`` bytes of the file (zeros past EOF), as ImageFile.read_file."""
+        return _pread(self.fd, offset, size, self.path)
+
     def read_bitmap(self, block: int) -> bytes:
         off = self.block_offset(block)
         if off is None:
@@ -459,15 +463,7 @@ class VhdFile:
         out: list[Extent] = []
 
         def emit(off: int, length: int, kind: str, foff: int | None) -> None:
-            if length <= 0:
-                return
-            if out:
-                last = out[-1]
-                if last.kind == kind and last.offset + last.length == off and (
-                        foff is None or (last.file_offset is not None and last.file_offset + last.length == foff)):
-                    out[-1] = Extent(last.offset, last.length + length, kind, last.source, last.file_offset)
-                    return
-            out.append(Extent(off, length, kind, 0 if foff is not None else None, foff))
+            append_own_extent(out, off, length, kind, foff)
 
         if self.is_fixed:
             emit(0, size, "data", 0)

@@ -14,7 +14,8 @@ mask every sector the merge writes, so the chain reads the same at every instant
 and the target's own ordering only has to keep that file valid
 (:meth:`VhdWritableDisk.prepare_masked`: bitmaps and BAT entries of up to
 PREPARE_BLOCKS blocks behind two barriers, BAT entries of consecutive blocks in
-one write). The data then moves in 64 MiB rounds (:class:`vhdx.mergekit.RangeMover`,
+one write). The data then moves in 64 MiB rounds through the VHDX merge
+engine's mover (``merge_engine._Mover``: the C copy engine, coalesced ranges,
 writeback started behind each round, so the last fsync overlaps the copy), with
 progress and cancellation between rounds; the target is flushed, children of the
 merged child are re-pointed to the target (Parent Unique ID, time stamp, name and
@@ -39,8 +40,8 @@ from ..errors import (
     UnsupportedFeatureError,
     VhdxError,
 )
-from ..merge_engine import MergeSummary
-from ..mergekit import CHUNK_BYTES, RangeMover
+from ..merge_engine import CHUNK_BYTES, MergeSummary
+from ..merge_engine import _Mover as RangeMover  # the VHDX engine's data mover, shared (see _move)
 from ..storage import fsync_dir
 from ..writer import lock_exclusive
 from . import structures as S
@@ -179,7 +180,7 @@ def _merge_into(chain: list[VhdFile], k: int, dry_run: bool, keep: bool, force: 
     storage = storage_factory(target_path) if storage_factory else None
     with VhdWritableDisk(target_path, parents=None if k + 1 >= len(chain) else [f.path for f in chain[k + 1:]],
                          storage=storage, dependents=False) as t:  # dependents: checked above
-        mover = RangeMover(t.storage, upper, summary)
+        mover = RangeMover(t, upper, summary, True)  # type: ignore[arg-type]  # duck-typed: .storage, .fd, .read_file
         bs = t.top.block_size
         for i in range(0, len(plan), PREPARE_BLOCKS):
             batch = plan[i:i + PREPARE_BLOCKS]

@@ -37,11 +37,10 @@ class VhdChainReader(native.ChainReader):
         self.fast = self._cffi_fast()
         self.read = self._cffi_read(self._specs[0][5] if self._specs else 0)
 
-    def _cffi_reader(self) -> Any:
-        if self._ptr is not None:
-            return self._ptr
-        ext = native._ext  # the cffi module (HAVE_CHAIN_READER: it is loaded)
-        ffi, lib = ext.ffi, ext.lib
+    _CONSTRUCTOR = "vhdx_vhd_reader_new"
+
+    def _cffi_levels(self) -> tuple[Any, list[Any]]:
+        ffi = native._ext.ffi  # type: ignore[attr-defined]  # the cffi module (HAVE_CHAIN_READER: loaded)
         arr = ffi.new("vhdx_vhd_level[]", len(self._specs))
         keep: list[Any] = [arr]
         for d, (fd, cache, fixed, bat, entries, vsize, bs) in zip(arr, self._specs):
@@ -53,12 +52,4 @@ class VhdChainReader(native.ChainReader):
                 table = ffi.from_buffer("uint32_t[]", bat)
                 keep.append(table)
                 d.bat = table
-        out = ffi.new("vhdx_reader **")
-        rc = lib.vhdx_vhd_reader_new(arr, len(self._specs), out)
-        if rc == lib.VHDX_EARG:
-            raise ValueError("invalid VHD chain geometry for the native reader")
-        if rc:
-            raise OSError(rc, "vhdx_vhd_reader_new")
-        self._keep = keep
-        self._ptr = ffi.gc(out[0], lib.vhdx_reader_free)
-        return self._ptr
+        return arr, keep
