@@ -750,24 +750,27 @@ static int resolve_vhd(struct rctx *c, size_t level, uint64_t off, uint64_t len)
     return err;
 }
 
+/* Geometry a VHD level must have (the Python side enforces vhd.md §10). */
+static int vhd_level_ok(const vhdx_vhd_level *d)
+{
+    if (d->virtual_size > (uint64_t)INT64_MAX || d->virtual_size % 512)
+        return 0;
+    return d->fixed || (is_pow2(d->block_size) && d->block_size >= 512 &&
+                        d->block_size <= ((uint64_t)1 << 31) && d->bat != NULL &&
+                        d->bat_entries >= (d->virtual_size + d->block_size - 1) / d->block_size);
+}
+
 int vhdx_vhd_reader_new(const vhdx_vhd_level *levels, size_t nlevels,
                         vhdx_reader **out)
 {
+    size_t i, bad = !levels || nlevels == 0 || nlevels > (size_t)1 << 20;
     struct vhdx_reader *r;
-    size_t i;
 
     *out = NULL;
-    if (!levels || nlevels == 0 || nlevels > (size_t)1 << 20)
+    for (i = 0; !bad && i < nlevels; i++)
+        bad = !vhd_level_ok(&levels[i]);
+    if (bad)
         return VHDX_EARG;
-    for (i = 0; i < nlevels; i++) {
-        const vhdx_vhd_level *d = &levels[i];
-        if (d->virtual_size > (uint64_t)INT64_MAX || d->virtual_size % 512)
-            return VHDX_EARG;
-        if (!d->fixed && (!is_pow2(d->block_size) || d->block_size < 512 ||
-                          d->block_size > ((uint64_t)1 << 31) || d->bat == NULL ||
-                          d->bat_entries < (d->virtual_size + d->block_size - 1) / d->block_size))
-            return VHDX_EARG;
-    }
     r = reader_alloc(nlevels);
     if (!r)
         return ENOMEM;
