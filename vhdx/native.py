@@ -409,11 +409,11 @@ class ChainReader:
 
     _CONSTRUCTOR = "vhdx_reader_new"  #: the C function that builds the reader from the level array
 
-    def _cffi_levels(self) -> Tuple[Any, list]:
+    def _cffi_levels(self) -> Tuple[Any, List[Any]]:
         """The C level array for :attr:`_CONSTRUCTOR`, and what must stay alive with it."""
         ffi = _ext.ffi
         arr = ffi.new("vhdx_rlevel[]", len(self._specs))
-        keep: list = [arr]
+        keep: List[Any] = [arr]
         for d, (fd, owner, off, entries, vsize, bs, cr, lss, cache) in zip(arr, self._specs):
             whole = ffi.from_buffer("uint8_t[]", owner)
             keep.append(whole)

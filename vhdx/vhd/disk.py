@@ -38,7 +38,7 @@ class VhdDisk(VirtualDisk):
 
     def _refresh(self) -> None:
         self._size = self.chain[0].virtual_size
-        self._maps: dict[int, tuple[list[int], list[Segment]]] = {}
+        self._maps: dict[int, tuple[list[int], list[Segment[int]]]] = {}
         top = self.chain[0]
         # The block-map cache of VirtualDisk keys on the top file's block size.
         self._levels = [(top.virtual_size, top.block_size)]  # type: ignore[list-item]
@@ -48,7 +48,7 @@ class VhdDisk(VirtualDisk):
         self._native_read = reader.read if reader is not None else None
         self._reader = reader
 
-    def _make_native(self) -> VhdChainReader | None:  # type: ignore[override]
+    def _make_native(self) -> VhdChainReader | None:
         """The C read path over VHD levels, or None (no extension, a closed file)."""
         if not native.HAVE_CHAIN_READER or any(f.closed or f.fd < 0 for f in self.chain):
             return None
@@ -83,7 +83,7 @@ class VhdDisk(VirtualDisk):
         return self.top.unique_id
 
     # --- resolution --------------------------------------------------------------
-    def _resolve(self, level: int, offset: int, length: int, base: int, out: list[Segment]) -> None:
+    def _resolve(self, level: int, offset: int, length: int, base: int, out: list[Segment[int]]) -> None:
         img = self.chain[level]
         end = offset + length
         vsize = img.virtual_size
@@ -120,15 +120,15 @@ class VhdDisk(VirtualDisk):
         if tail_start < end:
             _emit(out, tail_start - base, end - tail_start, ZERO, 0)
 
-    def segments(self, offset: int, length: int) -> list[Segment]:
+    def segments(self, offset: int, length: int) -> list[Segment[int]]:
         """As :meth:`VirtualDisk.segments`, resolved block by block through the VHD BAT."""
-        out: list[Segment] = []
+        out: list[Segment[int]] = []
         if length > 0:
             self._resolve(0, offset, length, offset, out)
         return out
 
-    def _resolve_bitmap_runs(self, level: int, runs: list, bstart: int, data: int, pos: int, n: int,
-                             base: int, has_parent: bool, out: list[Segment]) -> None:
+    def _resolve_bitmap_runs(self, level: int, runs: list[tuple[int, int, bool]], bstart: int, data: int,
+                             pos: int, n: int, base: int, has_parent: bool, out: list[Segment[int]]) -> None:
         rel, rel_end = pos - bstart, pos - bstart + n
         i = bisect.bisect_right(runs, (rel // S.SECTOR, 1 << 62, True)) - 1
         while rel < rel_end:

@@ -173,8 +173,8 @@ class VhdFile:
         at offset 0 (dynamic/differencing only), else with ``ignore_checksums`` the
         first copy carrying the cookie; each fallback leaves a warning."""
         cands = footer_candidates(self.fd, self.file_size, self.path)
-        valid: list[tuple] = []
-        cookie_only: list[tuple] = []
+        valid: list[tuple[str, int, bytes, Any]] = []
+        cookie_only: list[tuple[str, int, bytes, Any]] = []
         for where, off, raw in cands:
             if raw[:8] != S.COOKIE_FOOTER:
                 continue
@@ -216,7 +216,7 @@ class VhdFile:
         self.bat = array("I")
         self.max_table_entries = 0
         self.bitmap_size = 0
-        self.locators: list[dict] = []
+        self.locators: list[dict[str, Any]] = []
         self.parent_locator = None
         self.parent_unique_id = None
         self.parent_timestamp = 0
@@ -296,7 +296,7 @@ class VhdFile:
                 raise CorruptImageError(f"{self.path}: BAT entry {b} puts the block at {off:#x}, over the "
                                         "footer copy, header or BAT")
 
-    def _load_parent_fields(self, h) -> None:
+    def _load_parent_fields(self, h: Any) -> None:  # h: the parsed DynamicHeader container
         self.parent_unique_id = bytes(h.parent_unique_id) if self.disk_type == S.TYPE_DIFFERENCING else None
         self.parent_timestamp = h.parent_timestamp
         name = bytes(h.parent_unicode_name)
@@ -330,7 +330,7 @@ class VhdFile:
             loc["parent_unicode_name"] = self.parent_name
         self.parent_locator = loc if self.disk_type == S.TYPE_DIFFERENCING else None
 
-    def _locator_problem(self, code: bytes, ent) -> str | None:
+    def _locator_problem(self, code: bytes, ent: Any) -> str | None:  # ent: a parsed locator entry
         if code not in S.PLATFORM_CODES:
             return f"unknown platform code {code!r}"
         if ent.data_length == 0:
@@ -361,11 +361,11 @@ class VhdFile:
 
     @property
     def is_fixed(self) -> bool:
-        return self.disk_type == S.TYPE_FIXED
+        return bool(self.disk_type == S.TYPE_FIXED)
 
     @property
     def has_parent(self) -> bool:
-        return self.disk_type == S.TYPE_DIFFERENCING
+        return bool(self.disk_type == S.TYPE_DIFFERENCING)
 
     @property
     def creator(self) -> str:
@@ -487,7 +487,7 @@ class VhdFile:
         return runs[bisect.bisect_right(runs, (sector, 1 << 62, True)) - 1][2]
 
     # --- description -----------------------------------------------------------------
-    def info(self) -> dict:
+    def info(self) -> dict[str, Any]:
         """What ``vhdx info --json`` prints for this file."""
         f = self.footer
         d = {

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from ..dependents import search_folders
 from ..errors import (
@@ -40,9 +40,9 @@ from ..errors import (
     UnsupportedFeatureError,
     VhdxError,
 )
-from ..merge_engine import CHUNK_BYTES, MergeSummary
+from ..merge_engine import CHUNK_BYTES, MergeSummary, ProgressFn
 from ..merge_engine import _Mover as RangeMover  # the VHDX engine's data mover, shared (see _move)
-from ..storage import fsync_dir
+from ..storage import Storage, fsync_dir
 from ..writer import lock_exclusive
 from . import structures as S
 from .chain import find_vhd_linked, open_chain
@@ -50,7 +50,6 @@ from .create import parent_fields
 from .disk import VhdDisk
 from .file import VhdFile
 
-ProgressFn = Callable[[int, int], object]
 PathLike = str | os.PathLike[str]
 # Target blocks whose bitmaps and BAT entries are prepared per pair of barriers
 # (all of a 16 GiB merge of 2 MiB blocks): the barriers then find the target
@@ -64,7 +63,7 @@ def merge_vhd(child: PathLike, into: PathLike | None = None, output: PathLike | 
               dry_run: bool = False, keep: bool = False, force: bool = False,
               progress: ProgressFn | None = None, parents: Sequence[PathLike] | None = None,
               search_dirs: Sequence[PathLike] = (), ignore_linkage: bool = False,
-              storage_factory: Callable[[str], object] | None = None) -> MergeSummary:
+              storage_factory: Callable[[str], Storage] | None = None) -> MergeSummary:
     """Merge the VHD chain of ``child``; see the module docstring. ``storage_factory``
     (tests) supplies the Storage the target is written through."""
     t0 = time.monotonic()
@@ -119,7 +118,8 @@ def _flatten(child: PathLike, output: str, dry_run: bool, progress: ProgressFn |
     return summary
 
 
-def _plan(upper_disk: VhdDisk, upper: list[VhdFile], target: VhdFile):
+def _plan(upper_disk: VhdDisk, upper: list[VhdFile],
+          target: VhdFile) -> Iterator[tuple[int, list[tuple[int, int, int, int]]]]:
     """Per target block: [(virtual offset, length, upper index, file offset)] defined above."""
     size = upper_disk.size
     bs = target.block_size if not target.is_fixed else 2 * 1024 * 1024
@@ -139,7 +139,8 @@ def _plan(upper_disk: VhdDisk, upper: list[VhdFile], target: VhdFile):
 
 
 def _merge_into(chain: list[VhdFile], k: int, dry_run: bool, keep: bool, force: bool,
-                progress: ProgressFn | None, search_dirs: Sequence, storage_factory, t0: float,
+                progress: ProgressFn | None, search_dirs: Sequence[PathLike],
+                storage_factory: Callable[[str], Storage] | None, t0: float,
                 warnings: list[str]) -> MergeSummary:
     from .writer import VhdWritableDisk
 
@@ -164,7 +165,7 @@ def _merge_into(chain: list[VhdFile], k: int, dry_run: bool, keep: bool, force: 
                                       f"{names}; merge or delete them first, or use --force")
         summary.invalidated = [p for p, _ in dependents]
     summary.repointed = [p for p, _ in children]
-    upper_disk = VhdDisk(list(upper), [])  # shares the VhdFiles, which ``chain`` owns
+    upper_disk = VhdDisk(list(upper), [])  # type: ignore[arg-type]  # shares the VhdFiles ``chain`` owns
     plan = list(_plan(upper_disk, upper, target))
     total = sum(ln for _, segs in plan for _, ln, _, _ in segs)
     if dry_run:

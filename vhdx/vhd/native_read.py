@@ -23,6 +23,8 @@ class VhdChainReader(native.ChainReader):
     False: the top file's bitmaps are reread on every read (a writer changes them)."""
 
     __slots__ = ()
+    # (fd, cache bitmaps, fixed, BAT array, BAT entries, virtual size, block size)
+    _specs: list[tuple[int, bool, bool, Any, int, int, int]]  # type: ignore[assignment]
 
     def __init__(self, files: Sequence[VhdFile], cache_top: bool = True) -> None:
         if not native.HAVE_CHAIN_READER:

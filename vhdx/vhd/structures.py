@@ -139,7 +139,7 @@ def build_footer(**fields: Any) -> bytes:
 def build_header(**fields: Any) -> bytes:
     """A sealed 1024-byte dynamic header; ``fields`` as in :data:`DynamicHeader`."""
     empty = dict(platform_code=PLATFORM_NONE, data_space=0, data_length=0, reserved=0, data_offset=0)
-    obj = dict(data_offset=NO_DATA_OFFSET, table_offset=0, version=VERSION,
+    obj: dict[str, Any] = dict(data_offset=NO_DATA_OFFSET, table_offset=0, version=VERSION,
                max_table_entries=0, block_size=2 * VS.MiB, checksum=0,
                parent_unique_id=bytes(16), parent_timestamp=0, reserved1=0,
                parent_unicode_name=bytes(512), locators=[empty] * 8, reserved2=bytes(256))

@@ -307,7 +307,7 @@ class VhdWritableDisk(VhdDisk):
         self._maps.pop(block, None)
 
     @property
-    def storage(self):
+    def storage(self) -> Storage:
         return self._storage
 
     # --- lifecycle -----------------------------------------------------------------
@@ -322,7 +322,7 @@ class VhdWritableDisk(VhdDisk):
             finally:
                 super().close()
                 self._storage.close()
-                self._storage = None
+                self._storage = None  # type: ignore[assignment]  # closed: nothing to write through
         else:
             super().close()
 
