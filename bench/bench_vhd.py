@@ -15,19 +15,23 @@ Images (built in bench/work/vhd-{full,small}/, deterministic, ``--quick`` = 1/8 
 Rows:
   seq1m    sequential 1 MiB reads over the whole virtual disk
   rand4k   random aligned 4 KiB reads (same seeded offsets for every reader)
-  merge    ``vhdx merge child.avhd`` (in place, fsync included) vs ``cp`` of the
-           child file + fsync (``sync FILE``): the same bytes moved
+  merge    ``vhdx merge child.avhd`` (in place, fsync and the child's deletion
+           included) vs ``cp`` of the child file + fsync (``sync FILE``): the
+           same bytes moved; also vs cp + sync + rm of the copy, and the merge's
+           data phase alone (``keep=True``)
   convert  ``convert_to_vhd(SRC.vhdx, OUT.vhd, type="fixed")`` (what ``vhdx convert
-           --type fixed`` runs, in process) vs ``qemu-img convert -f
-           vhdx -O vpc -o subformat=fixed,force_size`` (both end with the file
-           written; qemu-img without -S 0 also skips zeros)
+           --type fixed`` runs, in process; it fsyncs the output) vs ``qemu-img
+           convert -f vhdx -O vpc -o subformat=fixed,force_size``, alone (it
+           leaves dirty pages behind) and followed by ``sync OUT``; qemu-img
+           without -S 0 also skips zeros; the source is cached first and the
+           two alternate who runs first
 
 How readers are driven: vhdx ``readinto_at`` into a preallocated buffer; libvhdi
 ``read_buffer_at_offset`` with ``set_parent``; qemu ``qemu-img bench -f vpc`` for
 seq1m (its own "Run completed in" time) and ``qemu-io -r`` with ``read`` lines on
 stdin for rand4k (qemu-io's per-op times summed). qemu has no VHD parent support
 (it opens a differencing VHD as a plain dynamic one), so its chain rows are n/a;
-libvhdi's sector-bitmap bug (ref §13) makes its chain *content* wrong, but its
+libvhdi's sector-bitmap bug (vhd.md §13) makes its chain *content* wrong, but its
 speed is still a fair peer figure. Times are medians of ``--reps`` passes after
 one warm-up pass; files are in the page cache. GB = 1e9 bytes.
 """
@@ -226,33 +230,53 @@ def main() -> int:
                 except Exception as e:  # noqa: BLE001 - a peer missing shows as an error
                     r[rd] = f"error: {e}"
             results[f"{img}/{row}"] = r
-    # merge vs cp (+fsync) of the same child file
-    mt, ct = [], []
+    # merge vs cp (+fsync) of the same child file; and vs cp+sync+rm of the source
+    # (the merge deletes the child it moved: on a file system mounted with
+    # ``discard`` freeing a large file is a cost of its own). The data phase alone
+    # is timed with --keep on a fresh pair.
+    mt, kt, ct, rt = [], [], [], []
     for _ in range(max(1, reps // 2)):
-        parent, child = build_merge(work, m["merge_size"])
-        cp_dst = work / "merge" / "copy.bin"
-        ct.append(timed(["cp", "--reflink=never", str(child), str(cp_dst)]) + timed(["sync", str(cp_dst)]))
-        os.unlink(cp_dst)
-        t = time.perf_counter()
-        vhdx.merge(child)
-        mt.append(time.perf_counter() - t)
-    results["merge"] = {"vhdx": statistics.median(mt), "cp+sync": statistics.median(ct)}
+        for keep in (False, True):
+            parent, child = build_merge(work, m["merge_size"])
+            if not keep:
+                cp_dst = work / "merge" / "copy.bin"
+                ct.append(timed(["cp", "--reflink=never", str(child), str(cp_dst)]) + timed(["sync", str(cp_dst)]))
+                t = time.perf_counter()
+                os.unlink(cp_dst)
+                rt.append(time.perf_counter() - t)
+                os.sync()
+            t = time.perf_counter()
+            vhdx.merge(child, keep=keep)
+            (kt if keep else mt).append(time.perf_counter() - t)
+    results["merge"] = {"vhdx": statistics.median(mt), "vhdx --keep": statistics.median(kt),
+                        "cp+sync": statistics.median(ct), "rm": statistics.median(rt)}
     # VHDX -> fixed VHD
     out, qout = work / "out-fixed.vhd", work / "out-qemu.vhd"
-    vt, qt = [], []
-    for _ in range(max(1, reps // 2)):
+    # Both start from a cached source (read once first) and alternate who goes
+    # first. vhdx fsyncs its output before renaming it into place; qemu-img ends
+    # with dirty pages still to write, so it is timed alone and with ``sync OUT``.
+    from vhdx.vhd.convert import convert_to_vhd
+
+    subprocess.run(["cat", m["vhdx"]], stdout=subprocess.DEVNULL, check=True)
+    vt, qt, qs = [], [], []
+    for i in range(max(1, reps // 2) * 2):
         for p in (out, qout):
             if p.exists():
                 p.unlink()
-        from vhdx.vhd.convert import convert_to_vhd
-
-        t = time.perf_counter()
-        convert_to_vhd(m["vhdx"], out, type="fixed")  # in process (qemu-img's start-up is ~20 ms)
-        vt.append(time.perf_counter() - t)
-        qt.append(timed(["qemu-img", "convert", "-f", "vhdx", "-O", "vpc", "-o", "subformat=fixed,force_size",
-                         m["vhdx"], str(qout)]))
-    results["convert"] = {"vhdx": statistics.median(vt), "qemu-img": statistics.median(qt)}
-    print(f"| row | vhdx | libvhdi | qemu | vhdx vs fastest peer |")
+        os.sync()
+        for who in (("vhdx", "qemu") if i % 2 == 0 else ("qemu", "vhdx")):
+            if who == "vhdx":
+                t = time.perf_counter()
+                convert_to_vhd(m["vhdx"], out, type="fixed")  # in process (qemu-img's start-up is ~20 ms)
+                vt.append(time.perf_counter() - t)
+            else:
+                q = timed(["qemu-img", "convert", "-f", "vhdx", "-O", "vpc", "-o", "subformat=fixed,force_size",
+                           m["vhdx"], str(qout)])
+                qt.append(q)
+                qs.append(q + timed(["sync", str(qout)]))
+    results["convert"] = {"vhdx": statistics.median(vt), "qemu-img": statistics.median(qt),
+                          "qemu-img+sync": statistics.median(qs)}
+    print("| row | vhdx | libvhdi | qemu | vhdx vs fastest peer |")
     print("|---|---|---|---|---|")
     for key, r in results.items():
         if key in ("merge", "convert"):
@@ -267,10 +291,13 @@ def main() -> int:
         print(f"| {key} | {fmt(r['vhdx'])} | {fmt(r['libvhdi'])} | {fmt(r['qemu'])} | {ratio} |")
     mr = results["merge"]
     print(f"| merge {m['merge_size'] // MiB} MiB child | {mr['vhdx']:.2f} s | cp+sync {mr['cp+sync']:.2f} s | | "
-          f"{mr['cp+sync'] / mr['vhdx']:.2f}x cp |")
+          f"{mr['cp+sync'] / mr['vhdx']:.2f}x cp+sync, {(mr['cp+sync'] + mr['rm']) / mr['vhdx']:.2f}x cp+sync+rm |")
+    print(f"| merge data phase (--keep) | {mr['vhdx --keep']:.2f} s | cp+sync {mr['cp+sync']:.2f} s | | "
+          f"{mr['cp+sync'] / mr['vhdx --keep']:.2f}x cp+sync |")
     cr = results["convert"]
-    print(f"| convert {size // MiB} MiB VHDX -> fixed VHD | {cr['vhdx']:.2f} s | | qemu-img {cr['qemu-img']:.2f} s | "
-          f"{cr['qemu-img'] / cr['vhdx']:.2f}x |")
+    print(f"| convert {size // MiB} MiB VHDX -> fixed VHD | {cr['vhdx']:.2f} s (fsync included) | | "
+          f"qemu-img {cr['qemu-img']:.2f} s, +sync {cr['qemu-img+sync']:.2f} s | "
+          f"{cr['qemu-img'] / cr['vhdx']:.2f}x qemu-img, {cr['qemu-img+sync'] / cr['vhdx']:.2f}x qemu-img+sync |")
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))
     return 0

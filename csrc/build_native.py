@@ -67,6 +67,16 @@ void vhdx_reader_free(vhdx_reader *r);
 void vhdx_reader_invalidate(vhdx_reader *r);
 int64_t vhdx_reader_read(vhdx_reader *r, uint64_t offset, uint8_t *buf, size_t len,
                          int *err);
+typedef struct vhdx_vhd_level {
+    int fd;
+    int cache_bitmaps;
+    int fixed;
+    const uint32_t *bat;
+    uint64_t bat_entries;
+    uint64_t virtual_size;
+    uint64_t block_size;
+} vhdx_vhd_level;
+int vhdx_vhd_reader_new(const vhdx_vhd_level *levels, size_t nlevels, vhdx_reader **out);
 """
 
 

@@ -1133,6 +1133,94 @@ static void test_fiemap(void)
     close(fd);
 }
 
+/* The VHD levels of the chain reader (vhdx_vhd_reader_new) against a
+ * per-sector model: a differencing child (4 KiB blocks, 512-byte MSB-first
+ * bitmaps before the data, BAT entries = bitmap sector numbers) over a fixed
+ * parent shorter than the child, cached and uncached, plus the argument
+ * checks. */
+static void test_vhd_reader(void)
+{
+    enum { BS = 4096, SPB = BS / 512, NB = 24, VS = NB * BS - 3 * 512, PS = 40 * 1024 };
+    char path[512];
+    int cfd = make_file(g_tmpdir, path, sizeof path), pfd = make_file(g_tmpdir, path, sizeof path);
+    static uint8_t parent[PS], model[VS], buf[VS + 4096], blk[512 + BS];
+    uint32_t bat[NB];
+    uint64_t next = 8; /* first bitmap sector */
+    int b, i, pass;
+
+    for (i = 0; i < PS; i++)
+        parent[i] = (uint8_t)(rnd() | 1);
+    write_all(pfd, parent, PS, 0);
+    for (i = 0; i < VS; i++)
+        model[i] = i < PS ? parent[i] : 0;
+    for (b = 0; b < NB; b++) {
+        int s;
+        if (rnd_below(3) == 0) {
+            bat[b] = 0xFFFFFFFFu;
+            continue;
+        }
+        memset(blk, 0, sizeof blk);
+        for (s = 0; s < SPB; s++) {
+            int mark = (int)rnd_below(2);
+            if (mark)
+                blk[s / 8] |= (uint8_t)(0x80u >> (s % 8));
+            memset(blk + 512 + s * 512, mark ? (int)(rnd() | 1) : 0, 512);
+            if (mark && (uint64_t)b * BS + (uint64_t)s * 512 < VS)
+                memcpy(model + b * BS + s * 512, blk + 512 + s * 512, 512);
+        }
+        bat[b] = (uint32_t)next;
+        write_all(cfd, blk, sizeof blk, (off_t)(next * 512));
+        next += (512 + BS) / 512;
+    }
+    for (pass = 0; pass < 2; pass++) {
+        vhdx_vhd_level lv[2];
+        vhdx_reader *r = NULL;
+        int err = 0;
+        memset(lv, 0, sizeof lv);
+        lv[0].fd = cfd;
+        lv[0].cache_bitmaps = pass;
+        lv[0].bat = bat;
+        lv[0].bat_entries = NB;
+        lv[0].virtual_size = VS;
+        lv[0].block_size = BS;
+        lv[1].fd = pfd;
+        lv[1].fixed = 1;
+        lv[1].virtual_size = PS;
+        CHECK(vhdx_vhd_reader_new(lv, 2, &r) == 0 && r != NULL);
+        CHECK(vhdx_reader_read(r, 0, buf, VS + 4096, &err) == VS);
+        CHECK(memcmp(buf, model, VS) == 0);
+        for (i = 0; i < 300; i++) {
+            uint64_t off = rnd_below(VS + 600), len = 1 + rnd_below(3 * BS);
+            int64_t want = off >= VS ? 0 : (int64_t)(off + len > VS ? VS - off : len);
+            CHECK(vhdx_reader_read(r, off, buf, (size_t)len, &err) == want);
+            if (want > 0)
+                CHECK(memcmp(buf, model + off, (size_t)want) == 0);
+        }
+        vhdx_reader_free(r);
+    }
+    {
+        vhdx_vhd_level d;
+        vhdx_reader *r = (vhdx_reader *)1;
+        memset(&d, 0, sizeof d);
+        d.fd = cfd;
+        d.bat = bat;
+        d.bat_entries = NB;
+        d.virtual_size = VS;
+        d.block_size = 3000; /* not a power of two */
+        CHECK(vhdx_vhd_reader_new(&d, 1, &r) == VHDX_EARG && r == NULL);
+        d.block_size = BS;
+        d.bat_entries = NB - 1; /* too few entries for the size */
+        CHECK(vhdx_vhd_reader_new(&d, 1, &r) == VHDX_EARG);
+        d.bat_entries = NB;
+        d.virtual_size = VS + 1; /* not whole sectors */
+        CHECK(vhdx_vhd_reader_new(&d, 1, &r) == VHDX_EARG);
+        CHECK(vhdx_vhd_reader_new(NULL, 1, &r) == VHDX_EARG);
+        CHECK(vhdx_vhd_reader_new(&d, 0, &r) == VHDX_EARG);
+    }
+    close(cfd);
+    close(pfd);
+}
+
 int main(int argc, char **argv)
 {
     const char *t = getenv("TMPDIR");
@@ -1142,6 +1230,7 @@ int main(int argc, char **argv)
     test_bitmap_runs();
     test_gather_read();
     test_reader();
+    test_vhd_reader();
     test_copy_ranges();
     test_zero_ranges();
     test_fiemap();

@@ -331,7 +331,16 @@ struct rlevel {
     uint64_t bm_bytes;   /* sector-bitmap bytes per block */
     uint64_t nslots;     /* 0 when bitmaps are not cached */
     struct bm_slot *slots;
+    /* Legacy VHD levels (vhdx_vhd_reader_new); kind 0 is a VHDX level. */
+    int kind;               /* VHDX_KIND_* */
+    const uint32_t *vbat;   /* VHD BAT: sector numbers, host order */
+    uint64_t bm_span;       /* VHD: bytes of bitmap before each block's data */
 };
+
+#define VHDX_KIND_VHDX 0
+#define VHDX_KIND_VHD_FIXED 1
+#define VHDX_KIND_VHD_DYNAMIC 2 /* dynamic or differencing */
+#define VHDX_VHD_UNUSED UINT32_C(0xFFFFFFFF)
 
 struct vhdx_reader {
     size_t nlevels;
@@ -356,6 +365,40 @@ struct rctx {
 
 static int is_pow2(uint64_t x) { return x && !(x & (x - 1)); }
 
+/* A reader with nlevels zeroed levels, or NULL (out of memory). */
+static struct vhdx_reader *reader_alloc(size_t nlevels)
+{
+    struct vhdx_reader *r = (struct vhdx_reader *)calloc(1, sizeof *r);
+    if (!r)
+        return NULL;
+    r->lv = (struct rlevel *)calloc(nlevels, sizeof *r->lv);
+    if (!r->lv || pthread_mutex_init(&r->lock, NULL) != 0) {
+        free(r->lv);
+        free(r);
+        return NULL;
+    }
+    r->nlevels = nlevels;
+    return r;
+}
+
+/* The bitmap cache slots of a level that caches (bm_bytes set): 0 or ENOMEM. */
+static int level_cache_init(struct rlevel *lv)
+{
+    uint64_t k;
+    if (!lv->d.cache_bitmaps)
+        return 0;
+    k = VHDX_BM_CACHE_BYTES / lv->bm_bytes;
+    if (k < VHDX_BM_SLOTS_MIN)
+        k = VHDX_BM_SLOTS_MIN;
+    if (k > VHDX_BM_SLOTS_MAX)
+        k = VHDX_BM_SLOTS_MAX;
+    lv->slots = (struct bm_slot *)calloc((size_t)k, sizeof *lv->slots);
+    if (!lv->slots)
+        return ENOMEM;
+    lv->nslots = k;
+    return 0;
+}
+
 int vhdx_reader_new(const vhdx_rlevel *levels, size_t nlevels,
                     vhdx_reader **out)
 {
@@ -378,34 +421,18 @@ int vhdx_reader_new(const vhdx_rlevel *levels, size_t nlevels,
             d->chunk_ratio * (d->block_size / d->sector_size / 8) != ((uint64_t)1 << 20))
             return VHDX_EARG;
     }
-    r = (struct vhdx_reader *)calloc(1, sizeof *r);
+    r = reader_alloc(nlevels);
     if (!r)
         return ENOMEM;
-    r->lv = (struct rlevel *)calloc(nlevels, sizeof *r->lv);
-    if (!r->lv || pthread_mutex_init(&r->lock, NULL) != 0) {
-        free(r->lv);
-        free(r);
-        return ENOMEM;
-    }
-    r->nlevels = nlevels;
     for (i = 0; i < nlevels; i++) {
         struct rlevel *lv = &r->lv[i];
         lv->d = levels[i];
         while (((uint64_t)1 << lv->bs_shift) < lv->d.block_size)
             lv->bs_shift++;
         lv->bm_bytes = lv->d.block_size / lv->d.sector_size / 8;
-        if (lv->d.cache_bitmaps) {
-            uint64_t k = VHDX_BM_CACHE_BYTES / lv->bm_bytes;
-            if (k < VHDX_BM_SLOTS_MIN)
-                k = VHDX_BM_SLOTS_MIN;
-            if (k > VHDX_BM_SLOTS_MAX)
-                k = VHDX_BM_SLOTS_MAX;
-            lv->slots = (struct bm_slot *)calloc((size_t)k, sizeof *lv->slots);
-            if (!lv->slots) {
-                vhdx_reader_free(r);
-                return ENOMEM;
-            }
-            lv->nslots = k;
+        if (level_cache_init(lv)) {
+            vhdx_reader_free(r);
+            return ENOMEM;
         }
     }
     *out = r;
@@ -492,6 +519,20 @@ static int read_bits(int fd, uint8_t *p, uint64_t len, uint64_t off)
     return 0;
 }
 
+/* Reverse the bit order of every byte (VHD's MSB-first bitmaps become the
+ * LSB-first order next_diff scans). */
+static void bit_reverse(uint8_t *p, uint64_t n)
+{
+    uint64_t i;
+    for (i = 0; i < n; i++) {
+        unsigned b = p[i];
+        b = ((b & 0xF0u) >> 4) | ((b & 0x0Fu) << 4);
+        b = ((b & 0xCCu) >> 2) | ((b & 0x33u) << 2);
+        b = ((b & 0xAAu) >> 1) | ((b & 0x55u) << 1);
+        p[i] = (uint8_t)b;
+    }
+}
+
 /* The whole bitmap of `block` at level `lv` from the cache (loaded on a
  * miss). Takes the reader's lock on first use; resolve() releases it. The
  * pointer stays valid until the lock is released: only this level's lookups
@@ -516,6 +557,8 @@ static int cached_bits(struct rctx *c, struct rlevel *lv, uint64_t block,
         err = read_bits(lv->d.fd, s->bits, lv->bm_bytes, bm_off);
         if (err)
             return err;
+        if (lv->kind != VHDX_KIND_VHDX) /* VHD bitmaps are MSB-first */
+            bit_reverse(s->bits, lv->bm_bytes);
         s->block = block;
         s->valid = 1;
     }
@@ -524,6 +567,32 @@ static int cached_bits(struct rctx *c, struct rlevel *lv, uint64_t block,
 }
 
 static int resolve(struct rctx *c, size_t level, uint64_t off, uint64_t len);
+static int resolve_vhd(struct rctx *c, size_t level, uint64_t off, uint64_t len);
+
+/* Block-relative bytes [rel, rel_end) of `level` by the runs of its LSB-first
+ * sector bits (bit 0 of `bits` = sector `bitbase`; sectors below s1 are
+ * covered): 1 = this file's bytes at foff + rel, 0 = the parent's (zeros at
+ * the end of the chain). */
+static int bit_runs(struct rctx *c, size_t level, const uint8_t *bits, uint64_t bitbase,
+                    uint64_t lss, uint64_t bstart, uint64_t foff, uint64_t rel,
+                    uint64_t rel_end, uint64_t s1)
+{
+    int err = 0;
+    while (!err && rel < rel_end) {
+        uint64_t s = rel / lss - bitbase, nx, run_end;
+        int v = (bits[s >> 3] >> (s & 7)) & 1;
+        nx = next_diff(bits, s + 1, s1 - bitbase, v) + bitbase;
+        run_end = nx * lss < rel_end ? nx * lss : rel_end;
+        if (v)
+            err = emit(c, bstart + rel, run_end - rel, (int64_t)level, foff + rel);
+        else if (level + 1 < c->r->nlevels)
+            err = resolve(c, level + 1, bstart + rel, run_end - rel);
+        else
+            err = emit(c, bstart + rel, run_end - rel, VHDX_SRC_ZERO, 0);
+        rel = run_end;
+    }
+    return err;
+}
 
 /* [pos, pos+n) inside PARTIALLY_PRESENT `block` (data at foff) of `level`. */
 static int resolve_partial(struct rctx *c, size_t level, uint64_t block,
@@ -556,19 +625,8 @@ static int resolve_partial(struct rctx *c, size_t level, uint64_t block,
         bits = own;
         bitbase = b0 * 8;
     }
-    while (!err && rel < rel_end) {
-        uint64_t s = rel / lss - bitbase, nx, run_end;
-        int v = (bits[s >> 3] >> (s & 7)) & 1;
-        nx = next_diff(bits, s + 1, s1 - bitbase, v) + bitbase;
-        run_end = nx * lss < rel_end ? nx * lss : rel_end;
-        if (v)
-            err = emit(c, bstart + rel, run_end - rel, (int64_t)level, foff + rel);
-        else if (level + 1 < c->r->nlevels)
-            err = resolve(c, level + 1, bstart + rel, run_end - rel);
-        else
-            err = emit(c, bstart + rel, run_end - rel, VHDX_SRC_ZERO, 0);
-        rel = run_end;
-    }
+    if (!err)
+        err = bit_runs(c, level, bits, bitbase, lss, bstart, foff, rel, rel_end, s1);
     free(own);
     return err;
 }
@@ -582,6 +640,8 @@ static int resolve(struct rctx *c, size_t level, uint64_t off, uint64_t len)
     uint64_t tail = end, pos = off;
     int err = 0;
 
+    if (lv->kind != VHDX_KIND_VHDX)
+        return resolve_vhd(c, level, off, len);
     if (end > vsize) {
         if (off >= vsize)
             return emit(c, off, len, VHDX_SRC_ZERO, 0);
@@ -615,6 +675,133 @@ static int resolve(struct rctx *c, size_t level, uint64_t off, uint64_t len)
     if (!err && tail < end)
         err = emit(c, tail, end - tail, VHDX_SRC_ZERO, 0);
     return err;
+}
+
+/* [pos, pos+n) inside allocated VHD `block` (bitmap at bm_off) of `level`
+ * (docs/vhd.md: a 1 bit is this file's sector, a 0 bit the parent's). */
+static int resolve_vhd_bits(struct rctx *c, size_t level, uint64_t bstart,
+                            uint64_t bm_off, uint64_t pos, uint64_t n, uint64_t block)
+{
+    struct rlevel *lv = &c->r->lv[level];
+    const uint64_t foff = bm_off + lv->bm_span;
+    uint64_t rel = pos - bstart, rel_end = rel + n, s1, bitbase = 0;
+    const uint8_t *bits;
+    uint8_t *own = NULL;
+    int err = 0;
+
+    s1 = (rel_end + 511) / 512; /* sectors [rel/512, s1) are touched */
+    if (lv->nslots) {
+        err = cached_bits(c, lv, block, bm_off, &bits);
+    } else {
+        uint64_t b0 = rel / 512 / 8, b1 = (s1 + 7) / 8;
+        own = (uint8_t *)malloc((size_t)(b1 - b0));
+        if (!own)
+            return ENOMEM;
+        err = read_bits(lv->d.fd, own, b1 - b0, bm_off + b0);
+        if (!err)
+            bit_reverse(own, b1 - b0);
+        bits = own;
+        bitbase = b0 * 8;
+    }
+    if (!err)
+        err = bit_runs(c, level, bits, bitbase, 512, bstart, foff, rel, rel_end, s1);
+    free(own);
+    return err;
+}
+
+/* Virtual [off, off+len) as VHD `level` sees it: a fixed file maps 1:1; a
+ * dynamic block is unused (parent, else zeros) or allocated (its bitmap
+ * decides per sector); past the level's virtual size reads zeros. */
+static int resolve_vhd(struct rctx *c, size_t level, uint64_t off, uint64_t len)
+{
+    struct rlevel *lv = &c->r->lv[level];
+    const uint64_t end = off + len, vsize = lv->d.virtual_size, bs = lv->d.block_size;
+    uint64_t tail = end, pos = off;
+    int err = 0;
+
+    if (end > vsize) {
+        if (off >= vsize)
+            return emit(c, off, len, VHDX_SRC_ZERO, 0);
+        tail = vsize;
+    }
+    if (lv->kind == VHDX_KIND_VHD_FIXED) {
+        err = emit(c, off, tail - off, (int64_t)level, off);
+    } else {
+        while (!err && pos < tail) {
+            const uint64_t block = pos >> lv->bs_shift, bstart = block << lv->bs_shift;
+            const uint64_t n = (tail < bstart + bs ? tail : bstart + bs) - pos;
+            uint32_t e;
+            if (block >= lv->d.bat_entries)
+                return VHDX_EFALLBACK;
+            e = lv->vbat[block];
+            if (e == VHDX_VHD_UNUSED) {
+                if (level + 1 < c->r->nlevels)
+                    err = resolve(c, level + 1, pos, n);
+                else
+                    err = emit(c, pos, n, VHDX_SRC_ZERO, 0);
+            } else {
+                err = resolve_vhd_bits(c, level, bstart, (uint64_t)e * 512, pos, n, block);
+            }
+            pos += n;
+        }
+    }
+    if (!err && tail < end)
+        err = emit(c, tail, end - tail, VHDX_SRC_ZERO, 0);
+    return err;
+}
+
+/* Geometry a VHD level must have (the Python side enforces vhd.md §10). */
+static int vhd_level_ok(const vhdx_vhd_level *d)
+{
+    if (d->virtual_size > (uint64_t)INT64_MAX || d->virtual_size % 512)
+        return 0;
+    return d->fixed || (is_pow2(d->block_size) && d->block_size >= 512 &&
+                        d->block_size <= ((uint64_t)1 << 31) && d->bat != NULL &&
+                        d->bat_entries >= (d->virtual_size + d->block_size - 1) / d->block_size);
+}
+
+int vhdx_vhd_reader_new(const vhdx_vhd_level *levels, size_t nlevels,
+                        vhdx_reader **out)
+{
+    size_t i, bad = !levels || nlevels == 0 || nlevels > (size_t)1 << 20;
+    struct vhdx_reader *r;
+
+    *out = NULL;
+    for (i = 0; !bad && i < nlevels; i++)
+        bad = !vhd_level_ok(&levels[i]);
+    if (bad)
+        return VHDX_EARG;
+    r = reader_alloc(nlevels);
+    if (!r)
+        return ENOMEM;
+    for (i = 0; i < nlevels; i++) {
+        const vhdx_vhd_level *d = &levels[i];
+        struct rlevel *lv = &r->lv[i];
+        lv->d.fd = d->fd;
+        lv->d.virtual_size = d->virtual_size;
+        lv->d.sector_size = 512;
+        lv->d.chunk_ratio = 1;
+        if (d->fixed) {
+            lv->kind = VHDX_KIND_VHD_FIXED;
+            continue;
+        }
+        lv->kind = VHDX_KIND_VHD_DYNAMIC;
+        lv->vbat = d->bat;
+        lv->d.bat_entries = d->bat_entries;
+        lv->d.block_size = d->block_size;
+        while (((uint64_t)1 << lv->bs_shift) < d->block_size)
+            lv->bs_shift++;
+        /* Bits of the block's sectors, padded to whole sectors (docs/vhd.md). */
+        lv->bm_bytes = (d->block_size / 512 + 7) / 8;
+        lv->bm_span = (lv->bm_bytes + 511) / 512 * 512;
+        lv->d.cache_bitmaps = d->cache_bitmaps;
+        if (level_cache_init(lv)) {
+            vhdx_reader_free(r);
+            return ENOMEM;
+        }
+    }
+    *out = r;
+    return 0;
 }
 
 static int reader_fill(vhdx_reader *r, uint64_t offset, uint8_t *buf, uint64_t len)
@@ -1054,6 +1241,14 @@ int vhdx_gather_read(int fd, uint8_t *buf, size_t buf_len,
 
 int vhdx_reader_new(const vhdx_rlevel *levels, size_t nlevels,
                     vhdx_reader **out)
+{
+    (void)levels; (void)nlevels;
+    *out = NULL;
+    return ENOSYS;
+}
+
+int vhdx_vhd_reader_new(const vhdx_vhd_level *levels, size_t nlevels,
+                        vhdx_reader **out)
 {
     (void)levels; (void)nlevels;
     *out = NULL;

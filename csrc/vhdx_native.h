@@ -123,6 +123,27 @@ void vhdx_reader_invalidate(vhdx_reader *r);
 int64_t vhdx_reader_read(vhdx_reader *r, uint64_t offset, uint8_t *buf,
                          size_t len, int *err);
 
+/*
+ * The same reader over a chain of legacy VHD / AVHD files (docs/vhd.md): the
+ * BAT holds big-endian sector numbers on disk, given here decoded to host
+ * order (0xFFFFFFFF: unused); an allocated block's MSB-first sector bitmap
+ * (whole sectors) precedes its data. A fixed level maps 1:1. Read, free and
+ * invalidate with the vhdx_reader_* functions above; the BATs are kept by
+ * pointer, as there.
+ */
+typedef struct vhdx_vhd_level {
+    int fd;
+    int cache_bitmaps;
+    int fixed;             /* 1: fixed disk (bat, block_size unused) */
+    const uint32_t *bat;   /* BAT entries, host order */
+    uint64_t bat_entries;
+    uint64_t virtual_size; /* a multiple of 512 */
+    uint64_t block_size;   /* power of two, 512 .. 2^31 */
+} vhdx_vhd_level;
+
+int vhdx_vhd_reader_new(const vhdx_vhd_level *levels, size_t nlevels,
+                        vhdx_reader **out);
+
 /* Bytes of [offset, offset+length) that are mapped, and of those, shared
  * (FIEMAP_EXTENT_SHARED). Linux only; ENOSYS elsewhere. */
 int vhdx_fiemap_shared(int fd, int64_t offset, int64_t length,

@@ -47,7 +47,8 @@ def test_findings(tmp_path, fixture_file) -> None:
         fh.write(b"\x01")
     r = check_chain(p)
     assert not r.errors and any("copy at offset 0" in f.message for f in r.findings)
-    assert cli("check", p, rc=3).stdout.strip().endswith("0 error(s), 1 warning(s)")  # 3: warnings only (qemu-img check codes)
+    # exit 3: warnings only (qemu-img check's codes)
+    assert cli("check", p, rc=3).stdout.strip().endswith("0 error(s), 1 warning(s)")
     # 2. two BAT entries on the same block: error
     p = tmp_path / "b.vhd"
     shutil.copyfile(src, p)

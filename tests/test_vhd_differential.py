@@ -3,7 +3,7 @@ QEMU made and wrote with qemu-io at random places: fixed and dynamic, several
 sizes (QEMU rounds most of them up to a CHS size; ``force_size`` keeps odd ones).
 
 libvhdi is a usable oracle here: QEMU marks every sector of a block it allocates
-(bitmap all 0xFF), so libvhdi's sector-bitmap masking bug (ref §13, see
+(bitmap all 0xFF), so libvhdi's sector-bitmap masking bug (vhd.md §13, see
 vhd_helpers.libvhdi_bytes) cannot show; it exposes Original Size, which QEMU
 sets equal to Current Size.
 """

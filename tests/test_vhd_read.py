@@ -83,7 +83,7 @@ def test_windows_differencing_over_zero_parent_and_w2ru(images, fixture_file, tm
     with vhdx.open(child) as disk:
         assert [os.path.basename(f.path) for f in disk.chain] == ["child.vhd", "fat-parent.vhd"]
         assert disk_sha(disk) == exp["sha256"]
-        # marked-but-zero sectors hide the parent (sector 153 of block 0, ref §5.2)
+        # marked-but-zero sectors hide the parent (sector 153 of block 0, vhd.md §5.2)
         assert disk.read_at(153 * 512, 512) == bytes(512)
         assert disk.read_at(135 * 512, 512) != bytes(512)  # unmarked: parent text
     assert file_sha(child) == before
@@ -216,7 +216,7 @@ def test_extents_match_reads(images, fixture_file) -> None:
 
 
 def test_511_byte_footer(images, fixture_file, tmp_path) -> None:
-    """Virtual PC before 2004 wrote 511-byte footers (ref §2.1): the missing last
+    """Virtual PC before 2004 wrote 511-byte footers (vhd.md §2.1): the missing last
     byte is reserved (zero), so the checksum still holds."""
     rel = "vhd/imhex-win10-fixed-3M.vhd.gz"
     p = tmp_path / "old.vhd"

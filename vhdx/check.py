@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Protocol, Sequence, TypeVar
 
 from . import structures as S
 from .chain import check_parent, find_parent
@@ -118,38 +118,73 @@ def check_chain(path: str | os.PathLike[str], parents: Sequence[str | os.PathLik
             report.files.append(current)
             report.findings.append(Finding(current, "error", _without_path(str(e), current)))
             return report
-        while True:
-            opened.append(img)
-            report.files.append(img.path)
-            _check_file(img, report)
-            if not img.has_parent:
-                break
-            if len(opened) > 256:
-                report.findings.append(Finding(img.path, "error", "chain deeper than 256 files"))
-                break
-            warnings: list[str] = []
-            try:
-                parent = ImageFile(explicit.pop(0), force_share=force_share) if explicit else find_parent(
-                    img, search_dirs, True, warnings, confine=confine, force_share=force_share)
-            except VhdxError as e:
-                report.findings.append(Finding(img.path, "error", f"parent: {e}"))
-                break
-            # The open path's own rules (sector size, then linkage), as findings.
-            try:
-                check_parent(img, parent, ignore_linkage, warnings)
-            except VhdxError as e:
-                report.findings.append(Finding(img.path, "error", str(e)))
-            report.findings += [Finding(img.path, "warning", w) for w in warnings]
-            if any(os.path.samestat(os.fstat(parent.fd), os.fstat(o.fd)) for o in opened):
-                report.findings.append(Finding(img.path, "error", "parent chain loops back onto itself"))
-                parent.close()
-                break
-            img = parent
+
+        def open_parent(child: ImageFile, warnings: list[str]) -> ImageFile:
+            if explicit:
+                return ImageFile(explicit.pop(0), force_share=force_share)
+            return find_parent(child, search_dirs, True, warnings, confine=confine, force_share=force_share)
+
+        # The open path's own rules (sector size, then linkage), as findings.
+        walk_chain(report, img, _check_file, open_parent,
+                   lambda c, p, w: check_parent(c, p, ignore_linkage, w), opened)
         _note_interrupted_merges(opened, report)
         return report
     finally:
         for f in opened:
             f.close()
+
+
+class _ChainFile(Protocol):
+    path: str
+    fd: int
+
+    @property
+    def has_parent(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+F = TypeVar("F", bound=_ChainFile)
+
+
+def walk_chain(report: CheckReport, first: F, check_file: Callable[[F, CheckReport], None],
+               open_parent: Callable[[F, list[str]], F | None],
+               check_link: Callable[[F, F, list[str]], None], opened: list[F],
+               max_depth: int = 256) -> None:
+    """The chain walk of ``check`` for any format (VHDX here, VHD in
+    :mod:`vhdx.vhd.check`): each file checked, each parent opened and its link
+    checked, every problem a finding; ends at the base, at a parent that cannot
+    be opened (``open_parent`` raising VhdxError, or None when it reported the
+    problem itself), past ``max_depth`` files or at a loop. Files opened are
+    appended to ``opened``; the caller closes them."""
+    img = first
+    while True:
+        opened.append(img)
+        report.files.append(img.path)
+        check_file(img, report)
+        if not img.has_parent:
+            return
+        if len(opened) > max_depth:
+            report.findings.append(Finding(img.path, "error", f"chain deeper than {max_depth} files"))
+            return
+        warnings: list[str] = []
+        try:
+            parent = open_parent(img, warnings)
+        except VhdxError as e:
+            report.findings.append(Finding(img.path, "error", f"parent: {e}"))
+            return
+        if parent is None:
+            return
+        try:
+            check_link(img, parent, warnings)
+        except VhdxError as e:
+            report.findings.append(Finding(img.path, "error", str(e)))
+        report.findings += [Finding(img.path, "warning", w) for w in warnings]
+        if any(os.path.samestat(os.fstat(parent.fd), os.fstat(o.fd)) for o in opened):
+            report.findings.append(Finding(img.path, "error", "parent chain loops back onto itself"))
+            parent.close()
+            return
+        img = parent
 
 
 def _note_interrupted_merges(chain: list[ImageFile], report: CheckReport) -> None:

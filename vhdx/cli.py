@@ -225,7 +225,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_map(args: argparse.Namespace) -> int:
     if args.own:  # only what the top file holds itself: needs no parent
-        with ImageFile(args.image, force_share=getattr(args, "force_share", False)) as img:
+        from .vhd.file import VhdFile, is_vhd_file
+
+        own = (VhdFile(args.image, ignore_checksums=getattr(args, "ignore_checksums", False),
+                       force_share=getattr(args, "force_share", False)) if is_vhd_file(args.image)
+               else ImageFile(args.image, force_share=getattr(args, "force_share", False)))
+        with own as img:
             extents = img.extents()
             if args.json:
                 json.dump({"virtual_size": img.virtual_size, "file": img.path, "own": True,

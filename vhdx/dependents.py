@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import stat
 import uuid
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from . import structures as S
 from .errors import DependentDisksError, VhdxError
@@ -88,9 +88,29 @@ def find_linked(folders: Sequence[str], guids: dict[uuid.UUID, str],
     from .chain import accepted_linkages
     from .image import ImageFile
 
+    found: list[tuple[str, str, uuid.UUID]] = []
+    for path in scan_files(folders, exclude):
+        if not _looks_like_vhdx(path):
+            continue
+        try:
+            # Only the locator is needed: never blocked by a running VM's lock.
+            with ImageFile(path, force_share=True) as img:
+                links = accepted_linkages(img.parent_locator or {}) if img.has_parent else set()
+        except VhdxError:
+            continue
+        for g in sorted(links, key=str):
+            if g in guids:
+                found.append((path, guids[g], g))
+                break
+    return found
+
+
+def scan_files(folders: Sequence[str], exclude: Iterable[PathLike] = ()) -> Iterator[str]:
+    """Every regular file of ``folders`` (sorted by name, at most
+    MAX_ENTRIES_PER_DIR per folder, each file once whatever its links), other
+    than ``exclude``: the candidates a format's child search probes."""
     excluded = _identities(exclude)
     seen: set[tuple[int, int]] = set()
-    found: list[tuple[str, str, uuid.UUID]] = []
     for d in folders:
         try:
             with os.scandir(d) as it:
@@ -107,19 +127,7 @@ def find_linked(folders: Sequence[str], guids: dict[uuid.UUID, str],
             if ident in excluded or ident in seen or not stat.S_ISREG(st.st_mode):
                 continue
             seen.add(ident)
-            if not _looks_like_vhdx(path):
-                continue
-            try:
-                # Only the locator is needed: never blocked by a running VM's lock.
-                with ImageFile(path, force_share=True) as img:
-                    links = accepted_linkages(img.parent_locator or {}) if img.has_parent else set()
-            except VhdxError:
-                continue
-            for g in sorted(links, key=str):
-                if g in guids:
-                    found.append((path, guids[g], g))
-                    break
-    return found
+            yield path
 
 
 def find_children(image_path: PathLike, search_dirs: Sequence[PathLike] = (), *,
@@ -139,11 +147,14 @@ def find_children(image_path: PathLike, search_dirs: Sequence[PathLike] = (), *,
 
 def refuse_if_children(image_path: PathLike, operation: str, search_dirs: Sequence[PathLike] = (), *,
                        force: bool = False, exclude: Iterable[PathLike] = (),
-                       chain: Iterable[PathLike] = ()) -> list[str]:
+                       chain: Iterable[PathLike] = (),
+                       find: Callable[..., list[str]] | None = None) -> list[str]:
     """Raise DependentDisksError naming ``image_path``'s children, unless ``force``;
     returns the children (those that ``operation`` invalidates when forced).
-    ``operation`` completes "OPERATION would corrupt ..." ("resizing", "compacting")."""
-    children = find_children(image_path, search_dirs, exclude=exclude, chain=chain)
+    ``operation`` completes "OPERATION would corrupt ..." ("resizing", "compacting").
+    ``find`` replaces :func:`find_children` (same arguments) for another format
+    (legacy VHD: :func:`vhdx.vhd.chain.find_vhd_children`)."""
+    children = (find or find_children)(image_path, search_dirs, exclude=exclude, chain=chain)
     if children and not force:
         raise DependentDisksError(
             f"{os.fspath(image_path)}: {operation} would corrupt the disks that depend on it: "

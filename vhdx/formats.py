@@ -137,14 +137,16 @@ def open(path: PathArg | ReadableObject, mode: ReadMode | WriteMode = "r", *,  #
     if detect(path) == "vhd":
         assert isinstance(path, (str, os.PathLike))  # detect() probes paths only
         if writable:
+            if force_share:
+                raise InvalidArgumentError("force_share is for read-only opens")
             from .vhd.writer import VhdWritableDisk
 
             return VhdWritableDisk(path, parents=parents, search_dirs=search_dirs,  # type: ignore[arg-type]
-                                   ignore_linkage=ignore_linkage)  # (file objects: VhdFile refuses them)
+                                   ignore_linkage=ignore_linkage, force=force)  # (file objects: VhdFile refuses them)
         from .vhd.disk import open_vhd
 
         return open_vhd(path, parents=parents, search_dirs=search_dirs,  # type: ignore[arg-type]
-                        ignore_linkage=ignore_linkage, ignore_checksums=ignore_checksums)
+                        ignore_linkage=ignore_linkage, ignore_checksums=ignore_checksums, force_share=force_share)
     with _no_vhd_parents(path, parents):
         if writable:
             if not isinstance(path, (str, os.PathLike)):

@@ -195,6 +195,21 @@ class Extent:
         return d
 
 
+def append_own_extent(out: list[Extent], off: int, length: int, kind: ExtentKind, foff: int | None) -> None:
+    """Append a run of a file's own extent map (``source`` 0 = the file, when
+    ``foff`` is given), merged into the previous run when it continues it
+    (VHDX and VHD ``extents()``)."""
+    if length <= 0:
+        return
+    if out:
+        last = out[-1]
+        if last.kind == kind and last.offset + last.length == off and (
+                foff is None or (last.file_offset is not None and last.file_offset + last.length == foff)):
+            out[-1] = Extent(last.offset, last.length + length, kind, last.source, last.file_offset)
+            return
+    out.append(Extent(off, length, kind, 0 if foff is not None else None, foff))
+
+
 _RUN_STRIDE = 1 << 16  # entries listed at once by payload_runs (512 KiB of table)
 
 
@@ -555,15 +570,7 @@ class ImageFile(NotCopyable):
         out: list[Extent] = []
 
         def emit(off: int, length: int, kind: ExtentKind, foff: int | None) -> None:
-            if length <= 0:
-                return
-            if out:
-                last = out[-1]
-                if last.kind == kind and last.offset + last.length == off and (
-                        foff is None or (last.file_offset is not None and last.file_offset + last.length == foff)):
-                    out[-1] = Extent(last.offset, last.length + length, kind, last.source, last.file_offset)
-                    return
-            out.append(Extent(off, length, kind, 0 if foff is not None else None, foff))
+            append_own_extent(out, off, length, kind, foff)
 
         pos = 0
         for block, count, entry in self.payload_runs():

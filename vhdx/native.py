@@ -423,12 +423,11 @@ class ChainReader:
             self.fast = self._cffi_fast()
             self.read = self._cffi_read(self._specs[0][4] if self._specs else 0)
 
-    def _cffi_reader(self) -> Any:
-        """The cffi-side reader over the same levels (built on first use when
-        ``vhdx._fastread`` serves the hot path: only :meth:`readinto` needs it)."""
-        if self._ptr is not None:
-            return self._ptr
-        ffi, lib = _ext.ffi, _ext.lib
+    _CONSTRUCTOR = "vhdx_reader_new"  #: the C function that builds the reader from the level array
+
+    def _cffi_levels(self) -> Tuple[Any, List[Any]]:
+        """The C level array for :attr:`_CONSTRUCTOR`, and what must stay alive with it."""
+        ffi = _ext.ffi
         arr = ffi.new("vhdx_rlevel[]", len(self._specs))
         keep: List[Any] = [arr]
         for d, (fd, owner, off, entries, vsize, bs, cr, lss, cache) in zip(arr, self._specs):
@@ -436,12 +435,21 @@ class ChainReader:
             keep.append(whole)
             d.fd, d.cache_bitmaps, d.bat, d.bat_entries = fd, cache, ffi.cast("uint64_t *", whole + off), entries
             d.virtual_size, d.block_size, d.chunk_ratio, d.sector_size = vsize, bs, cr, lss
+        return arr, keep
+
+    def _cffi_reader(self) -> Any:
+        """The cffi-side reader over the same levels (built on first use when
+        ``vhdx._fastread`` serves the hot path: only :meth:`readinto` needs it)."""
+        if self._ptr is not None:
+            return self._ptr
+        ffi, lib = _ext.ffi, _ext.lib
+        arr, keep = self._cffi_levels()
         out = ffi.new("vhdx_reader **")
-        rc = lib.vhdx_reader_new(arr, len(self._specs), out)
+        rc = getattr(lib, self._CONSTRUCTOR)(arr, len(self._specs), out)
         if rc == lib.VHDX_EARG:
             raise ValueError("invalid chain geometry for the native reader")
         if rc:
-            raise _oserror(rc, "vhdx_reader_new")
+            raise _oserror(rc, self._CONSTRUCTOR)
         self._keep = keep
         self._ptr = ffi.gc(out[0], lib.vhdx_reader_free)
         return self._ptr

@@ -1,10 +1,10 @@
 """Differencing VHD / AVHD chains: finding, validating and opening parents.
 
-Linkage (ref §8.3): the parent's footer Unique Id must equal the child's Parent
+Linkage (vhd.md §8.3): the parent's footer Unique Id must equal the child's Parent
 Unique ID, compared as raw bytes (producers disagree on GUID byte order); a
 Parent Time Stamp that matches neither the parent's footer Time Stamp nor its
 file mtime is only a warning (Windows writes 0). Candidates are tried in the
-order of ref §6: W2ru (relative to the child), W2ku, the Parent Unicode Name,
+order of vhd.md §6: W2ru (relative to the child), W2ku, the Parent Unicode Name,
 the deprecated single-byte Wi2r/Wi2k and MacX; absolute Windows paths only
 contribute their file name off Windows. A VHDX found where a VHD parent should
 be is refused: Hyper-V chains never mix the formats.
@@ -19,9 +19,10 @@ from urllib.parse import unquote, urlparse
 
 from ..chain import _is_regular
 from ..chain import _scan_dirs as scan_image_dirs
-from ..errors import ParentMismatchError, ParentNotFoundError, VhdxError
+from ..dependents import scan_files, search_folders
+from ..errors import LockedError, ParentMismatchError, ParentNotFoundError, VhdxError
 from . import structures as S
-from .file import VhdFile
+from .file import VhdFile, is_vhd_file
 
 MAX_CHAIN_DEPTH = 256
 VHD_SUFFIXES = (".vhd", ".avhd")
@@ -110,14 +111,8 @@ def check_parent(child: VhdFile, parent: VhdFile, ignore_linkage: bool, warnings
                         f"({child.virtual_size}); the rest reads as zeros")
 
 
-def _open_candidate(path: str, ignore_checksums: bool) -> VhdFile:
-    if _is_vhdx(path):
-        raise ParentMismatchError(f"{path} is a VHDX file")
-    return VhdFile(path, ignore_checksums=ignore_checksums)
-
-
 def find_parent(child: VhdFile, search_dirs: Sequence[PathLike], ignore_linkage: bool,
-                ignore_checksums: bool = False) -> VhdFile:
+                ignore_checksums: bool = False, force_share: bool = False) -> VhdFile:
     """Locate and open the parent of ``child``."""
     tried: list[str] = []
     mismatched: list[str] = []
@@ -135,7 +130,9 @@ def find_parent(child: VhdFile, search_dirs: Sequence[PathLike], ignore_linkage:
                 vhdx_found.append(path)
             continue
         try:
-            parent = VhdFile(path, ignore_checksums=ignore_checksums)
+            parent = VhdFile(path, ignore_checksums=ignore_checksums, force_share=force_share)
+        except LockedError:
+            raise  # the parent is found but in use: say so, not "not found"
         except VhdxError as e:
             if listed:
                 tried.append(f"{path} ({e})")
@@ -159,11 +156,12 @@ def find_parent(child: VhdFile, search_dirs: Sequence[PathLike], ignore_linkage:
 def open_chain(path: PathLike, parents: Sequence[PathLike] | None = None,
                search_dirs: Sequence[PathLike] = (), ignore_linkage: bool = False,
                ignore_checksums: bool = False, max_depth: int = MAX_CHAIN_DEPTH,
-               top: VhdFile | None = None) -> tuple[list[VhdFile], list[str]]:
-    """Open ``path`` (or use ``top``) and every ancestor, child first; (chain, warnings)."""
+               top: VhdFile | None = None, force_share: bool = False) -> tuple[list[VhdFile], list[str]]:
+    """Open ``path`` (or use ``top``) and every ancestor, child first; (chain, warnings).
+    Every file opened here takes a reader's lock unless ``force_share``."""
     own_top = top is None
     if top is None:
-        top = VhdFile(path, ignore_checksums=ignore_checksums)
+        top = VhdFile(path, ignore_checksums=ignore_checksums, force_share=force_share)
     chain = [top]
     warnings: list[str] = []
     explicit = [os.fspath(p) for p in (parents or ())]
@@ -178,9 +176,9 @@ def open_chain(path: PathLike, parents: Sequence[PathLike] | None = None,
                 p = explicit.pop(0)
                 if _is_vhdx(p):
                     raise mixed_chain_error(cur.path, p)
-                parent = VhdFile(p, ignore_checksums=ignore_checksums)
+                parent = VhdFile(p, ignore_checksums=ignore_checksums, force_share=force_share)
             else:
-                parent = find_parent(cur, search_dirs, ignore_linkage, ignore_checksums)
+                parent = find_parent(cur, search_dirs, ignore_linkage, ignore_checksums, force_share)
             try:
                 check_parent(cur, parent, ignore_linkage, warnings)
                 ident = _identity(parent)
@@ -208,3 +206,35 @@ def open_chain(path: PathLike, parents: Sequence[PathLike] | None = None,
 def _identity(f: VhdFile) -> tuple[int, int]:
     st = os.fstat(f.fd)
     return st.st_dev, st.st_ino
+
+
+def find_vhd_linked(folders: Sequence[str], ids: dict[bytes, str],
+                    exclude: Iterable[PathLike] = ()) -> list[tuple[str, str]]:
+    """(path, parent path) of every VHD in ``folders`` (by signature, whatever its
+    name) whose Parent Unique ID is one of ``ids`` (Unique Id -> path), other
+    than ``exclude``: the VHD counterpart of :func:`vhdx.dependents.find_linked`."""
+    found = []
+    for path in scan_files(folders, exclude):
+        if not is_vhd_file(path):
+            continue
+        try:
+            # Only the header is needed: never blocked by a running VM's lock.
+            with VhdFile(path, ignore_checksums=True, force_share=True) as f:
+                puid = f.parent_unique_id
+        except VhdxError:
+            continue
+        if puid is not None and puid in ids:
+            found.append((path, ids[puid]))
+    return found
+
+
+def find_vhd_children(image_path: PathLike, search_dirs: Sequence[PathLike] = (), *,
+                      exclude: Iterable[PathLike] = (), chain: Iterable[PathLike] = ()) -> list[str]:
+    """Paths of the differencing VHDs whose Parent Unique ID is ``image_path``'s
+    Unique Id, searched where :func:`vhdx.dependents.find_children` searches
+    (``find=`` of :func:`vhdx.dependents.refuse_if_children`)."""
+    path = os.fspath(image_path)
+    with VhdFile(path, ignore_checksums=True, force_share=True) as f:
+        uid = f.unique_id
+    folders = search_folders([path, *chain], search_dirs)
+    return [p for p, _ in find_vhd_linked(folders, {uid: path}, [path, *exclude])]

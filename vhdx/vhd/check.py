@@ -4,7 +4,7 @@
 Checked per file: both footer copies (checksum, agreement), the dynamic header
 checksum, BAT entries (inside the file, clear of the header and BAT, no two
 blocks overlapping, none over locator data), sector bitmaps (a dynamic disk's
-unmarked sectors must hold zeros, ref §5.2), parent locators, saved state and
+unmarked sectors must hold zeros, vhd.md §5.2), parent locators, saved state and
 CHS; per link: Unique Id linkage and time stamp (the open path's own rules).
 """
 
@@ -14,7 +14,7 @@ import itertools
 import os
 from collections.abc import Sequence
 
-from ..check import CheckReport, Finding
+from ..check import CheckReport, Finding, walk_chain
 from ..errors import ChecksumError, VhdxError
 from . import structures as S
 from .chain import check_parent, find_parent
@@ -36,7 +36,9 @@ def _open(path: str, report: CheckReport) -> VhdFile | None:
 
 
 def _check_file(f: VhdFile, report: CheckReport) -> None:
-    add = lambda sev, msg: report.findings.append(Finding(f.path, sev, msg))
+    def add(sev: str, msg: str) -> None:
+        report.findings.append(Finding(f.path, sev, msg))
+
     for w in f.warnings:
         if "checksums are ignored" not in w:
             add("warning", w)
@@ -65,7 +67,7 @@ def _check_file(f: VhdFile, report: CheckReport) -> None:
     if not f.has_parent and f.locators:
         add("warning", "a dynamic disk carries parent locators")
     if not f.has_parent:
-        # Unmarked sectors of a dynamic disk must be zeros on disk (ref §5.2).
+        # Unmarked sectors of a dynamic disk must be zeros on disk (vhd.md §5.2).
         for b, off in f.allocated_blocks():
             runs = f.block_runs(b)
             if len(runs) == 1 and runs[0][2]:
@@ -91,36 +93,24 @@ def check_vhd_chain(path: str | os.PathLike[str], parents: Sequence[str | os.Pat
     current = os.fspath(path)
     try:
         f = _open(current, report)
-        report.files.append(current)
-        while f is not None:
-            opened.append(f)
-            _check_file(f, report)
-            if not f.has_parent:
-                break
-            if len(opened) > 256:
-                report.findings.append(Finding(f.path, "error", "chain deeper than 256 files"))
-                break
-            warnings: list[str] = []
-            try:
-                if explicit:
-                    parent = VhdFile(explicit.pop(0), ignore_checksums=True)
-                else:
-                    parent = find_parent(f, search_dirs, True, True)
-            except VhdxError as e:
-                report.findings.append(Finding(f.path, "error", f"parent: {e}"))
-                break
-            try:
-                check_parent(f, parent, ignore_linkage, warnings)
-            except VhdxError as e:
-                report.findings.append(Finding(f.path, "error", str(e)))
-            report.findings += [Finding(f.path, "warning", w) for w in warnings]
-            if any(os.path.samestat(os.fstat(parent.fd), os.fstat(o.fd)) for o in opened):
-                report.findings.append(Finding(f.path, "error", "parent chain loops back onto itself"))
-                parent.close()
-                break
-            parent.close()
-            f = _open(parent.path, report)
-            report.files.append(parent.path)
+        if f is None:
+            report.files.append(current)
+            return report
+
+        def open_parent(child: VhdFile, warnings: list[str]) -> VhdFile | None:
+            # Found leniently (a bad checksum must not hide the parent), then reopened
+            # by _open, which reports the checksum problems as findings.
+            lenient = (VhdFile(explicit.pop(0), ignore_checksums=True) if explicit
+                       else find_parent(child, search_dirs, True, True))
+            found = lenient.path
+            lenient.close()
+            parent = _open(found, report)
+            if parent is None:
+                report.files.append(found)
+            return parent
+
+        walk_chain(report, f, _check_file, open_parent,
+                   lambda c, p, w: check_parent(c, p, ignore_linkage, w), opened)
         return report
     finally:
         for o in opened:

@@ -20,7 +20,8 @@ a file size of N MiB + 512 bytes.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from ..errors import InvalidArgumentError, VhdxError
 from ..storage import DeferredSyncStorage, fsync_dir
@@ -37,7 +38,9 @@ def _one_arg(progress: Callable[[int], None] | None) -> Callable[[int, int], Non
     return None if progress is None else (lambda done, _total: progress(done))
 
 
-def _open_source(source: str, parents, search_dirs, ignore_linkage: bool, ignore_checksums: bool):
+def _open_source(source: str, parents: Sequence[str | os.PathLike[str]] | None,
+                 search_dirs: Sequence[str | os.PathLike[str]], ignore_linkage: bool,
+                 ignore_checksums: bool) -> tuple[Any, int | None]:
     """(disk or None, raw fd or None) for ``source``."""
     from ..convert import is_vhdx_file
     from ..disk import open as open_disk
@@ -55,8 +58,9 @@ def _open_source(source: str, parents, search_dirs, ignore_linkage: bool, ignore
 
 
 def convert_to_vhd(source: str | os.PathLike[str], output: str | os.PathLike[str], *,
-                   type: str = "dynamic", block_size: int | None = None, azure: bool = False,
-                   parents=None, search_dirs=(), ignore_linkage: bool = False,
+                   type: str = "dynamic", block_size: int | None = None, azure: bool = False,  # noqa: A002
+                   parents: Sequence[str | os.PathLike[str]] | None = None,
+                   search_dirs: Sequence[str | os.PathLike[str]] = (), ignore_linkage: bool = False,
                    ignore_checksums: bool = False, force: bool = False,
                    progress: Callable[[int], None] | None = None) -> str:
     """Write ``source`` as a new standalone VHD at ``output``; returns ``output``."""
@@ -65,7 +69,7 @@ def convert_to_vhd(source: str | os.PathLike[str], output: str | os.PathLike[str
 
     source, output = os.fspath(source), os.fspath(output)
     if azure:
-        type = "fixed"
+        type = "fixed"  # noqa: A001 - the public keyword
     if type not in ("dynamic", "fixed"):
         raise InvalidArgumentError(f"type must be 'dynamic' or 'fixed', not {type!r}")
     if os.path.exists(output) and not force:
@@ -86,6 +90,7 @@ def convert_to_vhd(source: str | os.PathLike[str], output: str | os.PathLike[str
             ranges = [(e.offset, e.length) for e in extents]
             readinto = disk.readinto_at
         else:
+            assert raw_fd is not None  # _open_source gives a disk or a raw descriptor
             raw_size = os.fstat(raw_fd).st_size
             if raw_size == 0:
                 raise InvalidArgumentError(f"{source}: empty file")
@@ -116,6 +121,7 @@ def convert_to_vhd(source: str | os.PathLike[str], output: str | os.PathLike[str
                             if progress:
                                 progress(done)
                 else:
+                    assert raw_fd is not None
                     copy_ranges(raw_fd, fd, [(o, o, n) for o, n in ranges])
                     if progress:
                         progress(sum(n for _, n in ranges))
@@ -133,9 +139,14 @@ def convert_to_vhd(source: str | os.PathLike[str], output: str | os.PathLike[str
             create_vhd(tmp, vsize, type="dynamic", block_size=block_size)
             try:
                 storage = DeferredSyncStorage.open(tmp)
-                out = VhdWritableDisk(tmp, storage=storage)
+                assert isinstance(storage, DeferredSyncStorage)  # open() is the base class's
+                out = VhdWritableDisk(tmp, storage=storage, dependents=False)  # a new file
+
+                def write(off: int, mv: memoryview) -> None:
+                    out.write_at(off, mv)
+
                 try:
-                    _copy(iter(ranges), readinto, out.write_at, _one_arg(progress))
+                    _copy(iter(ranges), readinto, write, _one_arg(progress))
                     storage.sync()
                 finally:
                     out.close()
@@ -158,7 +169,7 @@ def _new_id() -> bytes:
     return uuid.uuid4().bytes_le
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     view = memoryview(data)
     while view:
         n = os.pwrite(fd, view, offset)

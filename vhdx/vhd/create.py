@@ -1,6 +1,6 @@
 """Create new VHD / AVHD files: fixed, dynamic, or differencing.
 
-Windows' layout (ref §1.2): footer copy at 0, dynamic header at 512, BAT at
+Windows' layout (vhd.md §1.2): footer copy at 0, dynamic header at 512, BAT at
 1536 padded with 0xFF to a 4 KiB boundary, parent locator data (differencing)
 after it in 4 KiB-aligned slots, and each block's sector bitmap in the last
 sector(s) before a 4 KiB boundary so block data is 4 KiB aligned. The footer
@@ -9,7 +9,7 @@ of a new dynamic disk sits where the next block's bitmap will go.
 Geometry: Current Size is the size asked for (what Windows and Hyper-V expose).
 CHS is the spec's geometry when it describes exactly that size; otherwise the
 maximum 65535/16/255, which QEMU and Disk2vhd write so that CHS-trusting
-readers (qemu-img 7.2) fall back to Current Size (ref §2.3, §3).
+readers (qemu-img 7.2) fall back to Current Size (vhd.md §2.3, §3).
 A differencing child records the parent's footer Unique Id (raw bytes), the
 parent's footer Time Stamp, the parent path as Parent Unicode Name (UTF-16BE)
 and two locators: W2ku (absolute path) and W2ru (``.\\name`` relative to the
@@ -21,11 +21,15 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from typing import TYPE_CHECKING, Any
 
 from ..create import _relative  # the same relative-locator rule as VHDX children
 from ..errors import InvalidArgumentError, VhdxError
 from ..storage import fsync_dir
 from . import structures as S
+
+if TYPE_CHECKING:  # the file reader is needed for annotations only
+    from .file import VhdFile
 
 __all__ = ["VHD_SUFFIXES", "create_vhd", "footer_for", "plan_new_dynamic"]
 
@@ -79,7 +83,8 @@ def check_size(size: int, fixed: bool) -> None:
         raise InvalidArgumentError(f"a dynamic VHD holds at most 2040 GiB, not {size} bytes")
 
 
-def plan_new_dynamic(size: int, block_size: int, parent: dict | None = None) -> tuple[list[tuple[int, bytes]], int]:
+def plan_new_dynamic(size: int, block_size: int,
+                     parent: dict[str, Any] | None = None) -> tuple[list[tuple[int, bytes]], int]:
     """Writes (offset, bytes) of a new dynamic/differencing disk and its file size.
 
     ``parent``: ``unique_id`` (bytes), ``timestamp``, ``name`` (Parent Unicode
@@ -96,7 +101,7 @@ def plan_new_dynamic(size: int, block_size: int, parent: dict | None = None) -> 
     writes.append((bat_off, bat))
     pos = bat_end
     locators = []
-    header_fields: dict = {}
+    header_fields: dict[str, Any] = {}
     if parent is not None:
         for slot, (code, value) in enumerate(((S.PLATFORM_W2KU, parent["w2ku"]),
                                               (S.PLATFORM_W2RU, parent["w2ru"]))):
@@ -126,13 +131,13 @@ def _windows_path(path: str) -> str:
     return p if os.name == "nt" else p.replace("/", "\\")
 
 
-def parent_fields(child_path: str, parent) -> dict:
+def parent_fields(child_path: str, parent: VhdFile) -> dict[str, Any]:
     return {"unique_id": parent.unique_id, "timestamp": parent.footer.timestamp,
             "name": _windows_path(parent.path), "w2ku": _windows_path(parent.path),
             "w2ru": _relative(child_path, parent.path)}
 
 
-def create_vhd(path: str | os.PathLike[str], size: int | None = None, *, type: str = "dynamic",
+def create_vhd(path: str | os.PathLike[str], size: int | None = None, *, type: str = "dynamic",  # noqa: A002
                block_size: int | None = None, parent: str | os.PathLike[str] | None = None,
                unique_id: bytes | None = None, exact_chs: bool = False) -> str:
     """Create a new VHD/AVHD at ``path`` (never overwrites) and return the path.
@@ -145,7 +150,7 @@ def create_vhd(path: str | os.PathLike[str], size: int | None = None, *, type: s
 
     path = os.fspath(path)
     bs = block_size or DEFAULT_BLOCK_SIZE
-    uid = unique_id or uuid.uuid4().bytes_le  # Windows stores GUID structures (ref §0)
+    uid = unique_id or uuid.uuid4().bytes_le  # Windows stores GUID structures (vhd.md §0)
     if type not in ("dynamic", "fixed"):
         raise InvalidArgumentError(f"type must be 'dynamic' or 'fixed', not {type!r}")
     pinfo = None

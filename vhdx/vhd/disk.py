@@ -1,18 +1,17 @@
 """The virtual disk seen through a VHD / AVHD chain: :class:`VhdDisk`.
 
-A :class:`vhdx.VirtualDisk` whose resolution follows the VHD rules (ref §7): a
+A :class:`vhdx.VirtualDisk` whose resolution follows the VHD rules (vhd.md §7): a
 fixed file maps 1:1; a dynamic or differencing block is unallocated (parent,
 else zeros) or allocated, in which case each sector's bit in the MSB-first
 sector bitmap says "this file" (1) or "parent / zeros" (0). Past a parent's
 end the disk reads zeros. Everything above resolution (positional reads, the
 block-map cache, gather reads, extents, the stream API) is the VHDX disk's.
 
-Reads use one pread per run of one source: the common single-source read (any
-4 KiB read, a sequential 1 MiB read of a fully marked block) costs one lookup
-and one pread; reads split over many bitmap runs go through
-:func:`vhdx.native.gather_read` (one C call, GIL released). The VHDX C chain
-reader is not used: its tables are VHDX BATs (MiB-granular offsets, LSB-first
-bitmaps in separate blocks).
+Reads go through the C chain reader with VHD levels
+(:class:`vhdx.vhd.native_read.VhdChainReader`: one call per read, GIL
+released) when the extension is built; the Python resolver below is the
+reference and the fallback: one pread per run of one source, reads split over
+many bitmap runs through :func:`vhdx.native.gather_read`.
 """
 
 from __future__ import annotations
@@ -22,10 +21,12 @@ import os
 import uuid
 from collections.abc import Sequence
 
+from .. import native
 from ..disk import UNALLOCATED, ZERO, Segment, VirtualDisk, _emit
 from ..errors import InvalidArgumentError
 from . import structures as S
 from .file import VhdFile
+from .native_read import VhdChainReader
 
 PathLike = str | os.PathLike[str]
 
@@ -37,18 +38,24 @@ class VhdDisk(VirtualDisk):
 
     def _refresh(self) -> None:
         self._size = self.chain[0].virtual_size
-        self._maps: dict[int, tuple[list[int], list[Segment]]] = {}
+        self._maps: dict[int, tuple[list[int], list[Segment[int]]]] = {}
         top = self.chain[0]
         # The block-map cache of VirtualDisk keys on the top file's block size.
         self._levels = [(top.virtual_size, top.block_size)]  # type: ignore[list-item]
         self._fds = [f.fd for f in self.chain]
-        # The VHDX C chain reader does not apply (VHDX tables only): both of its
-        # entry points (the newer base class also has ``_native_read``) stay off.
-        self._native = None
-        self._native_read = None
+        reader = self._make_native()
+        self._native = reader.fast if reader is not None else None
+        self._native_read = reader.read if reader is not None else None
+        self._reader = reader
 
-    def _make_native(self):
-        return None
+    def _make_native(self) -> VhdChainReader | None:
+        """The C read path over VHD levels, or None (no extension, a closed file)."""
+        if not native.HAVE_CHAIN_READER or any(f.closed or f.fd < 0 for f in self.chain):
+            return None
+        try:  # a writer changes its top file's bitmaps between reads
+            return VhdChainReader(self.chain, cache_top=not self.writable())
+        except (ValueError, OSError, TypeError, BufferError, NotImplementedError):
+            return None  # the Python resolver handles it
 
     # --- properties --------------------------------------------------------------
     @property
@@ -76,7 +83,7 @@ class VhdDisk(VirtualDisk):
         return self.top.unique_id
 
     # --- resolution --------------------------------------------------------------
-    def _resolve(self, level: int, offset: int, length: int, base: int, out: list[Segment]) -> None:
+    def _resolve(self, level: int, offset: int, length: int, base: int, out: list[Segment[int]]) -> None:
         img = self.chain[level]
         end = offset + length
         vsize = img.virtual_size
@@ -113,15 +120,15 @@ class VhdDisk(VirtualDisk):
         if tail_start < end:
             _emit(out, tail_start - base, end - tail_start, ZERO, 0)
 
-    def segments(self, offset: int, length: int) -> list[Segment]:
+    def segments(self, offset: int, length: int) -> list[Segment[int]]:
         """As :meth:`VirtualDisk.segments`, resolved block by block through the VHD BAT."""
-        out: list[Segment] = []
+        out: list[Segment[int]] = []
         if length > 0:
             self._resolve(0, offset, length, offset, out)
         return out
 
-    def _resolve_bitmap_runs(self, level: int, runs: list, bstart: int, data: int, pos: int, n: int,
-                             base: int, has_parent: bool, out: list[Segment]) -> None:
+    def _resolve_bitmap_runs(self, level: int, runs: list[tuple[int, int, bool]], bstart: int, data: int,
+                             pos: int, n: int, base: int, has_parent: bool, out: list[Segment[int]]) -> None:
         rel, rel_end = pos - bstart, pos - bstart + n
         i = bisect.bisect_right(runs, (rel // S.SECTOR, 1 << 62, True)) - 1
         while rel < rel_end:
@@ -172,12 +179,14 @@ class VhdDisk(VirtualDisk):
 
 def open_vhd(path: PathLike, mode: str = "r", *, parents: Sequence[PathLike] | None = None,
              search_dirs: Sequence[PathLike] = (), ignore_linkage: bool = False,
-             ignore_checksums: bool = False) -> VhdDisk:
+             ignore_checksums: bool = False, force_share: bool = False) -> VhdDisk:
     """Open a VHD/AVHD and its chain read-only (``vhdx.open`` routes here by
-    signature; for "r+" it builds a :class:`vhdx.vhd.writer.VhdWritableDisk`)."""
+    signature and builds a :class:`vhdx.vhd.writer.VhdWritableDisk` for "r+").
+    Locks and ``force_share`` as for VHDX."""
     if mode not in ("r", "rb"):
         raise InvalidArgumentError(f"mode {mode!r} is not supported here (vhdx.open opens 'r+')")
     from .chain import open_chain
 
-    chain, warnings = open_chain(path, parents, search_dirs, ignore_linkage, ignore_checksums)
+    chain, warnings = open_chain(path, parents, search_dirs, ignore_linkage, ignore_checksums,
+                                 force_share=force_share)
     return VhdDisk(chain, warnings)  # type: ignore[arg-type]

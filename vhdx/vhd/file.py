@@ -2,7 +2,7 @@
 
 Parses the footer (end copy, 511-byte variant, copy at offset 0 with fallback),
 the dynamic header, the BAT and the parent locators, and answers "which sectors
-of block b are in this file". Every bound of ref §10 is enforced before memory
+of block b are in this file". Every bound of vhd.md §10 is enforced before memory
 is allocated or a byte is read, so a hostile file costs at most a bounded BAT
 read. Parents are found in :mod:`vhdx.vhd.chain`.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import re
 import sys
 import threading
 import uuid
@@ -24,7 +25,8 @@ from ..errors import (
     UnsupportedFeatureError,
     VhdxError,
 )
-from ..image import open_regular_file, pread_into
+from ..image import Extent, append_own_extent, open_regular_file, pread_into
+from ..locking import lock_image
 from ..native import bitmap_runs
 from . import structures as S
 
@@ -32,6 +34,7 @@ from . import structures as S
 Runs = list[tuple[int, int, bool]]
 
 _RUN_CACHE_BLOCKS = 4096
+_NOT_FF = re.compile(rb"[^\xff]")
 NOMINAL_FIXED_BLOCK = 2 * 1024 * 1024  # a fixed VHD has no blocks; reported for block-wise callers
 
 
@@ -49,7 +52,7 @@ def _pread(fd: int, offset: int, size: int, path: str) -> bytes:
 
 def footer_candidates(fd: int, file_size: int, path: str) -> list[tuple[str, int, bytes]]:
     """(where, offset, 512 bytes) of every place a footer may be: the end (512, then
-    the pre-2004 511-byte variant, ref §2.1) and the copy at offset 0."""
+    the pre-2004 511-byte variant, vhd.md §2.1) and the copy at offset 0."""
     out = []
     if file_size >= S.FOOTER_SIZE:
         out.append(("end", file_size - 512, _pread(fd, file_size - 512, 512, path)))
@@ -89,6 +92,21 @@ def is_vhd_file(path: str | os.PathLike[str]) -> bool:
         os.close(fd)
 
 
+def _skip_unused(raw: bytes, b: int, n: int) -> int:
+    """First entry at or after ``b`` that is not 0xFFFFFFFF (n when none): one
+    byte search for a byte other than 0xFF, realigned to its entry."""
+    pos = 4 * b
+    while pos < 4 * n:
+        m = _NOT_FF.search(raw, pos)
+        if m is None:
+            return n
+        e = m.start() // 4
+        if raw[4 * e:4 * e + 4] != b"\xff\xff\xff\xff":
+            return e
+        pos = 4 * (e + 1)
+    return n
+
+
 def _checksum_ok(raw: bytes, off: int) -> bool:
     return int.from_bytes(raw[off:off + 4], "big") == S.checksum(raw, off)
 
@@ -97,7 +115,9 @@ class VhdFile:
     """A single fixed, dynamic or differencing VHD (or .avhd), read-only.
 
     ``ignore_checksums`` accepts a file whose footer copies and dynamic header all
-    fail their checksums (forensic use; a warning is recorded instead).
+    fail their checksums (forensic use; a warning is recorded instead). An own
+    descriptor (``fd`` None) takes a reader's lock (:mod:`vhdx.locking`: LockedError
+    while a writer, vhdx or QEMU, holds the file) unless ``force_share``.
     """
 
     logical_sector_size = S.SECTOR
@@ -105,7 +125,7 @@ class VhdFile:
     overlay = None  # no log: nothing patches reads (the VHDX reader's attribute)
 
     def __init__(self, path: str | os.PathLike[str], fd: int | None = None, *,
-                 ignore_checksums: bool = False) -> None:
+                 ignore_checksums: bool = False, force_share: bool = False) -> None:
         self.path = os.fspath(path)
         self._owns_fd = fd is None
         self.fd = open_regular_file(path) if fd is None else fd
@@ -117,6 +137,8 @@ class VhdFile:
         self.header: Any = None  # construct container of the dynamic header (None: fixed)
         self._lock = threading.Lock()
         try:
+            if fd is None:  # an own descriptor takes a reader's lock, as ImageFile does
+                lock_image(self.fd, self.path, write=False, force_share=force_share)
             self._load()
         except BaseException:
             self.close()
@@ -147,12 +169,12 @@ class VhdFile:
             self._load_dynamic()
 
     def _choose_footer(self) -> None:
-        """Footer policy (ref §2.1): the end copy when its checksum holds, else the copy
+        """Footer policy (vhd.md §2.1): the end copy when its checksum holds, else the copy
         at offset 0 (dynamic/differencing only), else with ``ignore_checksums`` the
         first copy carrying the cookie; each fallback leaves a warning."""
         cands = footer_candidates(self.fd, self.file_size, self.path)
-        valid: list[tuple] = []
-        cookie_only: list[tuple] = []
+        valid: list[tuple[str, int, bytes, Any]] = []
+        cookie_only: list[tuple[str, int, bytes, Any]] = []
         for where, off, raw in cands:
             if raw[:8] != S.COOKIE_FOOTER:
                 continue
@@ -194,7 +216,7 @@ class VhdFile:
         self.bat = array("I")
         self.max_table_entries = 0
         self.bitmap_size = 0
-        self.locators: list[dict] = []
+        self.locators: list[dict[str, Any]] = []
         self.parent_locator = None
         self.parent_unique_id = None
         self.parent_timestamp = 0
@@ -252,14 +274,14 @@ class VhdFile:
         if bat.itemsize != 4:
             raise VhdxError("this platform has no 32-bit array type")
         if sys.byteorder == "little":
-            bat.byteswap()  # entries are big-endian (ref §5.1)
+            bat.byteswap()  # entries are big-endian (vhd.md §5.1)
         self.bat = bat
         self._validate_bat(limit)
         self._load_parent_fields(h)
 
     def _validate_bat(self, limit: int) -> None:
         """Every allocated block (bitmap + data) must lie inside the file, after the
-        header and the BAT (ref §10)."""
+        header and the BAT (vhd.md §10)."""
         span = self.bitmap_size + self.block_size
         meta_end = max(self.header_offset + S.HEADER_SIZE, self.table_offset + 4 * self.blocks)
         meta_start = min(self.header_offset, self.table_offset)
@@ -274,7 +296,7 @@ class VhdFile:
                 raise CorruptImageError(f"{self.path}: BAT entry {b} puts the block at {off:#x}, over the "
                                         "footer copy, header or BAT")
 
-    def _load_parent_fields(self, h) -> None:
+    def _load_parent_fields(self, h: Any) -> None:  # h: the parsed DynamicHeader container
         self.parent_unique_id = bytes(h.parent_unique_id) if self.disk_type == S.TYPE_DIFFERENCING else None
         self.parent_timestamp = h.parent_timestamp
         name = bytes(h.parent_unicode_name)
@@ -308,7 +330,7 @@ class VhdFile:
             loc["parent_unicode_name"] = self.parent_name
         self.parent_locator = loc if self.disk_type == S.TYPE_DIFFERENCING else None
 
-    def _locator_problem(self, code: bytes, ent) -> str | None:
+    def _locator_problem(self, code: bytes, ent: Any) -> str | None:  # ent: a parsed locator entry
         if code not in S.PLATFORM_CODES:
             return f"unknown platform code {code!r}"
         if ent.data_length == 0:
@@ -324,7 +346,7 @@ class VhdFile:
     @staticmethod
     def _decode_locator(code: bytes, data: bytes) -> str | None:
         if code in (S.PLATFORM_W2RU, S.PLATFORM_W2KU):
-            # UTF-16LE without terminator (ref §6); unpaired surrogates are replaced.
+            # UTF-16LE without terminator (vhd.md §6); unpaired surrogates are replaced.
             return data.decode("utf-16-le", "replace").rstrip("\0")
         if code in (S.PLATFORM_WI2R, S.PLATFORM_WI2K):
             return data.decode("latin-1").rstrip("\0")
@@ -339,11 +361,11 @@ class VhdFile:
 
     @property
     def is_fixed(self) -> bool:
-        return self.disk_type == S.TYPE_FIXED
+        return bool(self.disk_type == S.TYPE_FIXED)
 
     @property
     def has_parent(self) -> bool:
-        return self.disk_type == S.TYPE_DIFFERENCING
+        return bool(self.disk_type == S.TYPE_DIFFERENCING)
 
     @property
     def creator(self) -> str:
@@ -353,7 +375,7 @@ class VhdFile:
 
     @property
     def virtual_disk_id(self) -> uuid.UUID:
-        """The Unique Id as Windows displays it (GUID structure, ref §0)."""
+        """The Unique Id as Windows displays it (GUID structure, vhd.md §0)."""
         return uuid.UUID(bytes_le=self.unique_id)
 
     data_write_guid = virtual_disk_id  # VHD linkage identity: the same Unique Id
@@ -380,6 +402,10 @@ class VhdFile:
         """Fill ``mv`` from file ``offset`` (zeros past EOF), as ImageFile does."""
         pread_into(self.fd, mv, offset, self.path)
 
+    def read_file(self, offset: int, size: int) -> bytes:
+        """``size`` bytes of the file (zeros past EOF), as ImageFile.read_file."""
+        return _pread(self.fd, offset, size, self.path)
+
     def read_bitmap(self, block: int) -> bytes:
         off = self.block_offset(block)
         if off is None:
@@ -387,7 +413,7 @@ class VhdFile:
         return _pread(self.fd, off, self.bitmap_size, self.path)
 
     def block_runs(self, block: int) -> Runs:
-        """Runs of the sector bitmap of allocated block ``block`` (MSB-first, ref §5.2)."""
+        """Runs of the sector bitmap of allocated block ``block`` (MSB-first, vhd.md §5.2)."""
         runs = self._runs.get(block)
         if runs is None:
             spb = self.sectors_per_block
@@ -407,12 +433,61 @@ class VhdFile:
         """Drop the cached runs of ``block`` (a writer changed its bitmap)."""
         self._runs.pop(block, None)
 
+    def allocated_runs(self) -> Iterator[tuple[int, int]]:
+        """(first block, count) of the runs of allocated blocks, in BAT order; the
+        table is scanned with byte searches for unused entries, so the Python
+        work follows the runs, not the entries."""
+        raw = self.bat.tobytes()  # host order; only 0xFFFFFFFF matters here
+        unused = b"\xff" * 4
+        n = len(self.bat)
+        b = 0
+        while b < n:
+            if raw[4 * b:4 * b + 4] == unused:
+                b = _skip_unused(raw, b, n)  # a run of unused entries in one search
+                if b >= n:
+                    break
+            e = b
+            while e < n and raw[4 * e:4 * e + 4] != unused:
+                e += 1
+            yield b, e - b
+            b = e
+
+    def extents(self) -> list[Extent]:
+        """What this file holds by itself over the whole virtual disk, by runs, as
+        :meth:`vhdx.ImageFile.extents`: "data" (sectors this file defines, with
+        their file offset; ``source`` 0 is this file) and "unallocated" (unused
+        blocks and bitmap-0 sectors: the parent's bytes, or zeros without one).
+        VHD has no "zero" state (vhd.md §5). Needs no parent: the changed-block
+        map of a lone .avhd."""
+        size = self.virtual_size
+        out: list[Extent] = []
+
+        def emit(off: int, length: int, kind: str, foff: int | None) -> None:
+            append_own_extent(out, off, length, kind, foff)
+
+        if self.is_fixed:
+            emit(0, size, "data", 0)
+            return out
+        bs, pos = self.block_size, 0
+        for first, count in self.allocated_runs():
+            emit(pos, first * bs - pos, "unallocated", None)
+            for b in range(first, first + count):
+                start, end = b * bs, min((b + 1) * bs, size)
+                data = self.bat[b] * S.SECTOR + self.bitmap_size
+                for s0, n, present in self.block_runs(b):
+                    lo, hi = start + s0 * S.SECTOR, min(start + (s0 + n) * S.SECTOR, end)
+                    emit(lo, hi - lo, "data" if present else "unallocated",
+                         data + s0 * S.SECTOR if present else None)
+            pos = min((first + count) * bs, size)
+        emit(pos, size - pos, "unallocated", None)
+        return out
+
     def sector_present(self, block: int, sector: int) -> bool:
         runs = self.block_runs(block)
         return runs[bisect.bisect_right(runs, (sector, 1 << 62, True)) - 1][2]
 
     # --- description -----------------------------------------------------------------
-    def info(self) -> dict:
+    def info(self) -> dict[str, Any]:
         """What ``vhdx info --json`` prints for this file."""
         f = self.footer
         d = {
@@ -432,7 +507,7 @@ class VhdFile:
         if not self.is_fixed:
             d.update({"header_offset": self.header_offset, "table_offset": self.table_offset,
                       "max_table_entries": self.max_table_entries,
-                      "blocks": {"allocated": sum(1 for _ in self.allocated_blocks()), "total": self.blocks}})
+                      "blocks": {"allocated": sum(c for _, c in self.allocated_runs()), "total": self.blocks}})
         if self.has_parent:
             d.update({"parent_unique_id": (self.parent_unique_id or b"").hex(),
                       "parent_timestamp": self.parent_timestamp, "parent_unicode_name": self.parent_name,

@@ -8,11 +8,16 @@ converter's path; the originals stay untouched).
 In place. The files above the target ("upper") are resolved newest-first with
 the reader's own resolver, restricted to their allocated blocks; every sector
 they define is copied into the target (marked all-zero sectors too: they hide
-older data, ref §11) through the C copy engine (:func:`vhdx.native.copy_ranges`:
+older data, vhd.md §11) through the C copy engine (:func:`vhdx.native.copy_ranges`:
 clone / copy_file_range / read-write). Until the upper files are removed they
 mask every sector the merge writes, so the chain reads the same at every instant
 and the target's own ordering only has to keep that file valid
-(:meth:`VhdWritableDisk.prepare_masked`); the target is flushed, children of the
+(:meth:`VhdWritableDisk.prepare_masked`: bitmaps and BAT entries of up to
+PREPARE_BLOCKS blocks behind two barriers, BAT entries of consecutive blocks in
+one write). The data then moves in 64 MiB rounds through the VHDX merge
+engine's mover (``merge_engine._Mover``: the C copy engine, coalesced ranges,
+writeback started behind each round, so the last fsync overlaps the copy), with
+progress and cancellation between rounds; the target is flushed, children of the
 merged child are re-pointed to the target (Parent Unique ID, time stamp, name and
 locators, one 1 KiB header write), and only then are the merged files deleted.
 An interrupted merge is completed by running it again (the copies are
@@ -25,9 +30,9 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
-from .. import native
+from ..dependents import search_folders
 from ..errors import (
     CancelledError,
     DependentDisksError,
@@ -35,64 +40,30 @@ from ..errors import (
     UnsupportedFeatureError,
     VhdxError,
 )
-from ..merge_engine import MergeSummary
-from ..storage import fsync_dir
+from ..merge_engine import CHUNK_BYTES, MergeSummary, ProgressFn
+from ..merge_engine import _Mover as RangeMover  # the VHDX engine's data mover, shared (see _move)
+from ..storage import Storage, fsync_dir
+from ..writer import lock_exclusive
 from . import structures as S
-from .chain import VHD_SUFFIXES, open_chain
+from .chain import find_vhd_linked, open_chain
 from .create import parent_fields
 from .disk import VhdDisk
 from .file import VhdFile
 
-ProgressFn = Callable[[int, int], object]
 PathLike = str | os.PathLike[str]
-BATCH_BLOCKS = 256  # blocks prepared per pair of barriers
-_METHODS = {native.CLONE: "clone", native.COPY_FILE_RANGE: "copy_file_range",
-            native.READ_WRITE: "read_write", native.NONE: "none"}
-
-
-def find_vhd_dependents(dirs: Sequence[str], ids: dict[bytes, str], exclude: Sequence[str]) -> list[tuple[str, str]]:
-    """(path, parent path) of every VHD in ``dirs`` whose Parent Unique ID is one of
-    ``ids`` (Unique Id -> path), other than ``exclude``."""
-    excluded = set()
-    for p in exclude:
-        try:
-            st = os.stat(p)
-            excluded.add((st.st_dev, st.st_ino))
-        except OSError:
-            pass
-    found, seen = [], set()
-    for d in dict.fromkeys(dirs):
-        try:
-            names = sorted(os.listdir(d))
-        except OSError:
-            continue
-        for name in names:
-            if not name.lower().endswith(VHD_SUFFIXES):
-                continue
-            path = os.path.join(d, name)
-            try:
-                st = os.stat(path)
-            except OSError:
-                continue
-            ident = (st.st_dev, st.st_ino)
-            if ident in excluded or ident in seen:
-                continue
-            seen.add(ident)
-            try:
-                with VhdFile(path, ignore_checksums=True) as f:
-                    puid = f.parent_unique_id
-            except VhdxError:
-                continue
-            if puid is not None and puid in ids:
-                found.append((path, ids[puid]))
-    return found
+# Target blocks whose bitmaps and BAT entries are prepared per pair of barriers
+# (all of a 16 GiB merge of 2 MiB blocks): the barriers then find the target
+# clean, and the data moves after them in CHUNK_BYTES rounds with writeback
+# started behind each, so the final fsync overlaps the copy instead of
+# following it.
+PREPARE_BLOCKS = 8192
 
 
 def merge_vhd(child: PathLike, into: PathLike | None = None, output: PathLike | None = None, *,
               dry_run: bool = False, keep: bool = False, force: bool = False,
               progress: ProgressFn | None = None, parents: Sequence[PathLike] | None = None,
               search_dirs: Sequence[PathLike] = (), ignore_linkage: bool = False,
-              storage_factory: Callable[[str], object] | None = None) -> MergeSummary:
+              storage_factory: Callable[[str], Storage] | None = None) -> MergeSummary:
     """Merge the VHD chain of ``child``; see the module docstring. ``storage_factory``
     (tests) supplies the Storage the target is written through."""
     t0 = time.monotonic()
@@ -151,7 +122,8 @@ def _flatten(child: PathLike, output: str, dry_run: bool, progress: ProgressFn |
     return summary
 
 
-def _plan(upper_disk: VhdDisk, upper: list[VhdFile], target: VhdFile):
+def _plan(upper_disk: VhdDisk, upper: list[VhdFile],
+          target: VhdFile) -> Iterator[tuple[int, list[tuple[int, int, int, int]]]]:
     """Per target block: [(virtual offset, length, upper index, file offset)] defined above."""
     size = upper_disk.size
     bs = target.block_size if not target.is_fixed else 2 * 1024 * 1024
@@ -171,7 +143,8 @@ def _plan(upper_disk: VhdDisk, upper: list[VhdFile], target: VhdFile):
 
 
 def _merge_into(chain: list[VhdFile], k: int, dry_run: bool, keep: bool, force: bool,
-                progress: ProgressFn | None, search_dirs: Sequence, storage_factory, t0: float,
+                progress: ProgressFn | None, search_dirs: Sequence[PathLike],
+                storage_factory: Callable[[str], Storage] | None, t0: float,
                 warnings: list[str]) -> MergeSummary:
     from .writer import VhdWritableDisk
 
@@ -185,10 +158,10 @@ def _merge_into(chain: list[VhdFile], k: int, dry_run: bool, keep: bool, force: 
     if top.virtual_size != target.virtual_size:
         raise UnsupportedFeatureError(f"the child's virtual size ({top.virtual_size}) differs from the "
                                       f"target's ({target.virtual_size}); VHD merges need equal sizes")
-    dirs = [os.path.dirname(os.path.abspath(f.path)) for f in chain] + [os.fspath(d) for d in search_dirs]
+    dirs = search_folders([f.path for f in chain], search_dirs)
     paths = [f.path for f in chain]
-    dependents = find_vhd_dependents(dirs, {f.unique_id: f.path for f in chain[1:k + 1]}, paths)
-    children = find_vhd_dependents(dirs, {top.unique_id: top.path}, paths)
+    dependents = find_vhd_linked(dirs, {f.unique_id: f.path for f in chain[1:k + 1]}, paths)
+    children = find_vhd_linked(dirs, {top.unique_id: top.path}, paths)
     if dependents:
         names = ", ".join(f"{p} (child of {q})" for p, q in dependents)
         if not force:
@@ -196,7 +169,7 @@ def _merge_into(chain: list[VhdFile], k: int, dry_run: bool, keep: bool, force: 
                                       f"{names}; merge or delete them first, or use --force")
         summary.invalidated = [p for p, _ in dependents]
     summary.repointed = [p for p, _ in children]
-    upper_disk = VhdDisk(list(upper), [])  # shares the VhdFiles, which ``chain`` owns
+    upper_disk = VhdDisk(list(upper), [])  # type: ignore[arg-type]  # shares the VhdFiles ``chain`` owns
     plan = list(_plan(upper_disk, upper, target))
     total = sum(ln for _, segs in plan for _, ln, _, _ in segs)
     if dry_run:
@@ -204,52 +177,33 @@ def _merge_into(chain: list[VhdFile], k: int, dry_run: bool, keep: bool, force: 
         summary.bytes_copied = total
         summary.seconds = time.monotonic() - t0
         return summary
-    from ..writer import lock_exclusive
-
     for f in upper:  # no writer may change what is being merged (LockedError otherwise)
         lock_exclusive(f.fd, f.path)
-    storage = storage_factory(target.path) if storage_factory else None
     done = 0
     target_path = target.path
+    target.close()  # its reader's lock would refuse the writer below (the plan is made)
+    storage = storage_factory(target_path) if storage_factory else None
     with VhdWritableDisk(target_path, parents=None if k + 1 >= len(chain) else [f.path for f in chain[k + 1:]],
-                         storage=storage) as t:
-        out_fd = getattr(t.storage, "fd", None)
-        for i in range(0, len(plan), BATCH_BLOCKS):
-            batch = plan[i:i + BATCH_BLOCKS]
+                         storage=storage, dependents=False) as t:  # dependents: checked above
+        mover = RangeMover(t, upper, summary, True)  # type: ignore[arg-type]  # duck-typed: .storage, .fd, .read_file
+        bs = t.top.block_size
+        for i in range(0, len(plan), PREPARE_BLOCKS):
+            batch = plan[i:i + PREPARE_BLOCKS]
             where: dict[int, int | None]
             if t.top.is_fixed:
                 where = {tb: None for tb, _ in batch}
             else:
-                bs = t.top.block_size
                 wanted = {tb: [((v - tb * bs) // S.SECTOR, ln // S.SECTOR) for v, ln, _, _ in segs]
                           for tb, segs in batch}
                 where = dict(t.prepare_masked(wanted))
-            by_src: dict[int, list[tuple[int, int, int]]] = {}
             for tb, segs in batch:
+                base = where[tb]
                 for v, ln, src, foff in segs:
-                    dst = v if where[tb] is None else where[tb] + v - tb * t.top.block_size
-                    by_src.setdefault(src, []).append((foff, dst, ln))
-            for src, ranges in by_src.items():
-                if out_fd is None:  # a test storage without a descriptor: plain writes
-                    for foff, dst, ln in ranges:
-                        t.storage.pwrite(dst, os.pread(upper[src].fd, ln, foff))
-                        summary.bytes_copied += ln
-                    continue
-                methods = native.copy_ranges(upper[src].fd, out_fd, ranges)
-                for (_, _, ln), m in zip(ranges, methods):
-                    name = _METHODS.get(m, str(m))
-                    summary.ranges_by_method[name] = summary.ranges_by_method.get(name, 0) + 1
-                    if m == native.CLONE:
-                        summary.bytes_cloned += ln
-                    else:
-                        summary.bytes_copied += ln
-            if out_fd is not None and hasattr(t.storage, "note_external_write"):
-                t.storage.note_external_write()  # the copy engine wrote past the storage
-            summary.blocks_changed += len(batch)
-            done += sum(ln for _, segs in batch for _, ln, _, _ in segs)
-            if progress is not None and progress(done, total) is False:
-                t.flush()
-                raise CancelledError("merge cancelled; run it again to complete it")
+                    mover.copy(src, foff, v if base is None else base + v - tb * bs, ln)
+                summary.blocks_changed += 1
+                if mover.queued >= CHUNK_BYTES:
+                    done = _move(mover, t, done, total, progress)
+            done = _move(mover, t, done, total, progress)
         t.storage.flush()  # the target is durable before anything stops masking it
     for path in summary.repointed:
         repoint(path, target_path)
@@ -260,6 +214,16 @@ def _merge_into(chain: list[VhdFile], k: int, dry_run: bool, keep: bool, force: 
         fsync_dir(target_path)
     summary.seconds = time.monotonic() - t0
     return summary
+
+
+def _move(mover: RangeMover, t: object, done: int, total: int, progress: ProgressFn | None) -> int:
+    """Move what ``mover`` holds; report progress; cancel (after a flush) when asked."""
+    done += mover.queued
+    mover.run()
+    if progress is not None and progress(done, total) is False:
+        t.flush()  # type: ignore[attr-defined]
+        raise CancelledError("merge cancelled; run it again to complete it")
+    return done
 
 
 def repoint(child_path: str, parent_path: str) -> None:
@@ -297,6 +261,7 @@ def repoint(child_path: str, parent_path: str) -> None:
         header = S.build_header(**obj)
     st = FileStorage.open(child_path, writable=True)
     try:
+        lock_exclusive(st.fd, child_path)  # a VM running on the child refuses the rewrite
         for off, data in writes:  # locator data first: unused until the header names it
             st.pwrite(off, data)
         st.flush()

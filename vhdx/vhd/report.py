@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..progress import human_size as _human
 
 
-def info_lines(f: dict) -> list[str]:
+def info_lines(f: dict[str, Any]) -> list[str]:
     bs = f", block size {_human(f['block_size'])}" if f["block_size"] else ""
     out = [f"VHD {f['type']}, virtual size {_human(f['virtual_size'])} ({f['virtual_size']} bytes){bs}, "
            "sectors 512/512",

@@ -1,9 +1,10 @@
 """construct declarations of the legacy VHD on-disk structures.
 
-Declarations and pure helpers only (no I/O, no policy). Section numbers ("ref
-§n") refer to shared/docs/vhd-format.md, which restates the 2006 Microsoft
-"Virtual Hard Disk Image Format Specification". Every integer is big-endian;
-GUIDs stay raw 16-byte strings (producers disagree on their byte order, ref §0,
+Declarations and pure helpers only (no I/O, no policy). Section numbers
+("vhd.md §n") refer to the format notes of docs/vhd.md (the project's summary
+of the 2006 Microsoft "Virtual Hard Disk Image Format Specification" and of
+what real producers write). Every integer is big-endian;
+GUIDs stay raw 16-byte strings (producers disagree on their byte order, vhd.md §0,
 so linkage compares bytes, never parsed UUIDs).
 """
 
@@ -22,16 +23,16 @@ COOKIE_FOOTER = b"conectix"
 COOKIE_HEADER = b"cxsparse"
 VERSION = 0x00010000
 UNUSED = 0xFFFFFFFF                 # BAT entry of an unallocated block
-NO_DATA_OFFSET = 0xFFFFFFFFFFFFFFFF  # footer Data Offset of a fixed disk (ref §2.4)
-FEATURE_RESERVED = 0x2               # "must always be 1" (ref §2)
+NO_DATA_OFFSET = 0xFFFFFFFFFFFFFFFF  # footer Data Offset of a fixed disk (vhd.md §2.4)
+FEATURE_RESERVED = 0x2               # "must always be 1" (vhd.md §2)
 
 TYPE_FIXED, TYPE_DYNAMIC, TYPE_DIFFERENCING = 2, 3, 4
 TYPE_NAMES = {TYPE_FIXED: "fixed", TYPE_DYNAMIC: "dynamic", TYPE_DIFFERENCING: "differencing"}
 
-# Seconds between the Unix epoch and the VHD epoch, 2000-01-01 00:00:00 UTC (ref §0).
+# Seconds between the Unix epoch and the VHD epoch, 2000-01-01 00:00:00 UTC (vhd.md §0).
 EPOCH_OFFSET = 946684800
 
-# Limits against hostile files (ref §10). QEMU's 2040 GiB bound for the virtual
+# Limits against hostile files (vhd.md §10). QEMU's 2040 GiB bound for the virtual
 # size; the block-size cap bounds bitmap buffers; the locator cap bounds reads.
 MAX_VIRTUAL_SIZE = 0xFF000000 * SECTOR
 MAX_BLOCK_SIZE = 256 * VS.MiB
@@ -41,7 +42,7 @@ MAX_LOCATOR_LENGTH = 64 * VS.KiB
 MAX_BAT_ENTRIES = 1 << 24
 MAX_PARENT_NAME_UNITS = 256
 
-# Parent locator platform codes (ref §6), as 4-byte strings.
+# Parent locator platform codes (vhd.md §6), as 4-byte strings.
 PLATFORM_NONE = b"\0\0\0\0"
 PLATFORM_W2RU = b"W2ru"  # relative path, UTF-16LE
 PLATFORM_W2KU = b"W2ku"  # absolute path, UTF-16LE
@@ -51,7 +52,7 @@ PLATFORM_MAC = b"Mac "   # Mac OS alias record (opaque)
 PLATFORM_MACX = b"MacX"  # file URL, UTF-8
 PLATFORM_CODES = (PLATFORM_W2RU, PLATFORM_W2KU, PLATFORM_WI2R, PLATFORM_WI2K, PLATFORM_MAC, PLATFORM_MACX)
 
-# Hard disk footer (ref §2): 512 bytes at the end of every file, copy at 0 for
+# Hard disk footer (vhd.md §2): 512 bytes at the end of every file, copy at 0 for
 # dynamic and differencing disks.
 Footer = Struct(
     "cookie" / Bytes(8),
@@ -76,7 +77,7 @@ Footer = Struct(
 FOOTER_CHECKSUM_OFFSET = 64
 assert Footer.sizeof() == FOOTER_SIZE
 
-# Parent locator entry (ref §6): 8 of them in the dynamic header.
+# Parent locator entry (vhd.md §6): 8 of them in the dynamic header.
 ParentLocatorEntry = Struct(
     "platform_code" / Bytes(4),
     "data_space" / Int32ub,    # bytes in real files (the spec says sectors)
@@ -87,7 +88,7 @@ ParentLocatorEntry = Struct(
 LOCATOR_ENTRY_SIZE = 24
 assert ParentLocatorEntry.sizeof() == LOCATOR_ENTRY_SIZE
 
-# Dynamic disk header (ref §4): 1024 bytes at the footer's Data Offset.
+# Dynamic disk header (vhd.md §4): 1024 bytes at the footer's Data Offset.
 DynamicHeader = Struct(
     "cookie" / Const(COOKIE_HEADER),
     "data_offset" / Int64ub,
@@ -99,7 +100,7 @@ DynamicHeader = Struct(
     "parent_unique_id" / Bytes(16),
     "parent_timestamp" / Int32ub,
     "reserved1" / Int32ub,
-    "parent_unicode_name" / Bytes(512),  # UTF-16BE (ref §0)
+    "parent_unicode_name" / Bytes(512),  # UTF-16BE (vhd.md §0)
     "locators" / ParentLocatorEntry[8],
     "reserved2" / Bytes(256),
 )
@@ -108,7 +109,7 @@ assert DynamicHeader.sizeof() == HEADER_SIZE
 
 
 def checksum(data: bytes | bytearray | memoryview, field_offset: int) -> int:
-    """One's complement of the byte sum with the checksum field taken as zero (ref §0)."""
+    """One's complement of the byte sum with the checksum field taken as zero (vhd.md §0)."""
     mv = memoryview(data)
     s = sum(mv) - sum(mv[field_offset:field_offset + 4])
     return ~s & 0xFFFFFFFF
@@ -138,7 +139,7 @@ def build_footer(**fields: Any) -> bytes:
 def build_header(**fields: Any) -> bytes:
     """A sealed 1024-byte dynamic header; ``fields`` as in :data:`DynamicHeader`."""
     empty = dict(platform_code=PLATFORM_NONE, data_space=0, data_length=0, reserved=0, data_offset=0)
-    obj = dict(data_offset=NO_DATA_OFFSET, table_offset=0, version=VERSION,
+    obj: dict[str, Any] = dict(data_offset=NO_DATA_OFFSET, table_offset=0, version=VERSION,
                max_table_entries=0, block_size=2 * VS.MiB, checksum=0,
                parent_unique_id=bytes(16), parent_timestamp=0, reserved1=0,
                parent_unicode_name=bytes(512), locators=[empty] * 8, reserved2=bytes(256))
@@ -151,7 +152,7 @@ def build_header(**fields: Any) -> bytes:
 
 def chs_geometry(size: int) -> tuple[int, int, int]:
     """(cylinders, heads, sectors per track) for ``size`` bytes: the spec's
-    appendix "CHS Calculation", which rounds down (ref §2.3)."""
+    appendix "CHS Calculation", which rounds down (vhd.md §2.3)."""
     sectors = min(size // SECTOR, 65535 * 16 * 255)
     if sectors >= 65535 * 16 * 63:
         spt, heads = 255, 16
@@ -171,11 +172,11 @@ def chs_geometry(size: int) -> tuple[int, int, int]:
 
 def bitmap_bytes(block_size: int) -> int:
     """Bytes a block's sector bitmap occupies on disk: one bit per sector, padded
-    to a whole sector (ref §5.2)."""
+    to a whole sector (vhd.md §5.2)."""
     used = (block_size // SECTOR + 7) // 8
     return (used + SECTOR - 1) // SECTOR * SECTOR
 
 
 # MSB-first VHD bitmaps become LSB-first (the order vhdx.native.bitmap_runs
-# reads) by reversing the bits of every byte (ref §5.2).
+# reads) by reversing the bits of every byte (vhd.md §5.2).
 BIT_REVERSE = bytes(int(f"{b:08b}"[::-1], 2) for b in range(256))

@@ -1,6 +1,6 @@
 """Writing to a VHD / AVHD (``vhdx.open(path, "r+")``): :class:`VhdWritableDisk`.
 
-Crash safety by ordering, without a journal (ref §9). A fixed disk is written
+Crash safety by ordering, without a journal (vhd.md §9). A fixed disk is written
 in place. Allocating a block of a dynamic or differencing disk:
 
 1. write the footer at its new position past the new block (the file grows;
@@ -37,7 +37,9 @@ from ..errors import (
     UnsupportedFeatureError,
     VhdxError,
 )
-from ..storage import FileStorage
+from ..dependents import invalidated_note, refuse_if_children
+from ..storage import FileStorage, Storage
+from ..writer import lock_exclusive
 from . import structures as S
 from .create import next_block_position
 from .disk import VhdDisk
@@ -67,28 +69,40 @@ class VhdWritableDisk(VhdDisk):
     """A VHD/AVHD opened for writing; parents stay read-only. Not thread-safe.
 
     ``storage`` replaces the file's own read-write storage (tests record every
-    write and flush through :class:`vhdx.storage.RecordingStorage`).
+    write and flush through :class:`vhdx.storage.RecordingStorage`). The file is
+    locked as a writer's (:mod:`vhdx.locking`), its parents as readers'. A disk
+    that other VHDs depend on (children found by their Parent Unique ID,
+    :func:`vhdx.dependents.refuse_if_children`) is refused with
+    DependentDisksError unless ``force`` (``disk.warnings`` then names them);
+    ``dependents=False`` skips the search (a merge checks its own; a new file
+    has none).
     """
 
     def __init__(self, path: PathLike, *, parents: Sequence[PathLike] | None = None,
                  search_dirs: Sequence[PathLike] = (), ignore_linkage: bool = False,
-                 storage=None) -> None:
-        from .chain import open_chain
+                 storage: Storage | None = None, force: bool = False, dependents: bool = True) -> None:
+        from .chain import find_vhd_children, open_chain
 
         self._storage = storage if storage is not None else FileStorage.open(path, writable=True)
         try:
             fd = getattr(self._storage, "fd", None)
             if isinstance(fd, int):
-                from ..writer import lock_exclusive
-
                 lock_exclusive(fd, os.fspath(path))
-            top = VhdFile(path)
+            # Parsed through the writer's descriptor: a second open of our own would
+            # take a reader's lock that the writer's lock refuses.
+            top = VhdFile(path, fd=fd if isinstance(fd, int) else None)
             chain, warnings = open_chain(path, parents, search_dirs, ignore_linkage, top=top)
         except BaseException:
             self._storage.close()
             raise
         super().__init__(chain, warnings)  # type: ignore[arg-type]
         try:
+            if dependents:
+                children = refuse_if_children(path, "writing", search_dirs, force=force,
+                                              chain=[f.path for f in chain[1:]], find=find_vhd_children)
+                if children:
+                    self.warnings.append(f"{os.fspath(path)}: opened with force; writes make its children "
+                                         + invalidated_note(children))
             self._prepare()
         except BaseException:
             self.close()
@@ -268,12 +282,17 @@ class VhdWritableDisk(VhdDisk):
                 _set_bits(bm, 0, self._spb)
             self._pwrite(bitmap_off, bm)
         self._barrier()
-        for block, bitmap_off, _ in new:
+        run: list[int] = []  # consecutive blocks' entries go out as one write
+        for j, (block, bitmap_off, _) in enumerate(new):
             entry = bitmap_off // S.SECTOR
-            self._pwrite(top.table_offset + 4 * block, entry.to_bytes(4, "big"))
+            run.append(entry)
             top.bat[block] = entry
             top.forget_block(block)
             self._maps.pop(block, None)
+            if j + 1 == len(new) or new[j + 1][0] != block + 1:
+                first = block + 1 - len(run)
+                self._pwrite(top.table_offset + 4 * first, b"".join(e.to_bytes(4, "big") for e in run))
+                run = []
         return out
 
     def _mark(self, block: int, base: int, runs: list[tuple[int, int]]) -> None:
@@ -288,7 +307,7 @@ class VhdWritableDisk(VhdDisk):
         self._maps.pop(block, None)
 
     @property
-    def storage(self):
+    def storage(self) -> Storage:
         return self._storage
 
     # --- lifecycle -----------------------------------------------------------------
@@ -303,7 +322,7 @@ class VhdWritableDisk(VhdDisk):
             finally:
                 super().close()
                 self._storage.close()
-                self._storage = None
+                self._storage = None  # type: ignore[assignment]  # closed: nothing to write through
         else:
             super().close()
 
