@@ -14,6 +14,7 @@ from vhd_helpers import file_sha
 import vhdx
 from vhdx.errors import DependentDisksError, LockedError
 from vhdx.vhd.disk import open_vhd
+from vhdx.vhd.writer import VhdWritableDisk
 
 MiB = 1 << 20
 
@@ -65,7 +66,7 @@ def test_force_share_is_for_reads_only(tmp_path) -> None:
     from vhdx.errors import InvalidArgumentError
 
     with pytest.raises(InvalidArgumentError):
-        open_vhd(base, "r+", force_share=True)
+        vhdx.open(base, "r+", force_share=True)
 
 
 @pytest.mark.skipif(shutil.which("qemu-io") is None, reason="qemu-io not installed")
@@ -92,9 +93,9 @@ def test_writing_a_parent_is_refused(tmp_path) -> None:
     with pytest.raises(DependentDisksError, match="kept.bak"):
         vhdx.open(base, "r+")
     with pytest.raises(DependentDisksError):
-        open_vhd(base, "r+")
+        VhdWritableDisk(base)
     assert file_sha(base) == before
-    with open_vhd(base, "r+", force=True) as w:
+    with vhdx.open(base, "r+", force=True) as w:
         assert any("kept.bak" in x and "invalid" in x for x in w.warnings)
     renamed.unlink()
     with vhdx.open(base, "r+") as w:  # no child left: no refusal
