@@ -62,10 +62,17 @@ def bases(tmp_path_factory, fixture_file):
     d = tmp_path_factory.mktemp("hostile-bases")
     out = {}
     out["win-dynamic"] = (Path(fixture_file("vhd/dissect-dynamic.vhd.gz")), None)
-    q = d / "qemu.vhd"
-    qemu_create_vpc(q, 5 * MiB, "dynamic")
-    qemu_io_write(q, [(0, 3 * MiB, 7), (4 * MiB, 4096, 9)])
-    out["qemu-dynamic"] = (q, None)
+    writes = [(0, 3 * MiB, 7), (4 * MiB, 4096, 9)]
+    own = Path(vhdx.create(d / "own.vhd", 5 * MiB))
+    with vhdx.open(own, "r+") as w:
+        for off, n, pat in writes:
+            w.write_at(off, bytes([pat]) * n)
+    out["own-dynamic"] = (own, None)
+    if shutil.which("qemu-img") and shutil.which("qemu-io"):  # a second writer's layout
+        q = d / "qemu.vhd"
+        qemu_create_vpc(q, 5 * MiB, "dynamic")
+        qemu_io_write(q, writes)
+        out["qemu-dynamic"] = (q, None)
     child = Path(fixture_file("vhd/dfvfs-fat-differential.vhd.gz"))
     with VhdFile(child) as f:
         zero = d / "zero.vhd"
