@@ -267,7 +267,9 @@ class ImageFile(NotCopyable):
                         f"{self.path}: not a path or a binary file object (needs readinto or read, and seek)")
                 try:
                     self.source = ObjectSource(path)
-                except (OSError, ValueError) as e:
+                except OSError as e:
+                    raise VhdxIOError.from_os(e, self.path, "cannot seek") from None
+                except ValueError as e:
                     raise VhdxError(f"{self.path}: cannot seek: {e}") from None
                 self.fd = -1  # no descriptor: every read goes through self.source
         try:
@@ -413,7 +415,9 @@ class ImageFile(NotCopyable):
             raise ValueError("I/O operation on a closed image")
         try:
             got = src.pread_into(mv, offset)
-        except (OSError, ValueError) as e:
+        except OSError as e:
+            raise VhdxIOError.from_os(e, self.path, f"read failed at {offset:#x}") from None
+        except ValueError as e:
             raise VhdxError(f"{self.path}: read failed at {offset:#x}: {e}") from None
         if got < len(mv):
             mv[got:] = bytes(len(mv) - got)

@@ -28,6 +28,8 @@ import sys
 from array import array
 from typing import Any, Iterable, List, NamedTuple, Protocol, Sequence, Tuple, Union
 
+from .errors import NativeFallback  # declared in errors.py with every other exception class
+
 __all__ = [
     "HAVE_NATIVE",
     "NONE",
@@ -362,11 +364,6 @@ def _table_owner(table: Buffer) -> Tuple[Any, int, int]:
     if not start <= addr or addr + 8 * entries > start + size:
         raise ValueError("the table's memory is not inside its owner's buffer")
     return owner, addr - start, entries
-
-
-class NativeFallback(Exception):
-    """The C reader met something only the Python path handles (an entry to
-    report as corrupt, an offset past int64): redo the read there."""
 
 
 class ChainReader:

@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .disk import VirtualDisk
-from .errors import InvalidArgumentError, ReadOnlyError, VhdxError
+from .errors import InvalidArgumentError, OutputExistsError, ReadOnlyError, VhdxError, VhdxIOError
 
 DEFAULT_PORT = 10809  # IANA-assigned NBD port
 
@@ -661,7 +661,7 @@ class NbdServer:
                 s.listen(16)
             except OSError as e:
                 s.close()
-                raise VhdxError(f"{path}: cannot listen: {e.strerror or e}") from None
+                raise VhdxIOError.from_os(e, path, "cannot listen") from None
             return s, "", 0
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -675,7 +675,7 @@ class NbdServer:
             s.listen(16)
         except OSError as e:
             s.close()
-            raise VhdxError(f"{host}:{port}: cannot listen: {e.strerror or e}") from None
+            raise VhdxIOError.from_os(e, f"{host}:{port}", "cannot listen") from None
         bound = s.getsockname()
         return s, bound[0], bound[1]
 
@@ -687,9 +687,9 @@ class NbdServer:
         except FileNotFoundError:
             return
         except OSError as e:
-            raise VhdxError(f"{path}: {e.strerror}") from None
+            raise VhdxIOError.from_os(e, path) from None
         if not stat.S_ISSOCK(st.st_mode):
-            raise VhdxError(f"{path}: already exists and is not a socket")
+            raise OutputExistsError(path, "already exists and is not a socket")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.connect(path)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from ..errors import InvalidArgumentError, VhdxError
+from ..errors import InvalidArgumentError, OutputExistsError, VhdxError
 from ..storage import DeferredSyncStorage, fsync_dir
 from . import structures as S
 from .create import create_vhd, footer_for
@@ -66,7 +66,7 @@ def convert_to_vhd(source: str | os.PathLike[str], output: str | os.PathLike[str
     if type not in ("dynamic", "fixed"):
         raise InvalidArgumentError(f"type must be 'dynamic' or 'fixed', not {type!r}")
     if os.path.exists(output) and not force:
-        raise VhdxError(f"{output}: already exists (use --force to overwrite)")
+        raise OutputExistsError(os.fspath(output), "already exists (use --force to overwrite)")
     if os.path.exists(output) and os.path.samefile(source, output):
         raise VhdxError(f"{output}: is the source")
     tmp = output + ".part"
