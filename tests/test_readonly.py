@@ -43,7 +43,7 @@ def exercise(vhdx_mod, top: Path, parents: list[Path] | None, full: bool) -> Non
 
 def _fixture_params() -> list:
     if not IMAGES:
-        return [pytest.param(None, marks=pytest.mark.skip(reason="shared fixtures not found"))]
+        return [pytest.param(None, None, marks=pytest.mark.skip(reason="shared fixtures not found"))]
     # a full hash for small ones and both dirty-log images; extents + sampled reads for the rest
     return [pytest.param(k, v["virtual_size"] <= (1 << 30) or v["log_replay_required"], id=k)
             for k, v in IMAGES.items()]
