@@ -29,7 +29,7 @@ from .bat import (
     raise_fatal,
     validate_table,
 )
-from .errors import (CorruptImageError, ImageNotFoundError, InvalidArgumentError, NotCopyableError,
+from .errors import (CorruptImageError, ImageNotFoundError, InvalidArgumentError, NotCopyableError, TargetKindError,
                      VhdxError, VhdxIOError, naming)
 from .headers import HeaderSection, read_header_section
 from .log import Overlay, ReplayPlan, plan_replay
@@ -55,7 +55,7 @@ def open_regular_file(path: str | os.PathLike[str]) -> int:
     except OSError as e:
         raise VhdxIOError.from_os(e, os.fspath(path)) from None
     if not stat.S_ISREG(st.st_mode):
-        raise InvalidArgumentError(f"{os.fspath(path)}: not a regular file")
+        raise TargetKindError(f"{os.fspath(path)}: not a regular file")
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
         # O_NOATIME keeps even the access time of evidence unchanged where allowed.
