@@ -270,6 +270,25 @@ def test_check_fails_with_eio(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, f
     _assert_io(info.value, errno.EIO, p)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_convert_read_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str) -> None:
+    """The source's payload cannot be read: the conversion names the source and
+    leaves no output (nor a temporary file) behind."""
+    p = _image(tmp_path, fmt)
+    with vhdx.open(p) as disk:
+        data_at = next(e.file_offset for e in disk.extents() if e.kind == "data")
+    _python_reads(monkeypatch)
+    for call in ("pread", "preadv"):
+        _fail_for(monkeypatch, call, p, errno.EIO, lambda _n, off: data_at <= off < data_at + MiB)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    for convert, out in ((convert_to_raw, out_dir / "o.raw"), (convert_to_vhdx, out_dir / "o.vhdx")):
+        with pytest.raises(E.VhdxIOError) as info:
+            convert(p, out)
+        _assert_io(info.value, errno.EIO, p)
+    assert os.listdir(out_dir) == []
+
+
 # --- write, flush, close ---------------------------------------------------------------------
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("call,err", [("pwrite", errno.ENOSPC), ("pwrite", errno.EIO), ("fsync", errno.EIO)])
