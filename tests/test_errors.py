@@ -172,6 +172,10 @@ def test_the_boundary_keeps_errno_and_prefers_the_os_file_name(tmp_path: Path) -
     with pytest.raises(E.ChecksumError):  # a VhdxError passes through unchanged
         with E.os_errors(tmp_path / "op"):
             raise E.ChecksumError("x")
+    with pytest.raises(BrokenPipeError) as pinfo:  # the pipe's reader left: not a file's failure
+        with E.os_errors(tmp_path / "op"):
+            raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+    assert type(pinfo.value) is BrokenPipeError
 
 
 # --- open and read ---------------------------------------------------------------------------

@@ -171,10 +171,12 @@ class VhdxIOError(_OSErrorMixin, VhdxError, OSError):
 def os_errors(filename: str | os.PathLike[str] | None, doing: str | None = None) -> Iterator[None]:
     """The one OS-error boundary of an operation: an ``OSError`` that is not a
     :class:`VhdxError` yet leaves as :class:`VhdxIOError`, errno kept, named by its
-    own filename when the OS gave one (a parent, a temporary file), else ``filename``."""
+    own filename when the OS gave one (a parent, a temporary file), else ``filename``.
+    ``BrokenPipeError`` passes unchanged: the reader of a pipe went away (``| head``),
+    which is the end of the output, not a failure of a file."""
     try:
         yield
-    except VhdxError:
+    except (VhdxError, BrokenPipeError):
         raise
     except OSError as e:
         name = e.filename if e.filename is not None else (
