@@ -126,7 +126,8 @@ class MetaState:
 
     def short(self) -> str:
         states = "".join("N.Z...F"[e & 7] if (e & 7) in (0, 2, 6) else "?" for e in self.bat)
-        return f"dwg={str(self.data_write_guid)[:8]} bat={states} scr={self.scratch.hex()[:8]} virt={self.virtual.hex()[:8]}"
+        return (f"dwg={str(self.data_write_guid)[:8]} bat={states} scr={self.scratch.hex()[:8]} "
+                f"virt={self.virtual.hex()[:8]}")
 
 
 _ZERO_BLOCK_DIGEST: dict[int, bytes] = {}
@@ -142,8 +143,8 @@ def virtual_digest(block_digests: list[bytes]) -> bytes:
     return hashlib.sha256(b"".join(block_digests)).digest()
 
 
-class CheckFailure(AssertionError):
-    pass
+class CheckFailure(AssertionError):  # noqa: N818 - a failed check, raised as an assertion
+    """A reconstructed image that a reader would refuse."""
 
 
 def read_state_own(img: bytes | bytearray, geom: Geometry) -> tuple[MetaState, bytes]:
@@ -515,7 +516,8 @@ def crashes(rec: Recording, rng: random.Random, max_cuts: int,
     cuts = set(range(n + 1))
     if len(cuts) > max_cuts:
         # always keep the positions around flushes, sample the rest
-        around = {i for i, op in enumerate(ops) if op.kind == "flush"} | {i + 1 for i, op in enumerate(ops) if op.kind == "flush"}
+        flushes = [i for i, op in enumerate(ops) if op.kind == "flush"]
+        around = set(flushes) | {i + 1 for i in flushes}
         around = set(rng.sample(sorted(around), min(len(around), max_cuts // 2)))
         rest = sorted(cuts - around)
         cuts = around | set(rng.sample(rest, min(len(rest), max_cuts - len(around))))

@@ -443,7 +443,7 @@ def test_ring_wraps_and_never_overwrites_previous_head(image: Path, geom: PL.Geo
     rng = random.Random(5)
     rec = RecordingStorage(FileStorage.open(image))
     lw = LogWriter.open(rec, first_sequence=2**32 - 3)    # sequence crosses 2^32 too
-    L = geom.log_length
+    ring = geom.log_length
     last_updates: dict[int, bytes] = {}
     for _ in range(40):
         k = rng.choice([1, 5, 30, 90, 126, 127, 180])
@@ -451,8 +451,8 @@ def test_ring_wraps_and_never_overwrites_previous_head(image: Path, geom: PL.Geo
         last_updates = {geom.scratch_offset + (start + i) * SECTOR: rng.randbytes(SECTOR) for i in range(k)}
         lw.transaction(last_updates)
         # after every transaction the on-disk log's active sequence is exactly the head
-        log = rec.pread(geom.log_offset, L)
-        entries, _ = LOG.find_active_sequence(log, L, lw.log_guid)
+        log = rec.pread(geom.log_offset, ring)
+        entries, _ = LOG.find_active_sequence(log, ring, lw.log_guid)
         assert [e.sequence_number for e in entries] == [lw._seq]
         assert [(u.file_offset, u.data) for u in entries[0].updates] == sorted(last_updates.items())
         for o, b in last_updates.items():
@@ -461,15 +461,15 @@ def test_ring_wraps_and_never_overwrites_previous_head(image: Path, geom: PL.Geo
     assert entries[0][:2] == (0, SECTOR)                  # initial empty entry
     seqs = [e[2] for e in entries]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
-    wrapped = [e for e in entries if e[0] + e[1] > L]
+    wrapped = [e for e in entries if e[0] + e[1] > ring]
     assert wrapped, "no entry wrapped across the end of the log"
     empties = [e for e in entries[1:] if e[1] == SECTOR]
     assert empties, "the empty-entry step of FORMAT.md §6.5 never ran"
 
     def sectors(pos: int, length: int) -> set[int]:
-        return {(pos + i) % L for i in range(0, length, SECTOR)}
+        return {(pos + i) % ring for i in range(0, length, SECTOR)}
     for prev, cur in zip(entries, entries[1:]):
-        assert cur[0] == (prev[0] + prev[1]) % L          # appended at the head
+        assert cur[0] == (prev[0] + prev[1]) % ring          # appended at the head
         assert not sectors(*prev[:2]) & sectors(*cur[:2]), f"{cur} overwrote previous head {prev}"
     lw.close()
     rec.close()
