@@ -290,6 +290,12 @@ def test_convert_read_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, f
         with pytest.raises(E.VhdxIOError) as info:
             convert(p, out)
         _assert_io(info.value, errno.EIO, p)
+    if fmt == "vhd":
+        from vhdx.vhd.convert import convert_to_vhd
+
+        with pytest.raises(E.VhdxIOError) as info:
+            convert_to_vhd(p, out_dir / "o.vhd")
+        _assert_io(info.value, errno.EIO, p)
     assert os.listdir(out_dir) == []
 
 

@@ -23,6 +23,7 @@ import os
 from collections.abc import Callable
 
 from ..errors import InvalidArgumentError, OutputExistsError, VhdxError
+from ..errors import converts_os_errors
 from ..storage import DeferredSyncStorage, fsync_dir
 from . import structures as S
 from .create import create_vhd, footer_for
@@ -51,6 +52,7 @@ def _open_source(source: str, parents, search_dirs, ignore_linkage: bool, ignore
     return None, os.open(source, os.O_RDONLY | getattr(os, "O_BINARY", 0))
 
 
+@converts_os_errors
 def convert_to_vhd(source: str | os.PathLike[str], output: str | os.PathLike[str], *,
                    type: str = "dynamic", block_size: int | None = None, azure: bool = False,
                    parents=None, search_dirs=(), ignore_linkage: bool = False,
