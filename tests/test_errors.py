@@ -387,6 +387,19 @@ def test_merge_read_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt
     _assert_io(info.value, errno.EIO, child)
 
 
+@pytest.mark.parametrize("op", ["compact", "relink"])
+def test_maintenance_read_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, op: str) -> None:
+    """compact and relink (VHDX only) behind the same boundary."""
+    child = _child(_image(tmp_path, "vhdx"))
+    before = _digest(child)
+    _fail_reads(monkeypatch, child, errno.EIO)
+    with pytest.raises(E.VhdxIOError) as info:
+        vhdx.compact(child) if op == "compact" else vhdx.relink(child, fix_paths=True)
+    _assert_io(info.value, errno.EIO, child)
+    monkeypatch.undo()
+    assert _digest(child) == before
+
+
 def test_merge_write_failure_is_operation_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A merge stopped part-way says what state the chain is in (OperationFailedError),
     errno kept."""
