@@ -14,7 +14,7 @@ import pytest
 from vhdx import structures as S
 from vhdx.crc import checksum_of, seal, verify
 import vhdx
-from vhdx.errors import CorruptImageError, InvalidArgumentError
+from vhdx.errors import CorruptImageError, InvalidArgumentError, ReadOnlyError
 from vhdx.layout import plan_layout, write_new_image
 from vhdx import log as LOG
 from vhdx.log_writer import (
@@ -125,9 +125,12 @@ def test_file_storage_roundtrip_and_recording(tmp_path: Path) -> None:
     rec.close()
     assert p.stat().st_size == 8192
     ro = FileStorage.open(p, writable=False)
-    with pytest.raises(Exception):
+    with pytest.raises(ReadOnlyError, match=f"^{p}: opened read-only"):
         ro.pwrite(0, b"x")
+    with pytest.raises(ReadOnlyError):
+        ro.truncate(0)
     ro.close()
+    assert p.stat().st_size == 8192
 
 
 def test_storages_satisfy_the_protocol(tmp_path: Path) -> None:
