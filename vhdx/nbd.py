@@ -494,7 +494,7 @@ class _Connection:
 
     def _do_write(self, offset: int, data: memoryview, fua: bool) -> None:
         disk = self.export.disk
-        disk.write_at(offset, data)  # type: ignore[attr-defined]
+        disk.write_at(offset, data)
         if fua:
             disk.flush()
 
