@@ -22,6 +22,7 @@ FULLY_PRESENT block's payload and the scratch sectors) and, when importable,
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import os
@@ -35,6 +36,7 @@ from typing import Callable, Iterator
 
 from vhdx import structures as S
 from vhdx import log as LOG
+from vhdx.layout import plan_layout, write_new_image
 from vhdx.log_writer import LogWriter, _read_current_header
 from vhdx.storage import FileStorage, JournalOp, MemoryStorage, RecordingStorage
 
@@ -65,13 +67,28 @@ class Geometry:
 
 
 def make_base_image(path: Path, virtual_size: int = 8 * MiB, block_size: int = MiB,
-                    log_size: int = MiB) -> None:
-    """A small dynamic VHDX made by qemu-img (TODO: tests/builder.py / vhdx.layout)."""
-    subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "vhdx", "-o",
-         f"subformat=dynamic,block_size={block_size},log_size={log_size}",
-         str(path), str(virtual_size)],
-        check=True)
+                    log_size: int = MiB, *, bat_first: bool = True) -> None:
+    """A small dynamic VHDX laid out by the project's own vhdx.layout.
+
+    ``bat_first`` moves the BAT in front of the metadata region (log, BAT,
+    metadata: the order qemu-img uses) so the simulator sees both arrangements;
+    ``False`` keeps vhdx.layout's own (Hyper-V-like) placement.
+    """
+    plan = plan_layout(virtual_size, block_size, 512, 4096)
+    log_off = plan.log_offset
+    first = log_off + log_size
+    if bat_first:
+        bat_off = first
+        md_off = -(-(bat_off + plan.bat_length) // MiB) * MiB
+        end = md_off + plan.metadata_length
+    else:
+        md_off = first
+        bat_off = md_off + plan.metadata_length
+        end = bat_off + plan.bat_length
+    end = -(-end // MiB) * MiB
+    write_new_image(path, dataclasses.replace(
+        plan, log_length=log_size, bat_offset=bat_off, metadata_offset=md_off,
+        payload_offset=end, file_size=end))
 
 
 def read_geometry(img: bytes) -> Geometry:
@@ -109,7 +126,8 @@ class MetaState:
 
     def short(self) -> str:
         states = "".join("N.Z...F"[e & 7] if (e & 7) in (0, 2, 6) else "?" for e in self.bat)
-        return f"dwg={str(self.data_write_guid)[:8]} bat={states} scr={self.scratch.hex()[:8]} virt={self.virtual.hex()[:8]}"
+        return (f"dwg={str(self.data_write_guid)[:8]} bat={states} scr={self.scratch.hex()[:8]} "
+                f"virt={self.virtual.hex()[:8]}")
 
 
 _ZERO_BLOCK_DIGEST: dict[int, bytes] = {}
@@ -125,8 +143,8 @@ def virtual_digest(block_digests: list[bytes]) -> bytes:
     return hashlib.sha256(b"".join(block_digests)).digest()
 
 
-class CheckFailure(AssertionError):
-    pass
+class CheckFailure(AssertionError):  # noqa: N818 - a failed check, raised as an assertion
+    """A reconstructed image that a reader would refuse."""
 
 
 def read_state_own(img: bytes | bytearray, geom: Geometry) -> tuple[MetaState, bytes]:
@@ -498,7 +516,8 @@ def crashes(rec: Recording, rng: random.Random, max_cuts: int,
     cuts = set(range(n + 1))
     if len(cuts) > max_cuts:
         # always keep the positions around flushes, sample the rest
-        around = {i for i, op in enumerate(ops) if op.kind == "flush"} | {i + 1 for i, op in enumerate(ops) if op.kind == "flush"}
+        flushes = [i for i, op in enumerate(ops) if op.kind == "flush"]
+        around = set(flushes) | {i + 1 for i in flushes}
         around = set(rng.sample(sorted(around), min(len(around), max_cuts // 2)))
         rest = sorted(cuts - around)
         cuts = around | set(rng.sample(rest, min(len(rest), max_cuts - len(around))))
@@ -529,7 +548,10 @@ def describe(rec: Recording, crash: Crash, got: MetaState) -> str:
     return "\n".join(lines)
 
 
-def qemu_check(path: Path) -> subprocess.CompletedProcess:
+def qemu_check(path: Path) -> subprocess.CompletedProcess | None:
+    """``qemu-img check`` of ``path`` as an extra oracle, None when qemu-img is absent."""
+    if not have_qemu():
+        return None
     return subprocess.run(["qemu-img", "check", "-f", "vhdx", str(path)],
                           capture_output=True, text=True)
 

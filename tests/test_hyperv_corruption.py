@@ -145,8 +145,9 @@ def _set(buf: bytearray, off: int, fmt_size: int, value: int) -> None:
 def _raises(tmp_path: Path, data: bytes, cls=CorruptConfigError, match: str | None = None):
     p = tmp_path / "e.vmcx"
     p.write_bytes(data)
-    with pytest.raises(cls, match=match):
+    with pytest.raises(cls, match=match) as info:
         _open(p)
+    assert type(info.value) is cls, repr(info.value)  # exactly: not a subclass (checksum vs structure)
     _salvage(p)
     return p
 

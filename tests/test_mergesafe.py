@@ -9,6 +9,7 @@ hashes for "nothing changed".
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import random
@@ -213,8 +214,9 @@ def test_unlink_is_idempotent_and_a_completed_merge_is_not_redone(tmp_path, monk
     import vhdx.merge_engine as M
 
     monkeypatch.setattr(M.os, "unlink", failing)
-    with pytest.raises(PermissionError):
+    with pytest.raises(vhdx.VhdxIOError) as info:  # the OSError, errno and file name kept
         merge(chain.top, into=base)
+    assert info.value.errno == errno.EACCES and info.value.filename == seen[1]
     monkeypatch.setattr(M.os, "unlink", real)
     assert seen[0] == str(chain.images[1].path)  # nearest the target first
     assert chain.top.exists() and not chain.images[1].path.exists()

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from vhdx import crc
 from vhdx import structures as s
-from vhdx.errors import CorruptImageError
+from vhdx.errors import CorruptImageError, InvalidArgumentError
 
 guids = st.uuids(version=None) | st.builds(lambda b: uuid.UUID(bytes_le=b), st.binary(min_size=16, max_size=16))
 u16 = st.integers(0, 0xFFFF)
@@ -87,8 +87,9 @@ def test_region_table(entries) -> None:
 
 def test_region_table_entry_count_limit() -> None:
     raw = s.build(s.RegionTableHeader, dict(checksum=0, entry_count=2048, reserved=0))
-    with pytest.raises(CorruptImageError):
+    with pytest.raises(CorruptImageError) as info:
         s.parse(s.RegionTable, raw.ljust(65536, b"\0"), "region table")
+    assert type(info.value) is CorruptImageError
 
 
 @given(st.lists(st.tuples(guids, u32, u32, u32), max_size=20))
@@ -101,8 +102,9 @@ def test_metadata_table(entries) -> None:
 
 def test_metadata_table_entry_count_limit() -> None:
     raw = s.build(s.MetadataTableHeader, dict(reserved=0, entry_count=2048))
-    with pytest.raises(CorruptImageError):
+    with pytest.raises(CorruptImageError) as info:
         s.parse(s.MetadataTable, raw.ljust(65536, b"\0"), "metadata table")
+    assert type(info.value) is CorruptImageError
 
 
 @given(u32, u32, st.integers(1, s.MAX_VIRTUAL_SIZE), guids, st.sampled_from([512, 4096]))
@@ -133,8 +135,9 @@ def test_parent_locator(pairs: dict[str, str]) -> None:
 
 
 def test_parent_locator_rejects_empty_value() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidArgumentError) as info:  # a caller's mistake; also a ValueError
         s.build_parent_locator({"relative_path": ""})
+    assert type(info.value) is InvalidArgumentError and isinstance(info.value, ValueError)
 
 
 @given(st.sampled_from(sorted(s.PAYLOAD_STATE_NAMES)), st.integers(0, (1 << 44) - 1))
@@ -186,13 +189,15 @@ def test_bad_signature_is_corrupt_image_error(struct, sig: bytes) -> None:
     raw[:len(sig)] = sig
     s.parse(struct, raw, "x")  # the right signature parses
     raw[0] ^= 0x20
-    with pytest.raises(CorruptImageError):
+    with pytest.raises(CorruptImageError) as info:
         s.parse(struct, raw, "x")
+    assert type(info.value) is CorruptImageError
 
 
 def test_truncated_input_is_corrupt_image_error() -> None:
-    with pytest.raises(CorruptImageError):
+    with pytest.raises(CorruptImageError) as info:
         s.parse(s.Header, b"head" + bytes(100), "header")
+    assert type(info.value) is CorruptImageError
 
 
 def test_guid_byte_order() -> None:

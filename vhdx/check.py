@@ -17,6 +17,7 @@ from typing import Any, Callable, Literal, Protocol, Sequence, TypeVar
 from . import structures as S
 from .chain import check_parent, find_parent
 from .errors import VhdxError
+from .errors import converts_os_errors
 from .image import ImageFile
 
 
@@ -99,6 +100,7 @@ def _without_path(message: str, path: str) -> str:
     return message[len(path) + 2:] if message.startswith(path + ": ") else message
 
 
+@converts_os_errors
 def check_chain(path: str | os.PathLike[str], parents: Sequence[str | os.PathLike[str]] | None = None,
                 search_dirs: Sequence[str | os.PathLike[str]] = (),
                 ignore_linkage: bool = False, *, confine: Sequence[str | os.PathLike[str]] | None = None,

@@ -43,6 +43,7 @@ from . import native
 from . import structures as S
 from .bat import iter_nonzero
 from .errors import UnsupportedFeatureError
+from .errors import converts_os_errors
 from .image import ImageFile, data_extents
 from .storage import DeferredSyncStorage, FileStorage, Storage
 
@@ -219,6 +220,7 @@ class FileSpace:
 
 
 # --- the API -------------------------------------------------------------------------------------
+@converts_os_errors
 def compact(image: PathLike, *, dry_run: bool = False, progress: ProgressFn | None = None,
             parents: Sequence[PathLike] | None = None, search_dirs: Sequence[PathLike] = (),
             ignore_linkage: bool = False, storage: Storage | None = None) -> CompactSummary:

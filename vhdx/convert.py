@@ -21,6 +21,7 @@ from . import structures as S
 from . import fileio
 from .create import plan_new
 from .errors import InvalidArgumentError, UsageError, VhdxIOError
+from .errors import converts_os_errors
 from .layout import write_new_image
 from .storage import DeferredSyncStorage
 
@@ -270,6 +271,7 @@ def _refuse_self(output: str, src: Source) -> None:
             raise InvalidArgumentError(f"{output}: is part of the source being read")
 
 
+@converts_os_errors
 def convert_to_vhdx(source: str | os.PathLike[str] | Source, output: str | os.PathLike[str], *,
                     type: str = "dynamic", block_size: int | None = None,  # noqa: A002
                     parents=None, search_dirs=(), ignore_linkage: bool = False,  # noqa: ANN001
@@ -342,6 +344,7 @@ def _write_fd(fd: int, name: str) -> Callable[[int, memoryview], None]:
     return write
 
 
+@converts_os_errors
 def convert_to_raw(source: str | os.PathLike[str] | Source, output: str | os.PathLike[str], *,
                    parents=None, search_dirs=(), ignore_linkage: bool = False,  # noqa: ANN001
                    force: bool = False, progress: Callable[[int, int], object] | None = None) -> str:

@@ -23,6 +23,7 @@ import re
 
 from . import structures as S
 from .errors import InvalidArgumentError, OutputDirectoryError, OutputExistsError, VhdxIOError
+from .errors import converts_os_errors
 from .image import ImageFile
 from .layout import LayoutPlan, ParentInfo, plan_layout, write_new_image
 from .storage import fsync_dir
@@ -134,6 +135,7 @@ def _plan_new(path: str, size: int | str | None, type: str, block_size: int | st
                        fixed=type == "fixed", creator=creator_string())
 
 
+@converts_os_errors
 def create(path: str | os.PathLike[str], size: int | str | None = None, *, type: str = "dynamic",  # noqa: A002
            block_size: int | str | None = None, logical_sector_size: int = 512,
            physical_sector_size: int = 4096,

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Literal, NoReturn, Sequenc
 
 from . import structures as S
 from .errors import InvalidArgumentError, ReadOnlyError, VhdxError, VhdxIOError  # noqa: F401
+from .errors import converts_os_errors
 from .image import Extent, ExtentKind, ImageFile, NotCopyable, ReadableObject, pread_into
 
 if TYPE_CHECKING:
@@ -446,8 +447,34 @@ class VirtualDisk(NotCopyable, io.RawIOBase):
         return True
 
     def write(self, data: ReadableBuffer) -> int:
-        """Refused: this disk is read-only (``vhdx.open(path, "r+")`` opens it writable)."""
-        raise ReadOnlyError(f"{self.path}: opened read-only (open it with mode 'r+' to write)")
+        """Write at the current position (``write_at``); ReadOnlyError on a disk
+        opened read-only (``vhdx.open(path, "r+")`` opens it writable)."""
+        if not self.writable():
+            raise self._read_only()
+        n = self.write_at(self._pos, data)
+        self._pos += n
+        return n
+
+    def truncate(self, size: int | None = None) -> int:
+        """Refused: ReadOnlyError on a read-only disk; a writable one changes size
+        with :meth:`resize` (a virtual disk has no end to cut at the position)."""
+        if not self.writable():
+            raise self._read_only()
+        raise io.UnsupportedOperation("truncate: a virtual disk changes size with resize()")
+
+    # The writing API of the writable subclasses, refused here by name rather than
+    # with an AttributeError, so that "opened read-only" is what the caller learns.
+    def write_at(self, offset: int, data: bytes | bytearray | memoryview) -> int:
+        raise self._read_only()
+
+    def write_zeroes_at(self, offset: int, length: int) -> None:
+        raise self._read_only()
+
+    def resize(self, new_size: int) -> None:
+        raise self._read_only()
+
+    def _read_only(self) -> ReadOnlyError:
+        return ReadOnlyError(f"{self.path}: opened read-only (open it with mode 'r+' to write)")
 
     def seekable(self) -> bool:
         return True
@@ -549,6 +576,7 @@ class VirtualDisk(NotCopyable, io.RawIOBase):
         return f"<VirtualDisk {self.path!r} size={self.size} chain={len(self.chain)}>"
 
 
+@converts_os_errors
 def open(path: str | os.PathLike[str] | ReadableObject, mode: ReadMode = "r", *,  # noqa: A001 - mirrors io.open
          parents: Sequence[str | os.PathLike[str] | ReadableObject] | None = None,
          search_dirs: Sequence[str | os.PathLike[str]] = (),

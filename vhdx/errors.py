@@ -6,7 +6,15 @@ Every failure caused by the contents of a file or by the caller's arguments is a
 
 from __future__ import annotations
 
+import functools
 import io
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import ParamSpec, TypeVar
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
 class VhdxError(Exception):
@@ -165,6 +173,37 @@ class VhdxIOError(_OSErrorMixin, VhdxError, OSError):
                    filename if filename is not None else e.filename)
 
 
+@contextmanager
+def os_errors(filename: str | os.PathLike[str] | None, doing: str | None = None) -> Iterator[None]:
+    """The one OS-error boundary of an operation: an ``OSError`` that is not a
+    :class:`VhdxError` yet leaves as :class:`VhdxIOError`, errno kept, named by its
+    own filename when the OS gave one (a parent, a temporary file), else ``filename``.
+    ``BrokenPipeError`` passes unchanged: the reader of a pipe went away (``| head``),
+    which is the end of the output, not a failure of a file."""
+    try:
+        yield
+    except (VhdxError, BrokenPipeError):
+        raise
+    except OSError as e:
+        name = e.filename if e.filename is not None else (
+            os.fspath(filename) if filename is not None else None)
+        raise VhdxIOError.from_os(e, name, doing) from e
+
+
+def converts_os_errors(func: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Decorate a public operation whose first argument is the file it works on
+    (``open``, ``create``, ``merge``, ...) with :func:`os_errors` around its body."""
+
+    @functools.wraps(func)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        first = args[0] if args else next(iter(kwargs.values()), None)
+        name = first if isinstance(first, (str, os.PathLike)) else None
+        with os_errors(name):
+            return func(*args, **kwargs)
+
+    return wrapper
+
+
 class TargetKindError(InvalidArgumentError):
     """A path names something an operation cannot read or write (a character
     device, FIFO, directory or socket where a file or block device is needed)."""
@@ -177,3 +216,14 @@ class UsageError(InvalidArgumentError):
 
 class NotCopyableError(VhdxError, TypeError):
     """An open disk holds file descriptors and locks that a copy would share."""
+
+
+class LogFullError(InvalidArgumentError):
+    """A single update does not fit in the log even after the empty-entry step
+    of FORMAT.md §6.5 step 2; the log must be enlarged (new session) instead."""
+
+
+class LogWriterFailedError(VhdxError):
+    """An I/O error interrupted a header update, log write or apply earlier in this
+    session; the writer refuses further work so that the durable log is replayed
+    by the next writable open instead of being declared clean."""

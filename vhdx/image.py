@@ -30,7 +30,7 @@ from .bat import (
     raise_fatal,
     validate_table,
 )
-from .errors import (CorruptImageError, ImageNotFoundError, InvalidArgumentError, NotCopyableError,
+from .errors import (CorruptImageError, ImageNotFoundError, InvalidArgumentError, NotCopyableError, TargetKindError,
                      VhdxError, VhdxIOError, naming)
 from .headers import Header, HeaderSection, read_header_section
 from .log import Overlay, ReplayPlan, plan_replay
@@ -56,7 +56,7 @@ def open_regular_file(path: str | os.PathLike[str]) -> int:
     except OSError as e:
         raise VhdxIOError.from_os(e, os.fspath(path)) from None
     if not stat.S_ISREG(st.st_mode):
-        raise InvalidArgumentError(f"{os.fspath(path)}: not a regular file")
+        raise TargetKindError(f"{os.fspath(path)}: not a regular file")
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
         # O_NOATIME keeps even the access time of evidence unchanged where allowed.
@@ -286,7 +286,9 @@ class ImageFile(NotCopyable):
                         f"{self.path}: not a path or a binary file object (needs readinto or read, and seek)")
                 try:
                     self.source = ObjectSource(path)
-                except (OSError, ValueError) as e:
+                except OSError as e:
+                    raise VhdxIOError.from_os(e, self.path, "cannot seek") from None
+                except ValueError as e:
                     raise VhdxError(f"{self.path}: cannot seek: {e}") from None
                 self.fd = -1  # no descriptor: every read goes through self.source
         try:
@@ -432,7 +434,9 @@ class ImageFile(NotCopyable):
             raise ValueError("I/O operation on a closed image")
         try:
             got = src.pread_into(mv, offset)
-        except (OSError, ValueError) as e:
+        except OSError as e:
+            raise VhdxIOError.from_os(e, self.path, f"read failed at {offset:#x}") from None
+        except ValueError as e:
             raise VhdxError(f"{self.path}: read failed at {offset:#x}: {e}") from None
         if got < len(mv):
             mv[got:] = bytes(len(mv) - got)

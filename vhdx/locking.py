@@ -42,7 +42,7 @@ import errno
 import os
 import struct
 
-from .errors import LockedError
+from .errors import InvalidArgumentError, LockedError
 
 PERM_BASE = 100
 SHARED_BASE = 200
@@ -95,7 +95,7 @@ def lock_image(fd: int, path: str, *, write: bool, force_share: bool = False) ->
     """
     if force_share:
         if write:
-            raise ValueError("force_share is for read-only opens")
+            raise InvalidArgumentError("force_share is for read-only opens")
         return
     if write:
         _flock(fd, path)

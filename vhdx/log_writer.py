@@ -37,7 +37,7 @@ from . import headers as H
 from . import log as LOG
 from . import structures as S
 from .crc import seal
-from .errors import CorruptImageError, InvalidArgumentError, VhdxError
+from .errors import CorruptImageError, InvalidArgumentError, LogFullError, LogWriterFailedError
 from .storage import Storage
 
 __all__ = [
@@ -57,17 +57,6 @@ _ZERO_CHUNK = bytes(MiB)
 # Byte ranges the log must never target: the file identifier (first 64 KiB is
 # write-once, FORMAT.md §1.1/§7 rule 1) and both header slots (never logged, FORMAT.md §2.2).
 _FORBIDDEN_LOW = S.REGION_TABLE_OFFSETS[0]  # 192 KiB: region tables are logged
-
-
-class LogFullError(InvalidArgumentError):
-    """A single update does not fit in the log even after the empty-entry step
-    of FORMAT.md §6.5 step 2; the log must be enlarged (new session) instead."""
-
-
-class LogWriterFailedError(VhdxError):
-    """An I/O error interrupted a header update, log write or apply earlier in this
-    session; the writer refuses further work so that the durable log is replayed
-    by the next writable open instead of being declared clean."""
 
 
 def _round_up(x: int, a: int) -> int:

@@ -44,6 +44,7 @@ from .errors import (
     UnsupportedFeatureError,
     VhdxError,
 )
+from .errors import converts_os_errors
 from .image import ImageFile
 from .storage import DeferredSyncStorage, FileStorage, Storage, fsync_dir
 from .writer import WritableDisk, lock_exclusive, storage_fd
@@ -443,6 +444,7 @@ def merged_mark(locator: dict[str, str] | None) -> tuple[uuid.UUID, uuid.UUID] |
     return (g, d) if g and d else None
 
 
+@converts_os_errors
 def merge(child: str | os.PathLike[str], into: str | os.PathLike[str] | None = None,
           output: str | os.PathLike[str] | None = None, *, dry_run: bool = False,
           keep: bool = False, force: bool = False, progress: ProgressFn | None = None,

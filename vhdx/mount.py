@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import VhdxError
+from .errors import OutputExistsError, VhdxError
 
 __all__ = ["DiskFS", "MountFile", "mount_files", "register", "serve"]
 
@@ -460,7 +460,7 @@ def _open_for_mount(args: argparse.Namespace) -> Any:
 
     new = args.write_to
     if os.path.exists(new):
-        raise VhdxError(f"{new}: already exists (--write-to makes a new differencing child)")
+        raise OutputExistsError(os.fspath(new), "already exists (--write-to makes a new differencing child)")
     # Check the whole chain opens before anything is created.
     open_disk(args.image, **chain_kw).close()
     create(new, parent=args.image)

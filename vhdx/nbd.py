@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from .disk import VirtualDisk
-from .errors import InvalidArgumentError, ReadOnlyError, VhdxError
+from .errors import InvalidArgumentError, OutputExistsError, ReadOnlyError, VhdxError, VhdxIOError
 
 if TYPE_CHECKING:
     from .writer import WritableDisk
@@ -664,7 +664,7 @@ class NbdServer:
                 s.listen(16)
             except OSError as e:
                 s.close()
-                raise VhdxError(f"{path}: cannot listen: {e.strerror or e}") from None
+                raise VhdxIOError.from_os(e, path, "cannot listen") from None
             return s, "", 0
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -678,7 +678,7 @@ class NbdServer:
             s.listen(16)
         except OSError as e:
             s.close()
-            raise VhdxError(f"{host}:{port}: cannot listen: {e.strerror or e}") from None
+            raise VhdxIOError.from_os(e, f"{host}:{port}", "cannot listen") from None
         bound = s.getsockname()
         return s, bound[0], bound[1]
 
@@ -690,9 +690,9 @@ class NbdServer:
         except FileNotFoundError:
             return
         except OSError as e:
-            raise VhdxError(f"{path}: {e.strerror}") from None
+            raise VhdxIOError.from_os(e, path) from None
         if not stat.S_ISSOCK(st.st_mode):
-            raise VhdxError(f"{path}: already exists and is not a socket")
+            raise OutputExistsError(path, "already exists and is not a socket")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.connect(path)

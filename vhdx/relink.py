@@ -45,6 +45,7 @@ from .errors import (
     ParentNotFoundError,
     VhdxError,
 )
+from .errors import converts_os_errors
 from .image import ImageFile
 from .storage import Storage
 
@@ -214,6 +215,7 @@ def _refuse_if_children(child: str, search_dirs: Sequence[PathLike], force: bool
 
 
 # --- the API -----------------------------------------------------------------------------
+@converts_os_errors
 def relink(child: PathLike, parent: PathLike | None = None, *, fix_paths: bool = False,
            parents: Sequence[PathLike] | None = None, search_dirs: Sequence[PathLike] = (),
            ignore_linkage: bool = False, ignore_id_mismatch: bool = False, dry_run: bool = False,

@@ -170,7 +170,7 @@ class FileStorage:
         if not self.writable:
             from .errors import ReadOnlyError
 
-            raise ReadOnlyError("storage is opened read-only")
+            raise ReadOnlyError(f"{self.path}: opened read-only" if self.path else "storage is opened read-only")
 
     def __enter__(self) -> "FileStorage":
         return self

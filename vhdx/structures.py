@@ -31,7 +31,7 @@ from construct import (
     this,
 )
 
-from .errors import CorruptImageError
+from .errors import CorruptImageError, InvalidArgumentError
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -346,7 +346,7 @@ def build_parent_locator(pairs: dict[str, str]) -> bytes:
     for key, value in pairs.items():
         kb, vb = encode_locator_string(key), encode_locator_string(value)
         if not kb or not vb or len(kb) > 0xFFFF or len(vb) > 0xFFFF:
-            raise ValueError(f"parent locator entry {key!r} has an invalid length")
+            raise InvalidArgumentError(f"parent locator entry {key!r} has an invalid length")
         entries.append(dict(key_offset=pos, value_offset=pos + len(kb),
                             key_length=len(kb), value_length=len(vb)))
         blob += kb + vb

@@ -23,7 +23,8 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..errors import InvalidArgumentError, VhdxError
+from ..errors import InvalidArgumentError, OutputExistsError, VhdxError
+from ..errors import converts_os_errors
 from ..storage import DeferredSyncStorage, fsync_dir
 from . import structures as S
 from .create import create_vhd, footer_for
@@ -57,6 +58,7 @@ def _open_source(source: str, parents: Sequence[str | os.PathLike[str]] | None,
     return None, os.open(source, os.O_RDONLY | getattr(os, "O_BINARY", 0))
 
 
+@converts_os_errors
 def convert_to_vhd(source: str | os.PathLike[str], output: str | os.PathLike[str], *,
                    type: str = "dynamic", block_size: int | None = None, azure: bool = False,  # noqa: A002
                    parents: Sequence[str | os.PathLike[str]] | None = None,
@@ -73,7 +75,7 @@ def convert_to_vhd(source: str | os.PathLike[str], output: str | os.PathLike[str
     if type not in ("dynamic", "fixed"):
         raise InvalidArgumentError(f"type must be 'dynamic' or 'fixed', not {type!r}")
     if os.path.exists(output) and not force:
-        raise VhdxError(f"{output}: already exists (use --force to overwrite)")
+        raise OutputExistsError(os.fspath(output), "already exists (use --force to overwrite)")
     if os.path.exists(output) and os.path.samefile(source, output):
         raise VhdxError(f"{output}: is the source")
     tmp = output + ".part"

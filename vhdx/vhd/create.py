@@ -24,7 +24,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from ..create import _relative  # the same relative-locator rule as VHDX children
-from ..errors import InvalidArgumentError, VhdxError
+from ..errors import InvalidArgumentError, OutputExistsError, VhdxIOError
 from ..storage import fsync_dir
 from . import structures as S
 
@@ -179,9 +179,9 @@ def create_vhd(path: str | os.PathLike[str], size: int | None = None, *, type: s
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
     except FileExistsError:
-        raise VhdxError(f"{path}: already exists (refusing to overwrite)") from None
+        raise OutputExistsError(path, "already exists (refusing to overwrite)") from None
     except OSError as e:
-        raise VhdxError(f"{path}: {e.strerror}") from None
+        raise VhdxIOError.from_os(e, path) from None
     try:
         os.ftruncate(fd, file_size)  # sparse: a fixed disk's data reads as zeros
         for off, data in writes:

@@ -37,6 +37,7 @@ from ..errors import (
     CancelledError,
     DependentDisksError,
     InvalidArgumentError,
+    OutputExistsError,
     UnsupportedFeatureError,
     VhdxError,
 )
@@ -100,7 +101,7 @@ def _flatten(child: PathLike, output: str, dry_run: bool, progress: ProgressFn |
         warnings = list(d.warnings)
     summary = MergeSummary("flatten", output, files, dry_run, warnings=warnings)
     if os.path.exists(output):
-        raise VhdxError(f"{output}: already exists")
+        raise OutputExistsError(os.fspath(output))
     if not dry_run:
         bar = (lambda done, *_: progress(done, data)) if progress else None
         if output.lower().endswith((".vhdx", ".avhdx")):
