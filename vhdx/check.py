@@ -16,7 +16,7 @@ from typing import Any, Callable, Literal, Protocol, Sequence, TypeVar
 
 from . import structures as S
 from .chain import check_parent, find_parent
-from .errors import VhdxError
+from .errors import VhdxError, VhdxIOError
 from .errors import converts_os_errors
 from .image import ImageFile
 
@@ -116,6 +116,8 @@ def check_chain(path: str | os.PathLike[str], parents: Sequence[str | os.PathLik
     try:
         try:
             img = ImageFile(current, force_share=force_share)
+        except VhdxIOError:  # the storage failed: no verdict on the file, say so
+            raise
         except VhdxError as e:
             report.files.append(current)
             report.findings.append(Finding(current, "error", _without_path(str(e), current)))
@@ -172,6 +174,8 @@ def walk_chain(report: CheckReport, first: F, check_file: Callable[[F, CheckRepo
         warnings: list[str] = []
         try:
             parent = open_parent(img, warnings)
+        except VhdxIOError:  # the storage failed: no verdict on the file, say so
+            raise
         except VhdxError as e:
             report.findings.append(Finding(img.path, "error", f"parent: {e}"))
             return
@@ -179,6 +183,8 @@ def walk_chain(report: CheckReport, first: F, check_file: Callable[[F, CheckRepo
             return
         try:
             check_link(img, parent, warnings)
+        except VhdxIOError:  # the storage failed: no verdict on the file, say so
+            raise
         except VhdxError as e:
             report.findings.append(Finding(img.path, "error", str(e)))
         report.findings += [Finding(img.path, "warning", w) for w in warnings]

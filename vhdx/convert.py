@@ -215,6 +215,13 @@ def disk_source(path: str, disk: VirtualDisk) -> Source:
                   disk.readinto_at, list(disk.warnings), [f.path for f in disk.chain], disk.close)
 
 
+# Formats built above this layer (vhdx/vhd/) open their files as a Source through
+# this hook rather than by an upward import: vhdx.formats registers itself when
+# the package is imported, so ``convert_to_raw(x.vhd, ...)`` reads the VHD chain
+# instead of copying the container's bytes as if it were a raw image.
+SOURCE_OPENERS: list[Callable[..., "Source | None"]] = []
+
+
 def open_source(source: str | os.PathLike[str], *, parents=None, search_dirs=(),  # noqa: ANN001
                 ignore_linkage: bool = False, ignore_checksums: bool = False) -> Source:
     """Open ``source`` read-only for a conversion (VHDX chain, raw file or block
@@ -233,6 +240,12 @@ def open_source(source: str | os.PathLike[str], *, parents=None, search_dirs=(),
         os.close(fd)
         return disk_source(path, open_disk(path, parents=parents, search_dirs=search_dirs,
                                            ignore_linkage=ignore_linkage))
+    for opener in SOURCE_OPENERS:
+        other = opener(path, parents=parents, search_dirs=search_dirs, ignore_linkage=ignore_linkage,
+                       ignore_checksums=ignore_checksums)
+        if other is not None:
+            os.close(fd)
+            return other
     try:
         if parents:
             raise UsageError(f"{path}: a raw image has no parents (--parent applies to VHDX sources)")

@@ -21,13 +21,14 @@ from typing import TYPE_CHECKING, Literal, overload
 from . import structures as S
 from .check import CheckReport
 from .check import check_chain as check_vhdx_chain
+from . import convert as _convert
 from .convert import Source, disk_source
 from .convert import open_source as open_vhdx_source
 from .create import VHD_NAMES, parse_size
 from .create import create as create_vhdx
 from .disk import ReadMode, VirtualDisk, WriteMode
 from .disk import open as open_vhdx
-from .errors import InvalidArgumentError, ParentMismatchError, VhdxError
+from .errors import InvalidArgumentError, ParentMismatchError, VhdxError, converts_os_errors
 from .image import ReadableObject
 from .merge_engine import MergeSummary, ProgressFn
 from .merge_engine import merge as merge_vhdx
@@ -103,6 +104,7 @@ def open(path: PathArg, mode: WriteMode, *,  # noqa: A001
          ignore_checksums: bool = False) -> WritableDisk | VhdWritableDisk: ...
 
 
+@converts_os_errors
 def open(path: PathArg | ReadableObject, mode: ReadMode | WriteMode = "r", *,  # noqa: A001
          parents: Sequence[PathArg | ReadableObject] | None = None, search_dirs: Sequence[PathArg] = (),
          ignore_linkage: bool = False, force_share: bool = False, confine: Sequence[PathArg] | None = None,
@@ -180,6 +182,7 @@ def _open_writable(path: PathArg, parents: Sequence[PathArg | ReadableObject] | 
     return disk
 
 
+@converts_os_errors
 def create(path: PathArg, size: int | str | None = None, *, type: DiskType = "dynamic",  # noqa: A002
            block_size: int | str | None = None, logical_sector_size: int = 512,
            physical_sector_size: int = 4096, parent: PathArg | None = None) -> str:
@@ -210,6 +213,7 @@ def create(path: PathArg, size: int | str | None = None, *, type: DiskType = "dy
                        physical_sector_size=physical_sector_size, parent=parent)
 
 
+@converts_os_errors
 def check_chain(path: PathArg, parents: Sequence[PathArg] | None = None, search_dirs: Sequence[PathArg] = (),
                 ignore_linkage: bool = False, *, confine: Sequence[PathArg] | None = None,
                 force_share: bool = False) -> CheckReport:
@@ -223,6 +227,7 @@ def check_chain(path: PathArg, parents: Sequence[PathArg] | None = None, search_
     return check_vhdx_chain(path, parents, search_dirs, ignore_linkage, confine=confine, force_share=force_share)
 
 
+@converts_os_errors
 def merge(child: PathArg, into: PathArg | None = None, output: PathArg | None = None, *,
           dry_run: bool = False, keep: bool = False, force: bool = False, progress: ProgressFn | None = None,
           parents: Sequence[PathArg] | None = None, search_dirs: Sequence[PathArg] = (),
@@ -244,6 +249,7 @@ def merge(child: PathArg, into: PathArg | None = None, output: PathArg | None = 
                           allow_clone=allow_clone, storage_factory=storage_factory, confine=confine)
 
 
+@converts_os_errors
 def open_source(source: PathArg, *, parents: Sequence[PathArg] | None = None,
                 search_dirs: Sequence[PathArg] = (), ignore_linkage: bool = False,
                 ignore_checksums: bool = False) -> Source:
@@ -255,3 +261,16 @@ def open_source(source: PathArg, *, parents: Sequence[PathArg] | None = None,
         return disk_source(os.fspath(source), disk)
     with _no_vhd_parents(source, parents):
         return open_vhdx_source(source, parents=parents, search_dirs=search_dirs, ignore_linkage=ignore_linkage)
+
+
+def _vhd_source(path: PathArg, *, parents: Sequence[PathArg] | None = None, search_dirs: Sequence[PathArg] = (),
+                ignore_linkage: bool = False, ignore_checksums: bool = False) -> Source | None:
+    """A VHD chain as a conversion source, or None for any other file (the hook
+    :data:`vhdx.convert.SOURCE_OPENERS`)."""
+    if detect(path) != "vhd":
+        return None
+    return open_source(path, parents=parents, search_dirs=search_dirs, ignore_linkage=ignore_linkage,
+                       ignore_checksums=ignore_checksums)
+
+
+_convert.SOURCE_OPENERS.append(_vhd_source)

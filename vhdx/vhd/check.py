@@ -15,7 +15,7 @@ import os
 from collections.abc import Sequence
 
 from ..check import CheckReport, Finding, walk_chain
-from ..errors import ChecksumError, VhdxError
+from ..errors import ChecksumError, VhdxError, VhdxIOError
 from . import structures as S
 from .chain import check_parent, find_parent
 from .file import VhdFile
@@ -28,8 +28,12 @@ def _open(path: str, report: CheckReport) -> VhdFile | None:
         report.findings.append(Finding(path, "error", str(e)))
         try:
             return VhdFile(path, ignore_checksums=True)  # keep checking the rest
+        except VhdxIOError:  # the storage failed: no verdict on the file, say so
+            raise
         except VhdxError:
             return None
+    except VhdxIOError:  # the storage failed: no verdict on the file, say so
+        raise
     except VhdxError as e:
         report.findings.append(Finding(path, "error", str(e)))
         return None
