@@ -36,9 +36,10 @@ from .create import create  # noqa: E402 - create.py reads __version__ lazily
 from .merge_engine import MergeSummary, merge  # noqa: E402
 from .relink import RelinkSummary, relink  # noqa: E402
 from .compact import CompactSummary, compact  # noqa: E402
+from .repair import RepairSummary, repair  # noqa: E402
 
 __all__ = [
-    "open", "create", "merge", "MergeSummary", "relink", "RelinkSummary", "compact", "CompactSummary", "VirtualDisk", "ImageFile", "Extent", "__version__",
+    "open", "create", "merge", "MergeSummary", "relink", "RelinkSummary", "compact", "CompactSummary", "repair", "RepairSummary", "VirtualDisk", "ImageFile", "Extent", "__version__",
     "VhdxError", "CorruptImageError", "ChecksumError", "UnsupportedFeatureError",
     "ParentNotFoundError", "ParentMismatchError", "InvalidArgumentError",
     "ReadOnlyError", "LockedError", "CancelledError", "DependentDisksError", "PartitionTableError",

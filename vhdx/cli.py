@@ -9,7 +9,6 @@ traceback; warnings raised when opening go to stderr (and into --json).
 from __future__ import annotations
 
 import argparse
-import builtins
 import errno
 import hashlib
 import json
@@ -375,74 +374,6 @@ def cmd_resize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _repair(args: argparse.Namespace) -> None:
-    """``check --repair``: replay a dirty log of IMAGE into the file (FORMAT.md §6.4)."""
-    from . import log as LOG
-    from .headers import read_header_section
-    from .log_writer import LogWriter
-    from .storage import FileStorage
-    from .writer import lock_exclusive
-
-    path = args.image
-    out = sys.stderr if args.json else sys.stdout
-    print = lambda *a: builtins.print(*a, file=out)  # noqa: E731,A001 - keep --json output clean
-    if args.dry_run:
-        st = FileStorage.open(path, writable=False)
-        try:
-            hs = read_header_section(st.pread)
-            h = hs.header
-            if not h.log_dirty:
-                print(f"{path}: log is clean, nothing to replay")
-                return
-            size = st.size()
-            plan = LOG.plan_replay(st.pread(h.log_offset, h.log_length), h.log_length, h.log_guid, size,
-                                   h.log_offset)
-            if plan.empty:
-                print(f"{path}: would clear an empty log (LogGuid set, no entry); no data changes")
-                return
-            changed = sum(1 for u in plan.updates if u.data is not None
-                          and st.pread(u.file_offset, u.length).ljust(u.length, b"\0") != u.data)
-            sectors = sum(1 for u in plan.updates if u.data is not None)
-            zero_bytes = sum(u.length for u in plan.updates if u.data is None)
-            ext = (f", extend the file from {size} to {plan.last_file_offset} bytes"
-                   if plan.last_file_offset > size else "")
-            print(f"{path}: would replay {len(plan.entries)} log entr{'y' if len(plan.entries) == 1 else 'ies'}: "
-                  f"{sectors} sector(s) written ({changed} differ from the file), "
-                  f"{zero_bytes} byte(s) zeroed{ext}; headers updated (new FileWriteGuid, LogGuid cleared)")
-        finally:
-            st.close()
-        return
-    # Nothing is opened for writing before the log is known to need it: a clean
-    # image on read-only media (or held read-only by another tool) checks fine.
-    ro = FileStorage.open(path, writable=False)
-    try:
-        clean = not read_header_section(ro.pread).header.log_dirty
-    finally:
-        ro.close()
-    if clean:
-        print(f"{path}: log is clean, nothing to replay")
-        return
-    st = FileStorage.open(path, writable=True)
-    try:
-        lock_exclusive(st.fd, path)
-        lw = LogWriter(st)
-        if not lw.needs_replay:
-            print(f"{path}: log is clean, nothing to replay")
-            return
-        try:
-            r = lw.replay()
-        except VhdxError as e:
-            raise naming(e, path) from None
-        ext = f", file extended to {r.extended_to} bytes" if r.extended_to else ""
-        if r.empty_log:
-            print(f"{path}: cleared an empty log (LogGuid set, no entry)")
-        else:
-            print(f"{path}: replayed {r.entries} log entr{'y' if r.entries == 1 else 'ies'}: "
-                  f"{r.sectors_written} sector(s) written, {r.zero_bytes} byte(s) zeroed{ext}")
-    finally:
-        st.close()
-
-
 def cmd_check(args: argparse.Namespace) -> int:
     if args.dry_run and not args.repair:
         raise UsageError(f"{args.image}: --dry-run needs --repair")
@@ -451,7 +382,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.repair and args.force_share:
         raise UsageError(f"{args.image}: --repair writes; it cannot be combined with --force-share")
     if args.repair:
-        _repair(args)
+        from .repair import repair
+
+        # With --json the report is the only thing on stdout.
+        print(repair(args.image, dry_run=args.dry_run).describe(), file=sys.stderr if args.json else sys.stdout)
         if args.dry_run:
             return 0
     report = check_chain(args.image, args.parent, args.search_dir, args.ignore_linkage,
