@@ -1,6 +1,6 @@
 """Power-loss simulator for the crash-safe write path (vhdx/log_writer.py).
 
-A workload runs on a :class:`~vhdx.storage.RecordingStorage` over a real file copy
+A workload runs on a :class:`storages.RecordingStorage` over a real file copy
 and records every pwrite / truncate / flush in order, plus ``mark`` labels around
 each high-level step together with the metadata state the step leaves behind.
 
@@ -36,7 +36,8 @@ from typing import Callable, Iterator
 from vhdx import structures as S
 from vhdx import log as LOG
 from vhdx.log_writer import LogWriter, _read_current_header
-from vhdx.storage import FileStorage, JournalOp, MemoryStorage, RecordingStorage
+from vhdx.storage import FileStorage
+from storages import JournalOp, MemoryStorage, RecordingStorage
 
 MiB = S.MiB
 SECTOR = 4096

@@ -14,7 +14,8 @@ from powerloss import MODES, _apply_op, cut_states, pending_subset
 from vhd_helpers import cli, file_sha, libvhdi_bytes, qemu_raw
 
 import vhdx
-from vhdx.storage import FileStorage, RecordingStorage
+from vhdx.storage import FileStorage
+from storages import RecordingStorage
 from vhdx.vhd import VhdFile
 
 MiB = 1 << 20

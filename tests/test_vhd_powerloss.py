@@ -23,7 +23,8 @@ from powerloss import MODES, allowed_range, cut_states, pending_subset
 
 import vhdx
 from vhdx.errors import VhdxError
-from vhdx.storage import FileStorage, RecordingStorage
+from vhdx.storage import FileStorage
+from storages import RecordingStorage
 from vhdx.vhd.writer import VhdWritableDisk
 
 MiB = 1 << 20

@@ -17,24 +17,32 @@ import re
 import shlex
 import signal
 import sys
-from typing import Any, Callable, NoReturn, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NoReturn, Protocol, Sequence, cast
 
 from . import __version__
 from . import structures as S
 from .check import check_chain
 from .create import parse_size
 from .disk import VirtualDisk, open as open_disk
-from .errors import ImageNotFoundError, InvalidArgumentError, ParentNotFoundError, UsageError, VhdxError, naming
+from .errors import ImageNotFoundError, InvalidArgumentError, ParentNotFoundError, UsageError, VhdxError
 from .image import ImageFile
 from .progress import Progress, clear_all, configure as configure_progress
 
 CHUNK = 4 << 20
 
+if TYPE_CHECKING:
+    from .partitions import Partition
+    from .vhd.file import VhdFile
+
+
+class _Resizable(Protocol):
+    def resize(self, size: int) -> object: ...
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse whose usage errors are one line and exit 2, like every usage error."""
 
-    def error(self, message: str) -> "NoReturn":  # type: ignore[override]
+    def error(self, message: str) -> "NoReturn":
         clear_all()
         self.exit(2, f"vhdx: error: {message} (see '{self.prog} --help')\n")
 
@@ -87,7 +95,7 @@ def _guid(g: Any) -> str:
     return str(g)
 
 
-def image_info(img) -> dict:  # noqa: ANN001 - ImageFile
+def image_info(img: ImageFile) -> dict[str, Any]:
     hs = img.header_section
     md = img.metadata
     geo = img.geometry
@@ -130,7 +138,7 @@ def image_info(img) -> dict:  # noqa: ANN001 - ImageFile
     }
 
 
-def _human(n: int) -> str:
+def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:g} {unit}" if unit == "B" else f"{n:.4g} {unit}"
@@ -142,14 +150,14 @@ class _LoneImage:
     """An image whose parent is absent, shown alone (its own headers, locator
     and ranges): what `info` and `map --own` can still say of a seized checkpoint."""
 
-    def __init__(self, img: ImageFile, missing: str) -> None:
+    def __init__(self, img: "ImageFile | VhdFile", missing: str) -> None:
         self.chain = [img]
         self.size = img.virtual_size
         self.missing = missing
         self.warnings = [f"{img.path}: {w}" for w in img.warnings] + [
             f"{missing}; shown alone: content reads need the parent"]
 
-    def partitions(self) -> list:
+    def partitions(self) -> "list[Partition]":
         return []  # the partition table is content: it needs the parent
 
     def __enter__(self) -> "_LoneImage":
@@ -167,6 +175,7 @@ def _open_or_alone(args: argparse.Namespace) -> "VirtualDisk | _LoneImage":
             raise
         from .vhd.file import VhdFile, is_vhd_file
 
+        lone: ImageFile | VhdFile
         if is_vhd_file(args.image):
             lone = VhdFile(args.image, ignore_checksums=getattr(args, "ignore_checksums", False))
         else:
@@ -204,7 +213,8 @@ def cmd_info(args: argparse.Namespace) -> int:
                     print(ind + line)
                 continue
             print(f"{ind}type {f['type']}, virtual size {_human(f['virtual_size'])} ({f['virtual_size']} bytes), "
-                  f"block size {_human(f['block_size'])}, sectors {f['logical_sector_size']}/{f['physical_sector_size']}")
+                  f"block size {_human(f['block_size'])}, "
+                  f"sectors {f['logical_sector_size']}/{f['physical_sector_size']}")
             print(f"{ind}creator {f['creator']!r}, file size {f['file_size']}")
             print(f"{ind}disk id {f['virtual_disk_id']}, data write guid {f['data_write_guid']}")
             print(f"{ind}header {f['current_header']} current; " + ", ".join(
@@ -304,20 +314,10 @@ def cmd_hash(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import convert_to_raw, convert_to_vhdx, open_source, output_format
+    from .convert import check_output, convert, open_source
 
-    out = args.output
-    fmt = output_format(out, args.format)
-    if out == "-" and fmt != "raw":
-        raise UsageError(f"-: only raw bytes can be streamed to stdout, not {fmt.upper()}")
-    if fmt == "raw" and (args.type or args.block_size):
-        raise UsageError(f"{out}: --type and --block-size apply to VHDX and VHD outputs only")
-    if args.azure and fmt != "vhd":
-        raise UsageError(f"{out}: --azure makes a VHD; name the output .vhd or use --format vhd")
-    if out != "-":  # refuse a wrong target before the (maybe long) open of the source
-        from .fileio import inspect_output
-
-        inspect_output(out, force=args.force, allow_block=fmt == "raw")
+    fmt = check_output(args.output, args.format, type=args.type, block_size=args.block_size,
+                       azure=args.azure, force=args.force)
     if fmt == "vhd":  # legacy VHD output: vhdx/vhd/cli.py
         from .vhd.cli import cmd_convert_to_vhd
 
@@ -328,11 +328,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         _warn(src.warnings)
         bar = Progress(src.data_bytes, "convert")
         try:
-            if fmt == "vhdx":
-                convert_to_vhdx(src, out, type=args.type or "dynamic", block_size=args.block_size,
-                                force=args.force, progress=bar)
-            else:
-                convert_to_raw(src, out, force=args.force, progress=bar)
+            convert(src, args.output, format=fmt, type=args.type, block_size=args.block_size,
+                    force=args.force, progress=bar)
         finally:
             bar.close()
     return 0
@@ -367,7 +364,7 @@ def cmd_resize(args: argparse.Namespace) -> int:
     children = refuse_if_children(args.image, "resizing", args.search_dir, force=args.force)
     with open_disk(args.image, "r+", parents=args.parent, search_dirs=args.search_dir,
                    ignore_linkage=args.ignore_linkage, confine=args.confine, force=True) as disk:
-        disk.resize(size)
+        cast(_Resizable, disk).resize(size)  # mode "r+": a writable disk (VHDX or VHD)
     if children:
         print(f"vhdx: warning: {args.image}: resized with --force; its children are "
               + invalidated_note(children), file=sys.stderr)
@@ -682,7 +679,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError:  # not the main thread (an embedding program): leave SIGTERM alone
         old_term = None
     try:
-        return args.func(args)
+        rc: int = args.func(args)
+        return rc
     except KeyboardInterrupt as e:
         clear_all()
         what = "terminated" if isinstance(e, _Terminated) else "interrupted"

@@ -43,7 +43,8 @@ from . import native
 from . import structures as S
 from .bat import iter_nonzero
 from .errors import UnsupportedFeatureError
-from .image import ImageFile, data_extents
+from .fdio import data_extents
+from .image import ImageFile
 from .storage import DeferredSyncStorage, FileStorage, Storage
 
 __all__ = ["compact", "CompactSummary", "plan_pack", "live_end", "FileSpace", "register"]

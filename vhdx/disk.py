@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from . import structures as S
 from .errors import InvalidArgumentError, ReadOnlyError, VhdxError, VhdxIOError  # noqa: F401
-from .image import Extent, ImageFile, NotCopyable, ReadableObject, pread_into
+from .fdio import pread_into
+from .image import Extent, ImageFile, NotCopyable, ReadableObject
 
 if TYPE_CHECKING:
     from .native import ChainReader

@@ -23,7 +23,8 @@ import os
 from collections.abc import Callable
 
 from ..errors import InvalidArgumentError, VhdxError
-from ..storage import DeferredSyncStorage, fsync_dir
+from ..fdio import fsync_dir, pwrite_all
+from ..storage import DeferredSyncStorage
 from . import structures as S
 from .create import create_vhd, footer_for
 
@@ -100,7 +101,7 @@ def convert_to_vhd(source: str | os.PathLike[str], output: str | os.PathLike[str
                 done = 0
                 if extents is not None and any(getattr(f, "overlay", None) for f in disk.chain):
                     # A replayed log patches reads in memory: copy through the reader.
-                    _copy(iter(ranges), readinto, lambda off, mv: _pwrite_all(fd, mv, off), _one_arg(progress))
+                    _copy(iter(ranges), readinto, lambda off, mv: pwrite_all(fd, mv, off), _one_arg(progress))
                 elif extents is not None:
                     by_src: dict[int, list[tuple[int, int, int]]] = {}
                     for e in extents:
@@ -117,7 +118,7 @@ def convert_to_vhd(source: str | os.PathLike[str], output: str | os.PathLike[str
                     if progress:
                         progress(sum(n for _, n in ranges))
                 footer = footer_for(vsize, S.TYPE_FIXED, _new_id(), exact_chs=azure)
-                _pwrite_all(fd, footer, vsize)
+                pwrite_all(fd, footer, vsize)
                 os.fsync(fd)
             except BaseException:
                 os.close(fd)
@@ -153,10 +154,3 @@ def _new_id() -> bytes:
     import uuid
 
     return uuid.uuid4().bytes_le
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n

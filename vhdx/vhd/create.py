@@ -22,9 +22,9 @@ import os
 import time
 import uuid
 
-from ..create import _relative  # the same relative-locator rule as VHDX children
+from ..locator import relative_path, windows_path  # the same locator rules as VHDX children
 from ..errors import InvalidArgumentError, VhdxError
-from ..storage import fsync_dir
+from ..fdio import fsync_dir, pwrite_all
 from . import structures as S
 
 __all__ = ["VHD_SUFFIXES", "create_vhd", "footer_for", "plan_new_dynamic"]
@@ -121,15 +121,10 @@ def plan_new_dynamic(size: int, block_size: int, parent: dict | None = None) -> 
     return writes, first_bitmap + S.FOOTER_SIZE
 
 
-def _windows_path(path: str) -> str:
-    p = os.path.abspath(path)
-    return p if os.name == "nt" else p.replace("/", "\\")
-
-
 def parent_fields(child_path: str, parent) -> dict:
     return {"unique_id": parent.unique_id, "timestamp": parent.footer.timestamp,
-            "name": _windows_path(parent.path), "w2ku": _windows_path(parent.path),
-            "w2ru": _relative(child_path, parent.path)}
+            "name": windows_path(parent.path), "w2ku": windows_path(parent.path),
+            "w2ru": relative_path(child_path, parent.path) or ""}  # "": another drive (Windows)
 
 
 def create_vhd(path: str | os.PathLike[str], size: int | None = None, *, type: str = "dynamic",
@@ -180,10 +175,7 @@ def create_vhd(path: str | os.PathLike[str], size: int | None = None, *, type: s
     try:
         os.ftruncate(fd, file_size)  # sparse: a fixed disk's data reads as zeros
         for off, data in writes:
-            view = memoryview(data)
-            while view:
-                n = os.pwrite(fd, view, off)
-                view, off = view[n:], off + n
+            pwrite_all(fd, data, off)
         os.fsync(fd)
     except BaseException:
         os.close(fd)

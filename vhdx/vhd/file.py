@@ -24,7 +24,7 @@ from ..errors import (
     UnsupportedFeatureError,
     VhdxError,
 )
-from ..image import open_regular_file, pread_into
+from ..fdio import open_regular_file, pread_into
 from ..native import bitmap_runs
 from . import structures as S
 

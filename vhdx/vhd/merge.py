@@ -36,7 +36,7 @@ from ..errors import (
     VhdxError,
 )
 from ..merge_engine import MergeSummary
-from ..storage import fsync_dir
+from ..fdio import fsync_dir
 from . import structures as S
 from .chain import VHD_SUFFIXES, open_chain
 from .create import parent_fields

@@ -67,7 +67,7 @@ class VhdWritableDisk(VhdDisk):
     """A VHD/AVHD opened for writing; parents stay read-only. Not thread-safe.
 
     ``storage`` replaces the file's own read-write storage (tests record every
-    write and flush through :class:`vhdx.storage.RecordingStorage`).
+    write and flush through a recording storage, tests/storages.py).
     """
 
     def __init__(self, path: PathLike, *, parents: Sequence[PathLike] | None = None,
