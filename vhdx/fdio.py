@@ -14,21 +14,24 @@ import errno
 import os
 import stat
 import sys
+from typing import Callable
 
-from .errors import ImageNotFoundError, InvalidArgumentError, VhdxIOError
+from .errors import ImageNotFoundError, InvalidArgumentError, TargetKindError, VhdxError, VhdxIOError
 
-__all__ = ["open_regular_file", "pread", "pread_into", "pwrite_all", "data_extents", "fsync", "fsync_dir",
-           "device_size", "zero_range"]
+__all__ = ["open_read_only", "open_regular_file", "pread", "pread_into", "pwrite_all", "data_extents", "fsync",
+           "fsync_dir", "device_size", "zero_range"]
 
 _BLKGETSIZE64 = 0x80081272  # _IOR(0x12, 114, size_t): size of a block device in bytes
 _BLKZEROOUT = 0x127F  # _IO(0x12, 127): zero a byte range; reads zeros afterwards, always
 Buffer = bytes | bytearray | memoryview
 
 
-def open_regular_file(path: str | os.PathLike[str]) -> int:
-    """Open ``path`` read-only, refusing anything but a regular file.
+def open_read_only(path: str | os.PathLike[str], accept: Callable[[int], bool] = stat.S_ISREG,
+                   refuse: Callable[[str, int], VhdxError] | None = None) -> int:
+    """Open ``path`` read-only when ``accept(st_mode)`` allows its kind (default:
+    a regular file); ``refuse(name, st_mode)`` makes the error for another kind.
 
-    The type is checked before opening (a FIFO would block the open) and again
+    The kind is checked before opening (a FIFO would block the open) and again
     on the descriptor (the path could have been swapped in between).
     """
     name = os.fspath(path)
@@ -38,9 +41,10 @@ def open_regular_file(path: str | os.PathLike[str]) -> int:
         raise ImageNotFoundError(name) from None
     except OSError as e:
         raise VhdxIOError.from_os(e, name) from None
-    if not stat.S_ISREG(st.st_mode):
-        raise InvalidArgumentError(f"{name}: not a regular file")
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    if not accept(st.st_mode):
+        raise (refuse(name, st.st_mode) if refuse is not None
+               else InvalidArgumentError(f"{name}: not a regular file"))
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
     try:
         # O_NOATIME keeps even the access time of evidence unchanged where allowed.
         fd = os.open(path, flags | getattr(os, "O_NOATIME", 0))
@@ -52,10 +56,15 @@ def open_regular_file(path: str | os.PathLike[str]) -> int:
     except OSError as e:
         raise VhdxIOError.from_os(e, name) from None
     st2 = os.fstat(fd)
-    if not stat.S_ISREG(st2.st_mode) or (st2.st_dev, st2.st_ino) != (st.st_dev, st.st_ino):
+    if stat.S_IFMT(st2.st_mode) != stat.S_IFMT(st.st_mode) or (st2.st_dev, st2.st_ino) != (st.st_dev, st.st_ino):
         os.close(fd)
-        raise InvalidArgumentError(f"{name}: changed while being opened")
+        raise TargetKindError(f"{name}: changed while being opened")
     return fd
+
+
+def open_regular_file(path: str | os.PathLike[str]) -> int:
+    """Open the regular file ``path`` read-only (:func:`open_read_only`)."""
+    return open_read_only(path)
 
 
 def pread(fd: int, offset: int, size: int, path: str | None = None) -> bytes:

@@ -24,14 +24,13 @@ import stat
 from dataclasses import dataclass
 
 from .errors import (
-    ImageNotFoundError,
     InvalidArgumentError,
     OutputDirectoryError,
     OutputExistsError,
     TargetKindError,
     VhdxIOError,
 )
-from .fdio import device_size, fsync_dir
+from .fdio import device_size, fsync_dir, open_read_only
 
 __all__ = ["Target", "inspect_output", "check_free_space", "create_temp", "commit_temp", "discard_temp",
            "open_block_device", "open_source", "kind_name"]
@@ -183,21 +182,8 @@ def open_source(path: str | os.PathLike[str]) -> tuple[int, int]:
     Anything else (FIFO, character device, directory) is refused before opening,
     since opening a FIFO would block.
     """
-    path = os.fspath(path)
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise ImageNotFoundError(path) from None
-    except OSError as e:
-        raise VhdxIOError.from_os(e, path) from None
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-        raise TargetKindError(f"{path}: is {kind_name(st.st_mode)}; a source must be a file or a block device")
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
-    except OSError as e:
-        raise VhdxIOError.from_os(e, path) from None
-    st2 = os.fstat(fd)
-    if stat.S_IFMT(st2.st_mode) != stat.S_IFMT(st.st_mode):
-        os.close(fd)
-        raise TargetKindError(f"{path}: changed while being opened")
+    def refuse(name: str, mode: int) -> TargetKindError:
+        return TargetKindError(f"{name}: is {kind_name(mode)}; a source must be a file or a block device")
+
+    fd = open_read_only(path, lambda mode: stat.S_ISREG(mode) or stat.S_ISBLK(mode), refuse)
     return fd, device_size(fd)
