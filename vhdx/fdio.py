@@ -89,6 +89,8 @@ def pread_into(fd: int, mv: memoryview, offset: int, path: str | None) -> None:
     """Fill ``mv`` from ``offset`` of ``fd``: short reads retried, zeros past EOF."""
     n = len(mv)
     got = 0
+    if n == 0:  # nothing to read: no call, so no error from it either
+        return
     try:
         got = os.preadv(fd, [mv], offset)
         while 0 < got < n:

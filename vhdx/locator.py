@@ -1,6 +1,6 @@
 """Parent-locator paths: the one place that writes them and turns them into host paths.
 
-Writing (FORMAT.md §4.2, MS-VHDX 2.6.2.6.1): ``relative_path`` is the parent
+Writing (FORMAT.md §4.2): ``relative_path`` is the parent
 relative to the child's folder in Windows form (``.\\base.vhdx`` for a sibling,
 as Hyper-V writes it; ``..\\old\\base.vhdx``); ``absolute_win32_path`` carries
 the ``\\\\?\\`` prefix (``\\\\?\\UNC\\server\\share\\...`` for a share). On a
@@ -10,7 +10,7 @@ cannot use it, every reader falls back to the file name, and the relative
 path, tried first, works everywhere. VHD's W2ku / Parent Unicode Name take the
 plain absolute form (:func:`windows_path`).
 
-Reading (MS-VHDX 2.6.2.6.2): the entries are untrusted strings. A relative
+Reading (FORMAT.md §4.2, §8.2): the entries are untrusted strings. A relative
 entry is resolved against the child's folder with ``\\`` read as ``/``;
 absolute entries are used as they are only on Windows (and a POSIX path only
 where a tool wrote one), elsewhere they contribute their file name, looked up
@@ -150,7 +150,7 @@ def host_candidates(child: PathLike, entries: Iterable[tuple[EntryKind, str]],
 
 
 def _vhdx_entries(locator: dict[str, str]) -> list[tuple[EntryKind, str]]:
-    """A VHDX locator's path entries in MS-VHDX 2.6.2.6's lookup order."""
+    """A VHDX locator's path entries in the lookup order of FORMAT.md §4.2."""
     return [("relative", locator.get("relative_path") or ""),
             ("absolute", locator.get("volume_path") or ""),
             ("absolute", locator.get("absolute_win32_path") or "")]
@@ -159,7 +159,7 @@ def _vhdx_entries(locator: dict[str, str]) -> list[tuple[EntryKind, str]]:
 def candidate_paths(child_path: PathLike, locator: dict[str, str],
                     search_dirs: Iterable[PathLike] = (), *, windows: bool = _WINDOWS) -> list[str]:
     """Where a VHDX child's parent may be: ``relative_path``, ``volume_path``,
-    ``absolute_win32_path`` (MS-VHDX 2.6.2.6), then their file names beside the
+    ``absolute_win32_path`` (FORMAT.md §4.2), then their file names beside the
     child and in ``search_dirs`` (:func:`host_candidates`)."""
     return host_candidates(child_path, _vhdx_entries(locator), search_dirs, windows=windows)
 
