@@ -96,17 +96,20 @@ class RecordingStorage:
     positions where its high-level steps begin and end.
     """
 
-    def __init__(self, inner: Storage) -> None:
+    def __init__(self, inner: Storage, *, forward_fd: bool = True) -> None:
         self.inner = inner
         self.journal: list[JournalOp] = []
+        self._forward_fd = forward_fd
 
     @property
     def fd(self) -> int:
-        """The inner storage's descriptor, for writers that copy through it (the C
-        copy engine); those copies are not journaled, as they were not before."""
-        fd = getattr(self.inner, "fd", None)
+        """The inner storage's descriptor, for writers that need one (locks, the C
+        copy engine; such copies are not journaled). ``forward_fd=False`` hides it,
+        so a writer that can do without (the VHD writer and merge) sends every
+        write through :meth:`pwrite`, where the journal sees it."""
+        fd = getattr(self.inner, "fd", None) if self._forward_fd else None
         if not isinstance(fd, int):
-            raise AttributeError("fd")  # a MemoryStorage inside: no descriptor
+            raise AttributeError("fd")  # hidden, or a MemoryStorage inside: no descriptor
         return fd
 
     @property

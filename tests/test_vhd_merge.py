@@ -133,7 +133,7 @@ def test_power_cuts_during_merge_and_rerun(tmp_path) -> None:
         rec_holder = {}
 
         def factory(path: str):
-            rec_holder["rec"] = RecordingStorage(FileStorage.open(path))
+            rec_holder["rec"] = RecordingStorage(FileStorage.open(path), forward_fd=False)
             return rec_holder["rec"]
 
         s = vhdx.merge(child, keep=True, storage_factory=factory)
