@@ -1,6 +1,6 @@
 """Power-loss simulator for the crash-safe write path (vhdx/log_writer.py).
 
-A workload runs on a :class:`~vhdx.storage.RecordingStorage` over a real file copy
+A workload runs on a :class:`storages.RecordingStorage` over a real file copy
 and records every pwrite / truncate / flush in order, plus ``mark`` labels around
 each high-level step together with the metadata state the step leaves behind.
 
@@ -38,7 +38,8 @@ from vhdx import structures as S
 from vhdx import log as LOG
 from vhdx.layout import plan_layout, write_new_image
 from vhdx.log_writer import LogWriter, _read_current_header
-from vhdx.storage import FileStorage, JournalOp, MemoryStorage, RecordingStorage
+from vhdx.storage import FileStorage
+from storages import JournalOp, MemoryStorage, RecordingStorage
 
 MiB = S.MiB
 SECTOR = 4096

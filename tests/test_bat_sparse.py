@@ -15,7 +15,8 @@ import vhdx
 import vhdx.image as image_mod
 from vhdx import structures as S
 from vhdx.bat import iter_nonzero, normalize_spans
-from vhdx.image import ImageFile, data_extents
+from vhdx.fdio import data_extents
+from vhdx.image import ImageFile
 from vhdx.log_writer import LogWriter
 from vhdx.storage import FileStorage
 

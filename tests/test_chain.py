@@ -12,7 +12,7 @@ import pytest
 
 import vhdx
 from vhdx import structures as S
-from vhdx.chain import candidate_paths
+from vhdx.locator import candidate_paths
 
 from builder import FULLY, NOT_PRESENT, PARTIAL, Block, ImageSpec, build_chain, build_image
 

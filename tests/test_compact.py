@@ -24,7 +24,8 @@ from vhdx import structures as S
 from vhdx.check import check_chain
 from vhdx.compact import plan_pack
 from vhdx.image import ImageFile
-from vhdx.storage import FileStorage, RecordingStorage
+from vhdx.storage import FileStorage
+from storages import RecordingStorage
 
 import oracles
 from builder import FULLY, NOT_PRESENT, PARTIAL, UNDEFINED, UNMAPPED, ZERO, Block, ImageSpec, build_chain

@@ -26,7 +26,8 @@ from vhdx.log_writer import (
     descriptor_sector_count,
     entry_sector_count,
 )
-from vhdx.storage import FileStorage, JournalOp, MemoryStorage, RecordingStorage
+from vhdx.storage import FileStorage
+from storages import JournalOp, MemoryStorage, RecordingStorage
 
 try:  # tests/ may or may not become a package
     from . import powerloss as PL

@@ -21,7 +21,8 @@ import vhdx
 from vhdx import structures as S
 from vhdx.check import check_chain
 from vhdx.merge_engine import merge
-from vhdx.storage import FileStorage, JournalOp
+from vhdx.storage import FileStorage
+from storages import JournalOp
 
 from powerloss import MODES, crash_image
 from builder import (FULLY, NOT_PRESENT, PARTIAL, UNDEFINED, UNMAPPED, ZERO, Block, ImageSpec,

@@ -34,7 +34,8 @@ import pytest
 import vhdx
 from vhdx import structures as S
 from vhdx.check import check_chain
-from vhdx.storage import FileStorage, RecordingStorage
+from vhdx.storage import FileStorage
+from storages import RecordingStorage
 from vhdx.writer import WritableDisk
 
 from powerloss import MODES, _apply_op, cut_states, pending_subset

@@ -20,7 +20,8 @@ import vhdx
 from vhdx import structures as S
 from vhdx.check import check_chain
 from vhdx.image import ImageFile
-from vhdx.storage import FileStorage, RecordingStorage
+from vhdx.storage import FileStorage
+from storages import RecordingStorage
 from vhdx.writer import WritableDisk
 
 import oracles

@@ -17,7 +17,8 @@ from vhdx import structures as S
 from vhdx.check import check_chain
 from vhdx.image import ImageFile
 from vhdx.merge_engine import merge
-from vhdx.storage import FileStorage, RecordingStorage
+from vhdx.storage import FileStorage
+from storages import RecordingStorage
 from vhdx.writer import WritableDisk
 
 import oracles

@@ -93,7 +93,7 @@ def one_line_error(r: dict, path: Path, needle: str) -> None:
 def sha(path: Path) -> str:
     """Digest of the file's size, data extents and their bytes (holes read zeros
     and are not read: a 3 GiB sparse log is hashed in milliseconds)."""
-    from vhdx.image import data_extents
+    from vhdx.fdio import data_extents
 
     h = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -14,7 +14,8 @@ from powerloss import MODES, _apply_op, cut_states, pending_subset
 from vhd_helpers import cli, file_sha, libvhdi_bytes, qemu_verify
 
 import vhdx
-from vhdx.storage import FileStorage, RecordingStorage
+from vhdx.storage import FileStorage
+from storages import RecordingStorage
 from vhdx.vhd import VhdFile
 
 MiB = 1 << 20
@@ -133,7 +134,7 @@ def test_power_cuts_during_merge_and_rerun(tmp_path) -> None:
         rec_holder = {}
 
         def factory(path: str):
-            rec_holder["rec"] = RecordingStorage(FileStorage.open(path))
+            rec_holder["rec"] = RecordingStorage(FileStorage.open(path), forward_fd=False)
             return rec_holder["rec"]
 
         s = vhdx.merge(child, keep=True, storage_factory=factory)

@@ -23,7 +23,8 @@ from powerloss import MODES, allowed_range, cut_states, pending_subset
 
 import vhdx
 from vhdx.errors import VhdxError
-from vhdx.storage import FileStorage, RecordingStorage
+from vhdx.storage import FileStorage
+from storages import RecordingStorage
 from vhdx.vhd.writer import VhdWritableDisk
 
 MiB = 1 << 20
@@ -44,7 +45,7 @@ class _Step:
 def _workload(path: Path, parents: list[Path] | None, initial: bytes, rng: random.Random,
               fresh_only: bool, n: int) -> Rec:
     base = path.read_bytes()
-    rec = RecordingStorage(FileStorage.open(path))
+    rec = RecordingStorage(FileStorage.open(path), forward_fd=False)
     model = bytearray(initial)
     written = np.zeros(SIZE // 512, dtype=bool)
     states = [bytes(model)]

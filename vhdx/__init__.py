@@ -34,10 +34,11 @@ from .formats import check_chain, create, merge, open  # noqa: A004 - vhdx.open 
 from .image import Extent, ImageFile
 from .merge_engine import MergeSummary
 from .relink import RelinkSummary, relink
+from .repair import RepairSummary, repair
 
 __all__ = [
     "open", "create", "check_chain", "merge", "MergeSummary", "relink", "RelinkSummary", "compact",
-    "CompactSummary", "VirtualDisk", "ImageFile", "Extent", "__version__",
+    "CompactSummary", "repair", "RepairSummary", "VirtualDisk", "ImageFile", "Extent", "__version__",
     "VhdxError", "CorruptImageError", "ChecksumError", "UnsupportedFeatureError",
     "ParentNotFoundError", "ParentMismatchError", "InvalidArgumentError",
     "ReadOnlyError", "LockedError", "CancelledError", "DependentDisksError", "PartitionTableError",

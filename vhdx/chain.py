@@ -9,9 +9,7 @@ and its logical sector size equals the child's.
 
 from __future__ import annotations
 
-import ntpath
 import os
-import posixpath
 import stat
 import uuid
 from typing import Any, Callable, Iterable, Sequence
@@ -19,6 +17,7 @@ from typing import Any, Callable, Iterable, Sequence
 from . import structures as S
 from .errors import LockedError, ParentMismatchError, ParentNotFoundError, VhdxError
 from .image import ImageFile
+from .locator import candidate_paths, opener_candidates
 
 MAX_CHAIN_DEPTH = 256
 """Hyper-V allows far fewer checkpoints; deeper chains are refused as absurd."""
@@ -48,44 +47,6 @@ def accepted_linkages(locator: dict[str, str]) -> set[uuid.UUID]:
         if g is not None and g != S.ZERO_GUID:
             out.add(g)
     return out
-
-
-def _strip_win32_prefix(p: str) -> str:
-    for prefix in ("\\\\?\\UNC\\", "\\\\?\\"):
-        if p.startswith(prefix):
-            return ("\\\\" if prefix.endswith("UNC\\") else "") + p[len(prefix):]
-    return p
-
-
-def candidate_paths(child_path: str, locator: dict[str, str],
-                    search_dirs: Iterable[PathLike] = ()) -> list[str]:
-    """Where the parent may be, in the order of MS-VHDX 2.6.2.6, then search dirs.
-
-    Windows paths are mapped sensibly on other systems: ``relative_path`` is
-    resolved with ``/`` separators against the child's directory; absolute
-    Windows paths (meaningless off Windows) contribute their file name, looked
-    up beside the child and in the search directories.
-    """
-    child_dir = os.path.dirname(os.path.abspath(child_path))
-    out: list[str] = []
-    names: list[str] = []
-    rel = locator.get("relative_path")
-    if rel:
-        out.append(os.path.normpath(os.path.join(child_dir, *rel.replace("\\", "/").split("/"))))
-        names.append(ntpath.basename(rel))
-    for key in ("volume_path", "absolute_win32_path"):
-        value = locator.get(key)
-        if not value:
-            continue
-        if os.name == "nt" and (key == "absolute_win32_path" or value.startswith("\\\\?\\Volume")):
-            out.append(value if key == "volume_path" else _strip_win32_prefix(value))
-        names.append(ntpath.basename(_strip_win32_prefix(value)))
-    for name in dict.fromkeys(n for n in names if n):
-        out.append(os.path.join(child_dir, name))
-        out.extend(os.path.join(os.fspath(d), name) for d in search_dirs)
-    # A NUL cannot be in a path: such a locator entry names no file (and the OS
-    # calls would raise ValueError). Found by fuzzing.
-    return [p for p in dict.fromkeys(out) if "\0" not in p]
 
 
 def _is_regular(path: str) -> bool:
@@ -179,26 +140,6 @@ def find_parent(child: ImageFile, search_dirs: Sequence[PathLike], ignore_linkag
     where = "; ".join(tried) if tried else "no usable path in the parent locator"
     raise ParentNotFoundError(f"{child.path}: parent not found (tried: {where}); "
                               "give it with --parent or --search-dir")
-
-
-def opener_candidates(child_name: str, locator: dict[str, str]) -> list[str]:
-    """Names to ask an opener for, in the locator's order: ``relative_path``
-    resolved against the child's name (``/`` separators), then the file names of
-    the absolute paths beside the child, then those names alone."""
-    base = posixpath.dirname(child_name.replace("\\", "/"))
-    out: list[str] = []
-    names: list[str] = []
-    rel = locator.get("relative_path")
-    if rel:
-        out.append(posixpath.normpath(posixpath.join(base, rel.replace("\\", "/"))))
-        names.append(ntpath.basename(rel))
-    for key in ("volume_path", "absolute_win32_path"):
-        if locator.get(key):
-            names.append(ntpath.basename(_strip_win32_prefix(locator[key])))
-    for name in dict.fromkeys(n for n in names if n):
-        out.append(posixpath.join(base, name) if base else name)
-        out.append(name)
-    return list(dict.fromkeys(out))
 
 
 def find_parent_with_opener(child: ImageFile, opener: Opener, ignore_linkage: bool,

@@ -9,7 +9,6 @@ traceback; warnings raised when opening go to stderr (and into --json).
 from __future__ import annotations
 
 import argparse
-import builtins
 import errno
 import hashlib
 import json
@@ -18,24 +17,32 @@ import re
 import shlex
 import signal
 import sys
-from typing import Any, Callable, NoReturn, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NoReturn, Protocol, Sequence, cast
 
 from ._version import __version__
 from . import structures as S
 from .create import parse_size
 from .disk import VirtualDisk
-from .errors import ImageNotFoundError, InvalidArgumentError, ParentNotFoundError, UsageError, VhdxError, naming
+from .errors import ImageNotFoundError, InvalidArgumentError, ParentNotFoundError, UsageError, VhdxError
 from .formats import check_chain, open as open_disk
 from .image import ImageFile
 from .progress import Progress, clear_all, configure as configure_progress, human_size as _human
 
 CHUNK = 4 << 20
 
+if TYPE_CHECKING:
+    from .partitions import Partition
+    from .vhd.file import VhdFile
+
+
+class _Resizable(Protocol):
+    def resize(self, size: int) -> object: ...
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse whose usage errors are one line and exit 2, like every usage error."""
 
-    def error(self, message: str) -> "NoReturn":  # type: ignore[override]
+    def error(self, message: str) -> "NoReturn":
         clear_all()
         self.exit(2, f"vhdx: error: {message} (see '{self.prog} --help')\n")
 
@@ -88,7 +95,7 @@ def _guid(g: Any) -> str:
     return str(g)
 
 
-def image_info(img) -> dict:  # noqa: ANN001 - ImageFile
+def image_info(img: ImageFile) -> dict[str, Any]:
     hs = img.header_section
     md = img.metadata
     geo = img.geometry
@@ -135,14 +142,14 @@ class _LoneImage:
     """An image whose parent is absent, shown alone (its own headers, locator
     and ranges): what `info` and `map --own` can still say of a seized checkpoint."""
 
-    def __init__(self, img: ImageFile, missing: str) -> None:
+    def __init__(self, img: "ImageFile | VhdFile", missing: str) -> None:
         self.chain = [img]
         self.size = img.virtual_size
         self.missing = missing
         self.warnings = [f"{img.path}: {w}" for w in img.warnings] + [
             f"{missing}; shown alone: content reads need the parent"]
 
-    def partitions(self) -> list:
+    def partitions(self) -> "list[Partition]":
         return []  # the partition table is content: it needs the parent
 
     def __enter__(self) -> "_LoneImage":
@@ -160,6 +167,7 @@ def _open_or_alone(args: argparse.Namespace) -> "VirtualDisk | _LoneImage":
             raise
         from .vhd.file import VhdFile, is_vhd_file
 
+        lone: ImageFile | VhdFile
         if is_vhd_file(args.image):
             lone = VhdFile(args.image, ignore_checksums=getattr(args, "ignore_checksums", False))
         else:
@@ -197,7 +205,8 @@ def cmd_info(args: argparse.Namespace) -> int:
                     print(ind + line)
                 continue
             print(f"{ind}type {f['type']}, virtual size {_human(f['virtual_size'])} ({f['virtual_size']} bytes), "
-                  f"block size {_human(f['block_size'])}, sectors {f['logical_sector_size']}/{f['physical_sector_size']}")
+                  f"block size {_human(f['block_size'])}, "
+                  f"sectors {f['logical_sector_size']}/{f['physical_sector_size']}")
             print(f"{ind}creator {f['creator']!r}, file size {f['file_size']}")
             print(f"{ind}disk id {f['virtual_disk_id']}, data write guid {f['data_write_guid']}")
             print(f"{ind}header {f['current_header']} current; " + ", ".join(
@@ -302,21 +311,11 @@ def cmd_hash(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import convert_to_raw, convert_to_vhdx, output_format
+    from .convert import check_output, convert
     from .formats import open_source
 
-    out = args.output
-    fmt = output_format(out, args.format)
-    if out == "-" and fmt != "raw":
-        raise UsageError(f"-: only raw bytes can be streamed to stdout, not {fmt.upper()}")
-    if fmt == "raw" and (args.type or args.block_size):
-        raise UsageError(f"{out}: --type and --block-size apply to VHDX and VHD outputs only")
-    if args.azure and fmt != "vhd":
-        raise UsageError(f"{out}: --azure makes a VHD; name the output .vhd or use --format vhd")
-    if out != "-":  # refuse a wrong target before the (maybe long) open of the source
-        from .fileio import inspect_output
-
-        inspect_output(out, force=args.force, allow_block=fmt == "raw")
+    fmt = check_output(args.output, args.format, type=args.type, block_size=args.block_size,
+                       azure=args.azure, force=args.force)
     if fmt == "vhd":  # legacy VHD output: vhdx/vhd/cli.py
         from .vhd.cli import cmd_convert_to_vhd
 
@@ -327,11 +326,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         _warn(src.warnings)
         bar = Progress(src.data_bytes, "convert")
         try:
-            if fmt == "vhdx":
-                convert_to_vhdx(src, out, type=args.type or "dynamic", block_size=args.block_size,
-                                force=args.force, progress=bar)
-            else:
-                convert_to_raw(src, out, force=args.force, progress=bar)
+            convert(src, args.output, format=fmt, type=args.type, block_size=args.block_size,
+                    force=args.force, progress=bar)
         finally:
             bar.close()
     return 0
@@ -366,79 +362,11 @@ def cmd_resize(args: argparse.Namespace) -> int:
     children = refuse_if_children(args.image, "resizing", args.search_dir, force=args.force)
     with open_disk(args.image, "r+", parents=args.parent, search_dirs=args.search_dir,
                    ignore_linkage=args.ignore_linkage, confine=args.confine, force=True) as disk:
-        disk.resize(size)
+        cast(_Resizable, disk).resize(size)  # mode "r+": a writable disk (VHDX or VHD)
     if children:
         print(f"vhdx: warning: {args.image}: resized with --force; its children are "
               + invalidated_note(children), file=sys.stderr)
     return 0
-
-
-def _repair(args: argparse.Namespace) -> None:
-    """``check --repair``: replay a dirty log of IMAGE into the file (FORMAT.md §6.4)."""
-    from . import log as LOG
-    from .headers import read_header_section
-    from .log_writer import LogWriter
-    from .storage import FileStorage
-    from .writer import lock_exclusive
-
-    path = args.image
-    out = sys.stderr if args.json else sys.stdout
-    print = lambda *a: builtins.print(*a, file=out)  # noqa: E731,A001 - keep --json output clean
-    if args.dry_run:
-        st = FileStorage.open(path, writable=False)
-        try:
-            hs = read_header_section(st.pread)
-            h = hs.header
-            if not h.log_dirty:
-                print(f"{path}: log is clean, nothing to replay")
-                return
-            size = st.size()
-            plan = LOG.plan_replay(st.pread(h.log_offset, h.log_length), h.log_length, h.log_guid, size,
-                                   h.log_offset)
-            if plan.empty:
-                print(f"{path}: would clear an empty log (LogGuid set, no entry); no data changes")
-                return
-            changed = sum(1 for u in plan.updates if u.data is not None
-                          and st.pread(u.file_offset, u.length).ljust(u.length, b"\0") != u.data)
-            sectors = sum(1 for u in plan.updates if u.data is not None)
-            zero_bytes = sum(u.length for u in plan.updates if u.data is None)
-            ext = (f", extend the file from {size} to {plan.last_file_offset} bytes"
-                   if plan.last_file_offset > size else "")
-            print(f"{path}: would replay {len(plan.entries)} log entr{'y' if len(plan.entries) == 1 else 'ies'}: "
-                  f"{sectors} sector(s) written ({changed} differ from the file), "
-                  f"{zero_bytes} byte(s) zeroed{ext}; headers updated (new FileWriteGuid, LogGuid cleared)")
-        finally:
-            st.close()
-        return
-    # Nothing is opened for writing before the log is known to need it: a clean
-    # image on read-only media (or held read-only by another tool) checks fine.
-    ro = FileStorage.open(path, writable=False)
-    try:
-        clean = not read_header_section(ro.pread).header.log_dirty
-    finally:
-        ro.close()
-    if clean:
-        print(f"{path}: log is clean, nothing to replay")
-        return
-    st = FileStorage.open(path, writable=True)
-    try:
-        lock_exclusive(st.fd, path)
-        lw = LogWriter(st)
-        if not lw.needs_replay:
-            print(f"{path}: log is clean, nothing to replay")
-            return
-        try:
-            r = lw.replay()
-        except VhdxError as e:
-            raise naming(e, path) from None
-        ext = f", file extended to {r.extended_to} bytes" if r.extended_to else ""
-        if r.empty_log:
-            print(f"{path}: cleared an empty log (LogGuid set, no entry)")
-        else:
-            print(f"{path}: replayed {r.entries} log entr{'y' if r.entries == 1 else 'ies'}: "
-                  f"{r.sectors_written} sector(s) written, {r.zero_bytes} byte(s) zeroed{ext}")
-    finally:
-        st.close()
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -449,7 +377,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.repair and args.force_share:
         raise UsageError(f"{args.image}: --repair writes; it cannot be combined with --force-share")
     if args.repair:
-        _repair(args)
+        from .repair import repair
+
+        # With --json the report is the only thing on stdout.
+        print(repair(args.image, dry_run=args.dry_run).describe(), file=sys.stderr if args.json else sys.stdout)
         if args.dry_run:
             return 0
     report = check_chain(args.image, args.parent, args.search_dir, args.ignore_linkage,
@@ -746,7 +677,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError:  # not the main thread (an embedding program): leave SIGTERM alone
         old_term = None
     try:
-        return args.func(args)
+        rc: int = args.func(args)
+        return rc
     except KeyboardInterrupt as e:
         clear_all()
         what = "terminated" if isinstance(e, _Terminated) else "interrupted"

@@ -44,7 +44,8 @@ from . import structures as S
 from .bat import iter_nonzero
 from .errors import UnsupportedFeatureError
 from .errors import converts_os_errors
-from .image import ImageFile, data_extents
+from .fdio import data_extents
+from .image import ImageFile
 from .storage import DeferredSyncStorage, FileStorage, Storage
 
 __all__ = ["compact", "CompactSummary", "plan_pack", "live_end", "FileSpace", "register"]

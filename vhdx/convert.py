@@ -15,10 +15,11 @@ read-only; a raw source can be a block device (P2V).
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from . import structures as S
 from . import fileio
+from .fdio import data_extents, pwrite_all, zero_range
 from .create import plan_new
 from .errors import InvalidArgumentError, UsageError, VhdxIOError
 from .errors import converts_os_errors
@@ -28,12 +29,16 @@ from .storage import DeferredSyncStorage
 if TYPE_CHECKING:
     from .disk import VirtualDisk
 
-__all__ = ["convert_to_vhdx", "convert_to_raw", "open_source", "Source", "is_vhdx_file",
-           "raw_data_ranges", "output_format"]
+__all__ = ["convert", "check_output", "convert_to_vhdx", "convert_to_raw", "open_source", "Source",
+           "is_vhdx_file", "raw_data_ranges", "output_format"]
 
 CHUNK = 32 * S.MiB
 PIECE = S.MiB  # zero-detection granularity (the file-allocation unit)
 _ZERO_PIECE = bytes(PIECE)
+
+PathLike = str | os.PathLike[str]
+ProgressFn = Callable[[int, int], object]  # (bytes done, bytes in all)
+ParentArg = Any  # a path or a readable file object, as vhdx.open takes them
 
 
 def is_vhdx_file(path: str | os.PathLike[str]) -> bool:
@@ -46,22 +51,14 @@ def is_vhdx_file(path: str | os.PathLike[str]) -> bool:
 
 
 def raw_data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:
-    """(offset, length) of the data of a raw file, holes skipped where the OS tells."""
-    seek_data, seek_hole = getattr(os, "SEEK_DATA", None), getattr(os, "SEEK_HOLE", None)
-    if seek_data is None:
-        yield 0, size
-        return
-    pos = 0
-    while pos < size:
-        try:
-            start = os.lseek(fd, pos, seek_data)
-        except OSError:  # ENXIO: no data after pos
-            return
-        if start >= size:
-            return
-        end = min(size, os.lseek(fd, start, seek_hole))
-        yield start, end - start
-        pos = end
+    """(offset, length) of the data of a raw file, holes skipped where the OS tells
+    (the whole file where it cannot)."""
+    try:
+        extents = data_extents(fd, 0, size)
+    except OSError:  # no SEEK_DATA here, or a file system that cannot tell holes
+        extents = [(0, size)]
+    for lo, hi in extents:
+        yield lo, hi - lo
 
 
 def _chunks(ranges: Iterator[tuple[int, int]]) -> Iterator[tuple[int, int]]:
@@ -75,15 +72,15 @@ def _chunks(ranges: Iterator[tuple[int, int]]) -> Iterator[tuple[int, int]]:
 
 
 def _copy(ranges: Iterator[tuple[int, int]], readinto: Callable[[int, memoryview], int],
-          write: Callable[[int, memoryview], None],
+          write: Callable[[int, memoryview], object],
           progress: Callable[[int, int], object] | None, total: int = 0) -> None:
     """Read ahead in a thread (reads release the GIL) while this thread checks for
     zeros and writes: reading and writing overlap, as with two queues in a pipeline."""
     import queue
     import threading
 
-    free: queue.Queue = queue.Queue()
-    full: queue.Queue = queue.Queue()
+    free: queue.Queue[bytearray] = queue.Queue()
+    full: queue.Queue[tuple[int, bytearray, int] | BaseException | None] = queue.Queue()
     # Buffers no larger than the data: a sparse disk holding 1 MiB copies with
     # 1 MiB buffers, not 3 x CHUNK (every piece lies inside the data, so fits).
     size = min(CHUNK, -(-total // PIECE) * PIECE) if total > 0 else CHUNK
@@ -176,6 +173,25 @@ def output_format(output: str, fmt: str | None = None) -> str:
                      "use --format raw, vhdx or vhd (or a .raw/.img, .vhdx or .vhd name)")
 
 
+def check_output(output: str | os.PathLike[str], fmt: str | None = None, *, type: str | None = None,  # noqa: A002
+                 block_size: int | str | None = None, azure: bool = False, force: bool = False) -> str:
+    """The output's format (:func:`output_format`), after refusing what cannot be
+    written, before the (maybe long) open of the source: a non-raw format to
+    stdout (``-``), ``type``/``block_size`` for a raw output, ``azure`` for
+    anything but VHD, and a wrong or existing target (:func:`fileio.inspect_output`)."""
+    out = os.fspath(output)
+    fmt = output_format(out, fmt)
+    if out == "-" and fmt != "raw":
+        raise UsageError(f"-: only raw bytes can be streamed to stdout, not {fmt.upper()}")
+    if fmt == "raw" and (type or block_size):
+        raise UsageError(f"{out}: --type and --block-size apply to VHDX and VHD outputs only")
+    if azure and fmt != "vhd":
+        raise UsageError(f"{out}: --azure makes a VHD; name the output .vhd or use --format vhd")
+    if out != "-":
+        fileio.inspect_output(out, force=force, allow_block=fmt == "raw")
+    return fmt
+
+
 class Source:
     """What a conversion reads: a VHDX/AVHDX chain, a raw file or a block device."""
 
@@ -222,10 +238,11 @@ def disk_source(path: str, disk: VirtualDisk) -> Source:
 SOURCE_OPENERS: list[Callable[..., "Source | None"]] = []
 
 
-def open_source(source: str | os.PathLike[str], *, parents=None, search_dirs=(),  # noqa: ANN001
-                ignore_linkage: bool = False, ignore_checksums: bool = False) -> Source:
+def open_source(source: PathLike, *, parents: Sequence[ParentArg] | None = None,
+                search_dirs: Sequence[PathLike] = (), ignore_linkage: bool = False,
+                ignore_checksums: bool = False) -> Source:
     """Open ``source`` read-only for a conversion (VHDX chain, raw file or block
-    device; :func:`vhdx.formats.open_source` opens a VHD chain as well, and
+    device; formats above this layer, VHD, through :data:`SOURCE_OPENERS`;
     ``ignore_checksums`` is for those)."""
     from .disk import open as open_disk
 
@@ -258,10 +275,7 @@ def open_source(source: str | os.PathLike[str], *, parents=None, search_dirs=(),
             # (Linux reports it as all hole): read it all; zero pieces stay sparse.
             ranges = [(0, size)]
         else:
-            try:
-                ranges = list(raw_data_ranges(fd, size))
-            except OSError:  # a file system that cannot tell holes
-                ranges = [(0, size)]
+            ranges = list(raw_data_ranges(fd, size))
     except BaseException:
         os.close(fd)
         raise
@@ -285,11 +299,11 @@ def _refuse_self(output: str, src: Source) -> None:
 
 
 @converts_os_errors
-def convert_to_vhdx(source: str | os.PathLike[str] | Source, output: str | os.PathLike[str], *,
+def convert_to_vhdx(source: PathLike | Source, output: PathLike, *,
                     type: str = "dynamic", block_size: int | None = None,  # noqa: A002
-                    parents=None, search_dirs=(), ignore_linkage: bool = False,  # noqa: ANN001
-                    force: bool = False, progress: Callable[[int, int], object] | None = None,
-                    ignore_checksums: bool = False) -> str:
+                    parents: Sequence[ParentArg] | None = None, search_dirs: Sequence[PathLike] = (),
+                    ignore_linkage: bool = False, force: bool = False,
+                    progress: ProgressFn | None = None, ignore_checksums: bool = False) -> str:
     """Write ``source`` (raw file, block device, VHDX/AVHDX or VHD/AVHD chain, or an open
     :class:`Source`) as a new standalone VHDX at ``output``; returns ``output``.
 
@@ -301,8 +315,9 @@ def convert_to_vhdx(source: str | os.PathLike[str] | Source, output: str | os.Pa
     output = os.fspath(output)
     target = fileio.inspect_output(output, force=force, allow_block=False)
     own = not isinstance(source, Source)
-    src = open_source(source, parents=parents, search_dirs=search_dirs,
-                      ignore_linkage=ignore_linkage, ignore_checksums=ignore_checksums) if own else source
+    src = source if isinstance(source, Source) else open_source(
+        source, parents=parents, search_dirs=search_dirs, ignore_linkage=ignore_linkage,
+        ignore_checksums=ignore_checksums)
     try:
         _refuse_self(target.path, src)
         plan = plan_new(output, src.size, type=type, block_size=block_size,
@@ -348,19 +363,15 @@ def convert_to_vhdx(source: str | os.PathLike[str] | Source, output: str | os.Pa
 
 def _write_fd(fd: int, name: str) -> Callable[[int, memoryview], None]:
     def write(off: int, data: memoryview) -> None:
-        try:
-            while len(data):
-                n = os.pwrite(fd, data, off)
-                data, off = data[n:], off + n
-        except OSError as e:
-            raise VhdxIOError.from_os(e, name, f"write failed at {off:#x}") from None
+        pwrite_all(fd, data, off, name)
     return write
 
 
 @converts_os_errors
-def convert_to_raw(source: str | os.PathLike[str] | Source, output: str | os.PathLike[str], *,
-                   parents=None, search_dirs=(), ignore_linkage: bool = False,  # noqa: ANN001
-                   force: bool = False, progress: Callable[[int, int], object] | None = None) -> str:
+def convert_to_raw(source: PathLike | Source, output: PathLike, *,
+                   parents: Sequence[ParentArg] | None = None, search_dirs: Sequence[PathLike] = (),
+                   ignore_linkage: bool = False, force: bool = False,
+                   progress: ProgressFn | None = None, ignore_checksums: bool = False) -> str:
     """Write ``source`` as a raw image to ``output``: a sparse regular file, a block
     device (written in place, holes zeroed; ``force`` needed) or ``"-"`` (stdout)."""
     output = os.fspath(output)
@@ -371,8 +382,9 @@ def convert_to_raw(source: str | os.PathLike[str] | Source, output: str | os.Pat
             raise UsageError("-: refusing to write a disk image to a terminal; redirect or pipe stdout")
     else:
         target = fileio.inspect_output(output, force=force)
-    src = open_source(source, parents=parents, search_dirs=search_dirs,
-                      ignore_linkage=ignore_linkage) if own else source
+    src = source if isinstance(source, Source) else open_source(
+        source, parents=parents, search_dirs=search_dirs, ignore_linkage=ignore_linkage,
+        ignore_checksums=ignore_checksums)
     try:
         if target.kind == "stdout":
             _stream(src, progress)
@@ -419,7 +431,7 @@ def _to_block_device(src: Source, path: str, progress: Callable[[int, int], obje
         pos = 0
         try:
             for off, n in written + [(src.size, 0)]:
-                fileio.zero_range(fd, pos, off - pos, zeros)
+                zero_range(fd, pos, off - pos, zeros)
                 pos = off + n
             os.fsync(fd)
         except OSError as e:
@@ -464,3 +476,26 @@ def _stream(src: Source, progress: Callable[[int, int], object] | None) -> None:
     finally:
         del mv
         out.close()
+
+
+def convert(source: str | os.PathLike[str] | Source, output: str | os.PathLike[str], *,
+            format: str | None = None, type: str | None = None,  # noqa: A002
+            block_size: int | None = None, parents: Sequence[ParentArg] | None = None,
+            search_dirs: Sequence[PathLike] = (), ignore_linkage: bool = False,
+            ignore_checksums: bool = False, force: bool = False,
+            progress: ProgressFn | None = None) -> str:
+    """Write ``source`` to ``output`` as a raw image or a VHDX, the format named by
+    ``format`` or told by the output's name (:func:`check_output`; ``-`` streams
+    raw bytes to stdout). VHD outputs are written by
+    :func:`vhdx.vhd.convert.convert_to_vhd`; here they raise :class:`UsageError`."""
+    out = os.fspath(output)
+    fmt = check_output(out, format, type=type, block_size=block_size, force=force)
+    if fmt == "vhd":
+        raise UsageError(f"{out}: VHD outputs are written by vhdx.vhd.convert.convert_to_vhd")
+    if fmt == "vhdx":
+        return convert_to_vhdx(source, out, type=type or "dynamic", block_size=block_size, parents=parents,
+                               search_dirs=search_dirs, ignore_linkage=ignore_linkage, force=force,
+                               progress=progress, ignore_checksums=ignore_checksums)
+    return convert_to_raw(source, out, parents=parents, search_dirs=search_dirs,
+                          ignore_linkage=ignore_linkage, force=force, progress=progress,
+                          ignore_checksums=ignore_checksums)

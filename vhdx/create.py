@@ -8,12 +8,8 @@ metadata flags as FORMAT.md §3 / §4.1 require); limits are enforced there
 A differencing disk takes from its parent (FORMAT.md §8.3 "Forking a new child"): the
 virtual size, both sector sizes and the Virtual Disk ID (IsVirtualDisk items);
 its ``parent_linkage`` is the parent's current DataWriteGuid and its locator
-holds ``relative_path`` (Hyper-V style, ``.\\name.vhdx`` for a sibling) and
-``absolute_win32_path`` with the spec's ``\\\\?\\`` prefix. On POSIX hosts the
-absolute path is the POSIX path with ``/`` turned into ``\\`` behind that prefix
-(``/vm/base.vhdx`` -> ``\\\\?\\\\vm\\base.vhdx``): readers on Windows cannot use
-it, but every reader (this one included) falls back to its file name, and the
-relative path, tried first, works everywhere.
+holds ``relative_path`` and ``absolute_win32_path`` as :mod:`vhdx.locator` writes
+them (``.\\name.vhdx`` for a sibling; the ``\\\\?\\`` form).
 """
 
 from __future__ import annotations
@@ -25,8 +21,9 @@ from . import structures as S
 from .errors import InvalidArgumentError, OutputDirectoryError, OutputExistsError, VhdxIOError
 from .errors import converts_os_errors
 from .image import ImageFile
+from .locator import absolute_win32_path, relative_path
 from .layout import LayoutPlan, ParentInfo, plan_layout, write_new_image
-from .storage import fsync_dir
+from .fdio import fsync_dir
 
 __all__ = ["create", "plan_new", "parse_size", "creator_string", "parent_info_for"]
 
@@ -52,29 +49,11 @@ def creator_string() -> str:
     return f"vhdx {__version__}"
 
 
-def _win32_absolute(path: str) -> str:
-    """absolute_win32_path value for ``path`` (FORMAT.md §4.2: ``\\\\?\\`` prefix)."""
-    if os.name == "nt":
-        p = os.path.abspath(path)
-        if p.startswith("\\\\"):  # server\share
-            return "\\\\?\\UNC\\" + p[2:]
-        return "\\\\?\\" + p
-    return "\\\\?\\" + os.path.abspath(path).replace("/", "\\")
-
-
-def _relative(child: str, parent: str) -> str:
-    rel = os.path.relpath(os.path.abspath(parent), os.path.dirname(os.path.abspath(child)))
-    rel = rel.replace(os.sep, "\\").replace("/", "\\")
-    if not rel.startswith(".."):
-        rel = ".\\" + rel  # what Hyper-V writes for a sibling (FORMAT.md §4.2)
-    return rel
-
-
 def parent_info_for(child_path: str | os.PathLike[str], parent: ImageFile) -> ParentInfo:
     """The locator a new child of ``parent`` gets (linkage = parent's DataWriteGuid)."""
     child_path, ppath = os.fspath(child_path), parent.path
-    return ParentInfo(parent.data_write_guid, relative_path=_relative(child_path, ppath),
-                      absolute_win32_path=_win32_absolute(ppath))
+    return ParentInfo(parent.data_write_guid, relative_path=relative_path(child_path, ppath),
+                      absolute_win32_path=absolute_win32_path(ppath))
 
 
 def _allocate(fd: int, size: int, path: str) -> None:

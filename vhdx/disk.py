@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Callable, Iterable, Literal, NoReturn, Sequenc
 from . import structures as S
 from .errors import InvalidArgumentError, ReadOnlyError, VhdxError, VhdxIOError  # noqa: F401
 from .errors import converts_os_errors
-from .image import Extent, ExtentKind, ImageFile, NotCopyable, ReadableObject, pread_into
+from .fdio import pread_into
+from .image import Extent, ExtentKind, ImageFile, NotCopyable, ReadableObject
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer

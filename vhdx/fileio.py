@@ -24,20 +24,16 @@ import stat
 from dataclasses import dataclass
 
 from .errors import (
-    ImageNotFoundError,
     InvalidArgumentError,
     OutputDirectoryError,
     OutputExistsError,
     TargetKindError,
     VhdxIOError,
 )
-from .storage import fsync_dir
+from .fdio import device_size, fsync_dir, open_read_only
 
 __all__ = ["Target", "inspect_output", "check_free_space", "create_temp", "commit_temp", "discard_temp",
-           "open_block_device", "open_source", "zero_range", "kind_name"]
-
-_BLKGETSIZE64 = 0x80081272  # _IOR(0x12, 114, size_t): size of a block device in bytes
-_BLKZEROOUT = 0x127F  # _IO(0x12, 127): zero a byte range; reads zeros afterwards, always
+           "open_block_device", "open_source", "kind_name"]
 
 
 def kind_name(mode: int) -> str:
@@ -155,21 +151,6 @@ def discard_temp(tmp: str | None) -> None:
         pass
 
 
-def device_size(fd: int) -> int:
-    """Size in bytes of what ``fd`` opens: st_size for files, the device's size
-    (BLKGETSIZE64, else seek to the end) for block devices, whose st_size is 0."""
-    st = os.fstat(fd)
-    if not stat.S_ISBLK(st.st_mode):
-        return st.st_size
-    try:
-        import fcntl
-        import struct
-
-        return struct.unpack("Q", fcntl.ioctl(fd, _BLKGETSIZE64, b"\0" * 8))[0]
-    except (ImportError, OSError):
-        return os.lseek(fd, 0, os.SEEK_END)
-
-
 def open_block_device(path: str, needed: int) -> int:
     """Open block device ``path`` for writing in place; refuse it if smaller than
     ``needed`` bytes. ``O_EXCL`` makes Linux refuse a device that is mounted or
@@ -194,30 +175,6 @@ def open_block_device(path: str, needed: int) -> int:
     return fd
 
 
-def zero_range(fd: int, offset: int, length: int, zeros: bytes) -> None:
-    """Make [offset, offset+length) of block device ``fd`` read zeros.
-
-    BLKZEROOUT first: the kernel guarantees zeros afterwards (by WRITE ZEROES,
-    or by writing them), unlike a discard, which may leave old data readable.
-    Where it is refused, zeros are written.
-    """
-    if length <= 0:
-        return
-    try:
-        import fcntl
-        import struct
-
-        fcntl.ioctl(fd, _BLKZEROOUT, struct.pack("QQ", offset, length))
-        return
-    except (ImportError, OSError):
-        pass
-    mv = memoryview(zeros)
-    end = offset + length
-    while offset < end:
-        n = os.pwrite(fd, mv[:min(len(mv), end - offset)], offset)
-        offset += n
-
-
 def open_source(path: str | os.PathLike[str]) -> tuple[int, int]:
     """Open a raw source read-only: a regular file or a block device (P2V).
 
@@ -225,21 +182,8 @@ def open_source(path: str | os.PathLike[str]) -> tuple[int, int]:
     Anything else (FIFO, character device, directory) is refused before opening,
     since opening a FIFO would block.
     """
-    path = os.fspath(path)
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise ImageNotFoundError(path) from None
-    except OSError as e:
-        raise VhdxIOError.from_os(e, path) from None
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-        raise TargetKindError(f"{path}: is {kind_name(st.st_mode)}; a source must be a file or a block device")
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
-    except OSError as e:
-        raise VhdxIOError.from_os(e, path) from None
-    st2 = os.fstat(fd)
-    if stat.S_IFMT(st2.st_mode) != stat.S_IFMT(st.st_mode):
-        os.close(fd)
-        raise TargetKindError(f"{path}: changed while being opened")
+    def refuse(name: str, mode: int) -> TargetKindError:
+        return TargetKindError(f"{name}: is {kind_name(mode)}; a source must be a file or a block device")
+
+    fd = open_read_only(path, lambda mode: stat.S_ISREG(mode) or stat.S_ISBLK(mode), refuse)
     return fd, device_size(fd)

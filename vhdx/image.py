@@ -9,7 +9,6 @@ are built in chain.py.
 from __future__ import annotations
 
 import bisect
-import errno
 import mmap
 import os
 import stat
@@ -30,8 +29,8 @@ from .bat import (
     raise_fatal,
     validate_table,
 )
-from .errors import (CorruptImageError, ImageNotFoundError, InvalidArgumentError, NotCopyableError, TargetKindError,
-                     VhdxError, VhdxIOError, naming)
+from .errors import (CorruptImageError, InvalidArgumentError, NotCopyableError, VhdxError, VhdxIOError, naming)
+from .fdio import data_extents, open_regular_file, pread_into
 from .headers import Header, HeaderSection, read_header_section
 from .log import Overlay, ReplayPlan, plan_replay
 from .metadata import Metadata, parse_metadata
@@ -41,75 +40,6 @@ Runs = list[tuple[int, int, bool]]
 
 _RUN_CACHE_BLOCKS = 4096
 _SPARSE_BAT_MIN = 1 << 20  # smaller BATs are read whole: one pread beats the seeks
-
-
-def open_regular_file(path: str | os.PathLike[str]) -> int:
-    """Open ``path`` read-only, refusing anything but a regular file.
-
-    The type is checked before opening (a FIFO would block the open) and again
-    on the descriptor (the path could have been swapped in between).
-    """
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise ImageNotFoundError(os.fspath(path)) from None
-    except OSError as e:
-        raise VhdxIOError.from_os(e, os.fspath(path)) from None
-    if not stat.S_ISREG(st.st_mode):
-        raise TargetKindError(f"{os.fspath(path)}: not a regular file")
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-    try:
-        # O_NOATIME keeps even the access time of evidence unchanged where allowed.
-        fd = os.open(path, flags | getattr(os, "O_NOATIME", 0))
-    except PermissionError:
-        try:
-            fd = os.open(path, flags)
-        except OSError as e:
-            raise VhdxIOError.from_os(e, os.fspath(path)) from None
-    except OSError as e:
-        raise VhdxIOError.from_os(e, os.fspath(path)) from None
-    st2 = os.fstat(fd)
-    if not stat.S_ISREG(st2.st_mode) or (st2.st_dev, st2.st_ino) != (st.st_dev, st.st_ino):
-        os.close(fd)
-        raise InvalidArgumentError(f"{os.fspath(path)}: changed while being opened")
-    return fd
-
-
-def pread_into(fd: int, mv: memoryview, offset: int, path: str) -> None:
-    """Fill ``mv`` from ``offset`` of ``fd``: short reads retried, zeros past EOF."""
-    n = len(mv)
-    try:
-        got = os.preadv(fd, [mv], offset)
-        while 0 < got < n:
-            k = os.preadv(fd, [mv[got:]], offset + got)
-            if k == 0:
-                break
-            got += k
-    except OSError as e:
-        raise VhdxIOError.from_os(e, path, f"read failed at {offset:#x}") from None
-    if got < n:
-        mv[got:] = bytes(n - got)
-
-
-def data_extents(fd: int, start: int, end: int) -> list[tuple[int, int]]:
-    """[start, end) ranges of ``fd`` between ``start`` and ``end`` that hold data
-    (SEEK_DATA / SEEK_HOLE); everything else reads zeros. OSError when the
-    platform or file system cannot tell."""
-    out: list[tuple[int, int]] = []
-    pos = start
-    while pos < end:
-        try:
-            s = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:  # no data after pos
-                break
-            raise
-        if s >= end:
-            break
-        h = min(os.lseek(fd, s, os.SEEK_HOLE), end)
-        out.append((s, h))
-        pos = h
-    return out
 
 
 class ReadableObject(Protocol):

@@ -46,7 +46,9 @@ from .errors import (
 )
 from .errors import converts_os_errors
 from .image import ImageFile
-from .storage import DeferredSyncStorage, FileStorage, Storage, fsync_dir
+from .fdio import fsync_dir
+from .locator import absolute_win32_path, relative_path
+from .storage import DeferredSyncStorage, FileStorage, Storage
 from .writer import WritableDisk, lock_exclusive, storage_fd
 
 ProgressFn = Callable[[int, int], object]
@@ -420,12 +422,6 @@ def _sync_virtual_disk_items(t: WritableDisk, top: ImageFile, summary: MergeSumm
                                 + ", ".join(tgt[k].name for k in changes))
 
 
-def _relative_locator_path(child: str, parent: str) -> str:
-    rel = os.path.relpath(parent, os.path.dirname(os.path.abspath(child)))
-    rel = rel.replace(os.sep, "\\")
-    return rel if rel.startswith("..") else ".\\" + rel
-
-
 # --- the engine ------------------------------------------------------------------------------
 # Parent-locator key that the merged top file gets once the target holds everything
 # merged (target durable, metadata synced): "{target's DataWriteGuid} {top's
@@ -717,8 +713,8 @@ def _merge_into(chain: list[ImageFile], k: int, dry_run: bool, keep: bool, force
             with WritableDisk(path, standalone=True, storage=child_storage[path]) as c:
                 c.update_parent_locator({
                     "parent_linkage": "{%s}" % new_guid, "parent_linkage2": None,
-                    "relative_path": _relative_locator_path(path, target_path),
-                    "absolute_win32_path": "\\\\?\\" + os.path.abspath(target_path).replace("/", "\\"),
+                    "relative_path": relative_path(path, target_path),
+                    "absolute_win32_path": absolute_win32_path(target_path),
                     "volume_path": None})
     except OSError as e:  # linkage2, mark or re-point: one line, and the way on
         raise _failure(e, target.path, top.path, "merge") from None

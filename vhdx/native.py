@@ -35,6 +35,7 @@ from array import array
 from typing import Any, Iterable, List, NamedTuple, Protocol, Sequence, Tuple, Union
 
 from .errors import NativeFallbackError
+from .fdio import pread, pread_into, pwrite_all
 
 __all__ = [
     "HAVE_NATIVE",
@@ -296,18 +297,10 @@ def _py_gather_read(fd: FdLike, buffer: Buffer, segments: Ranges) -> None:
         if not (_range_ok(fo, ln) and 0 <= bo <= n and ln <= n - bo):
             raise _bad_segment(i, (bo, fo, ln), n)
     for i, (bo, fo, ln) in enumerate(segs):
-        done = 0
-        while done < ln:
-            want = min(ln - done, _IO_CHUNK)
-            try:
-                data = os.pread(fd, want, fo + done)
-            except OSError as e:
-                raise _oserror(e.errno or errno.EIO, f"gather_read segment {i} {(bo, fo, ln)!r}") from None
-            if not data:
-                mv[bo + done : bo + ln] = bytes(ln - done)  # past EOF: zeros
-                break
-            mv[bo + done : bo + done + len(data)] = data
-            done += len(data)
+        try:
+            pread_into(fd, mv[bo:bo + ln], fo, None)  # past EOF: zeros
+        except OSError as e:
+            raise _oserror(e.errno or errno.EIO, f"gather_read segment {i} {(bo, fo, ln)!r}") from None
 
 
 def _c_gather_read(fd: FdLike, buffer: Buffer, segments: Ranges) -> None:
@@ -584,27 +577,11 @@ class _PyCopier:
         eof = False
         while ln > 0:
             want = min(ln, _RW_BUF)
-            data = b""
-            if not eof:
-                parts = []
-                got = 0
-                while got < want:
-                    chunk = os.pread(self.src, want - got, so + got)
-                    if not chunk:
-                        eof = True
-                        break
-                    parts.append(chunk)
-                    got += len(chunk)
-                data = b"".join(parts)
-            if len(data) < want:
+            data = b"" if eof else pread(self.src, so, want)
+            if len(data) < want:  # past the source's end: zeros, and no more reads
+                eof = True
                 data += bytes(want - len(data))
-            view = memoryview(data)
-            off = 0
-            while off < want:
-                w = os.pwrite(self.dst, view[off:], do + off)
-                if w == 0:
-                    raise OSError(errno.EIO, "pwrite made no progress")
-                off += w
+            pwrite_all(self.dst, data, do)
             so += want
             do += want
             ln -= want
@@ -720,10 +697,9 @@ def _py_zero_ranges(fd: FdLike, ranges: Ranges) -> List[int]:
             continue
         try:
             while ln > 0:
-                w = os.pwrite(fd, zeros[: min(ln, _ZERO_BUF)], off)
-                if w == 0:
-                    raise OSError(errno.EIO, "pwrite made no progress")
-                off, ln = off + w, ln - w
+                n = min(ln, _ZERO_BUF)
+                pwrite_all(fd, zeros[:n], off)
+                off, ln = off + n, ln - n
         except OSError as e:
             raise _oserror(e.errno or errno.EIO, f"zero_ranges range {i} {rs[i]!r}") from None
         methods.append(WRITE_ZEROS)

@@ -47,6 +47,7 @@ from .errors import (
 )
 from .errors import converts_os_errors
 from .image import ImageFile
+from .locator import resolve_relative, win32_to_local
 from .storage import Storage
 
 __all__ = ["relink", "RelinkSummary", "LocatorChange", "register"]
@@ -94,34 +95,11 @@ def _same(a: str, b: str) -> bool:
         return False
 
 
-def _win32_to_local(value: str) -> str | None:
-    """The local path an ``absolute_win32_path`` / ``volume_path`` names, if any.
-
-    On Windows the value itself (``\\\\?\\`` paths are native). Elsewhere only the
-    form this project writes for POSIX paths (``\\\\?\\`` + the path with ``\\``
-    separators, no drive letter) maps back; a real Windows path never does.
-    """
-    if os.name == "nt":
-        return value
-    for prefix in ("\\\\?\\UNC\\", "\\\\?\\"):
-        if value.startswith(prefix):
-            rest = value[len(prefix):]
-            if prefix.endswith("UNC\\") or not rest.startswith("\\"):
-                return None  # a share or a drive letter: meaningless here
-            return rest.replace("\\", "/")
-    return None
-
-
-def _relative_target(child: str, rel: str) -> str:
-    child_dir = os.path.dirname(os.path.abspath(child))
-    return os.path.normpath(os.path.join(child_dir, *rel.replace("\\", "/").split("/")))
-
-
 def _holds(key: str, value: str, child: str, parent: str) -> bool:
     """True when locator entry ``key`` = ``value`` of ``child`` leads to ``parent``."""
     if key == "relative_path":
-        return _same(_relative_target(child, value), parent)
-    local = _win32_to_local(value)
+        return _same(resolve_relative(child, value), parent)
+    local = win32_to_local(value)
     return local is not None and _same(local, parent)
 
 

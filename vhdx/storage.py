@@ -1,9 +1,11 @@
 """The I/O seam every writer goes through.
 
 A :class:`Storage` is a byte-addressed file with explicit durability barriers.
-:class:`FileStorage` maps it onto an OS file descriptor; :class:`RecordingStorage`
-forwards to another storage and keeps an ordered journal of every mutating call,
-which the power-loss simulator (tests/powerloss.py) replays at arbitrary cut points.
+:class:`FileStorage` maps it onto an OS file descriptor (the loops and barriers
+are :mod:`vhdx.fdio`'s). Test doubles (an in-memory storage, a recording one
+that the power-loss simulator replays at arbitrary cut points) live in
+tests/storages.py; a writer that needs the descriptor asks for ``.fd``, so a
+wrapper that forwards ``fd`` serves it too.
 
 ``flush()`` is the "flush" of FORMAT.md §7 rule 10: ``os.fsync`` (``F_FULLFSYNC`` on
 macOS, where plain fsync does not flush the drive cache). Writers must issue one at
@@ -13,22 +15,12 @@ every flush point of §6.5 / §7 and rely on nothing else for ordering.
 from __future__ import annotations
 
 import os
-import sys
-from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from .errors import ImageNotFoundError, InvalidArgumentError, VhdxIOError
+from .fdio import fsync, pread, pwrite_all
 
-__all__ = [
-    "Storage",
-    "FileStorage",
-    "DeferredSyncStorage",
-    "fsync_dir",
-    "RecordingStorage",
-    "JournalOp",
-    "MemoryStorage",
-    "open_storage",
-]
+__all__ = ["Storage", "FileStorage", "DeferredSyncStorage", "open_storage"]
 
 
 @runtime_checkable
@@ -56,21 +48,6 @@ class Storage(Protocol):
     @property
     def dirty(self) -> bool:
         """True when a pwrite/truncate happened since the last flush()."""
-
-
-def _fsync(fd: int) -> None:
-    """Full durability barrier for ``fd`` (FORMAT.md §7 rule 10)."""
-    if sys.platform == "darwin":
-        import fcntl
-
-        full = getattr(fcntl, "F_FULLFSYNC", None)
-        if full is not None:
-            try:
-                fcntl.fcntl(fd, full)
-                return
-            except OSError:  # not supported by this file system: fall back
-                pass
-    os.fsync(fd)
 
 
 class FileStorage:
@@ -109,30 +86,18 @@ class FileStorage:
     def pread(self, offset: int, size: int) -> bytes:
         if offset < 0 or size < 0:
             raise InvalidArgumentError(f"bad read range {offset}+{size}")
-        parts = []
-        while size > 0:
-            try:
-                chunk = os.pread(self.fd, size, offset)
-            except OSError as e:
-                raise VhdxIOError.from_os(e, self.path, f"read failed at {offset:#x}") from None
-            if not chunk:
-                break
-            parts.append(chunk)
-            offset += len(chunk)
-            size -= len(chunk)
-        return b"".join(parts)
+        try:
+            return pread(self.fd, offset, size)
+        except OSError as e:
+            raise VhdxIOError.from_os(e, self.path, f"read failed at {offset:#x}") from None
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         if offset < 0:
             raise InvalidArgumentError(f"bad write offset {offset}")
         self._check_writable()
-        mv = memoryview(data).cast("B")
         self._dirty = True
         try:
-            while len(mv):
-                n = os.pwrite(self.fd, mv, offset)
-                mv = mv[n:]
-                offset += n
+            pwrite_all(self.fd, data, offset)
         except OSError as e:  # ENOSPC, EIO, ...: still an OSError, errno kept
             raise VhdxIOError.from_os(e, self.path, f"write failed at {offset:#x}") from None
 
@@ -143,7 +108,7 @@ class FileStorage:
 
     def flush(self) -> None:
         try:
-            _fsync(self.fd)
+            fsync(self.fd)
         except OSError as e:
             raise VhdxIOError.from_os(e, self.path, "flush (fsync) failed") from None
         self._dirty = False
@@ -193,142 +158,11 @@ class DeferredSyncStorage(FileStorage):
 
     def sync(self) -> None:
         try:
-            _fsync(self.fd)
+            fsync(self.fd)
         except OSError as e:
             raise VhdxIOError.from_os(e, self.path, "flush (fsync) failed") from None
-
-
-def fsync_dir(path: str | os.PathLike[str]) -> None:
-    """Make a create, rename or unlink of ``path`` durable (fsync of its directory).
-
-    Best effort: some file systems and platforms refuse to fsync a directory.
-    """
-    try:
-        fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def open_storage(path: str | os.PathLike[str], writable: bool = True) -> FileStorage:
     """Shorthand for :meth:`FileStorage.open`."""
     return FileStorage.open(path, writable)
-
-
-class MemoryStorage:
-    """:class:`Storage` over a ``bytearray`` (tests, in-memory recovery checks).
-
-    ``flush()`` only counts calls; the buffer is shared, not copied.
-    """
-
-    def __init__(self, buf: bytearray | bytes | None = None, *, writable: bool = True) -> None:
-        self.buf = buf if isinstance(buf, bytearray) else bytearray(buf or b"")
-        self.writable = writable
-        self.flushes = 0
-        self._dirty = False
-
-    @property
-    def dirty(self) -> bool:
-        return self._dirty
-
-    def pread(self, offset: int, size: int) -> bytes:
-        if offset < 0 or size < 0:
-            raise InvalidArgumentError(f"bad read range {offset}+{size}")
-        return bytes(self.buf[offset:offset + size])
-
-    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        if offset < 0:
-            raise InvalidArgumentError(f"bad write offset {offset}")
-        self._check_writable()
-        mv = memoryview(data).cast("B")
-        if offset > len(self.buf):
-            self.buf.extend(bytes(offset - len(self.buf)))
-        self.buf[offset:offset + len(mv)] = mv
-        self._dirty = True
-
-    def flush(self) -> None:
-        self.flushes += 1
-        self._dirty = False
-
-    def size(self) -> int:
-        return len(self.buf)
-
-    def truncate(self, size: int) -> None:
-        if size < 0:
-            raise InvalidArgumentError(f"bad size {size}")
-        self._check_writable()
-        if size < len(self.buf):
-            del self.buf[size:]
-        else:
-            self.buf.extend(bytes(size - len(self.buf)))
-        self._dirty = True
-
-    def close(self) -> None:
-        pass
-
-    def _check_writable(self) -> None:
-        if not self.writable:
-            from .errors import ReadOnlyError
-
-            raise ReadOnlyError("storage is opened read-only")
-
-
-@dataclass(frozen=True)
-class JournalOp:
-    """One mutating call seen by :class:`RecordingStorage`.
-
-    ``kind`` is ``"write"`` (``offset``, ``data``), ``"truncate"`` (``offset`` = new
-    size) or ``"flush"``; ``"mark"`` entries carry a test label in ``label`` and never
-    touch the file.
-    """
-
-    kind: Literal["write", "truncate", "flush", "mark"]
-    offset: int = 0
-    data: bytes = b""
-    label: object = None
-
-
-class RecordingStorage:
-    """Forwards to ``inner`` and journals every pwrite/truncate/flush in order.
-
-    ``mark(label)`` appends a label without I/O, so a test can find the journal
-    positions where its high-level steps begin and end.
-    """
-
-    def __init__(self, inner: Storage) -> None:
-        self.inner = inner
-        self.journal: list[JournalOp] = []
-
-    @property
-    def dirty(self) -> bool:
-        return self.inner.dirty
-
-    def pread(self, offset: int, size: int) -> bytes:
-        return self.inner.pread(offset, size)
-
-    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        payload = bytes(data)
-        self.inner.pwrite(offset, payload)
-        self.journal.append(JournalOp("write", offset, payload))
-
-    def flush(self) -> None:
-        self.inner.flush()
-        self.journal.append(JournalOp("flush"))
-
-    def size(self) -> int:
-        return self.inner.size()
-
-    def truncate(self, size: int) -> None:
-        self.inner.truncate(size)
-        self.journal.append(JournalOp("truncate", size))
-
-    def close(self) -> None:
-        self.inner.close()
-
-    def mark(self, label: object) -> None:
-        self.journal.append(JournalOp("mark", label=label))

@@ -48,9 +48,7 @@ def _align_up(n: int, a: int) -> int:
 
 
 def storage_fd(storage: Storage) -> int:
-    """The OS descriptor behind a FileStorage (possibly wrapped by RecordingStorage)."""
-    while not hasattr(storage, "fd") and hasattr(storage, "inner"):
-        storage = storage.inner  # type: ignore[attr-defined]
+    """The OS descriptor behind a storage: its ``fd`` (a wrapper forwards its inner one)."""
     fd = getattr(storage, "fd", None)
     if not isinstance(fd, int):
         raise InvalidArgumentError("the writer needs a file-backed storage")

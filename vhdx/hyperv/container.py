@@ -22,7 +22,7 @@ import construct
 
 from ..crc import crc32
 from ..errors import ConfigChecksumError, CorruptConfigError, UnsupportedFeatureError
-from ..image import open_regular_file, pread_into
+from ..fdio import open_regular_file, pread_into
 from . import structures as S
 
 MAX_OBJECT_TABLES = 1024

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..locator import is_volume_path, strip_win32_prefix
+
 _DRIVE = re.compile(r"^([A-Za-z]):[\\/]")
 _DRIVE_ROOT = re.compile(r"^([A-Za-z]):=(.+)$")
 
@@ -42,12 +44,9 @@ class WinPath:
 
 def parse_winpath(raw: str) -> WinPath:
     p = raw.strip()
-    if p.startswith(("\\\\.\\", "//./")) or p.upper().startswith(("\\\\?\\GLOBALROOT", "\\\\?\\VOLUME{")):
+    if p.startswith(("\\\\.\\", "//./")) or p.upper().startswith("\\\\?\\GLOBALROOT") or is_volume_path(p):
         return WinPath(raw, "device", problem="device path; never opened")
-    if p.upper().startswith("\\\\?\\UNC\\"):
-        p = "\\\\" + p[8:]
-    elif p.startswith("\\\\?\\"):
-        p = p[4:]
+    p = strip_win32_prefix(p)
     kind, drive = "relative", ""
     if p.startswith(("\\\\", "//")):
         comps = [c for c in re.split(r"[\\/]", p[2:]) if c not in ("", ".")]

@@ -21,6 +21,7 @@ from ..chain import _is_regular
 from ..chain import _scan_dirs as scan_image_dirs
 from ..dependents import scan_files, search_folders
 from ..errors import LockedError, ParentMismatchError, ParentNotFoundError, VhdxError
+from ..locator import EntryKind, host_candidates
 from . import structures as S
 from .file import VhdFile, is_vhd_file
 
@@ -44,45 +45,19 @@ def mixed_chain_error(child: str, parent: str, child_fmt: str = "VHD", parent_fm
 
 
 def candidate_paths(child: VhdFile, search_dirs: Iterable[PathLike] = ()) -> list[str]:
-    """Where the parent of ``child`` may be, most specific first."""
-    child_dir = os.path.dirname(os.path.abspath(child.path))
+    """Where the parent of ``child`` may be, most specific first (the path rules
+    are :func:`vhdx.locator.host_candidates`'; the platform codes are VHD's)."""
     loc: dict[str, str] = child.parent_locator or {}
-    out: list[str] = []
-    names: list[str] = []
-
-    def relative(value: str) -> None:
-        out.append(os.path.normpath(os.path.join(child_dir, *value.replace("\\", "/").split("/"))))
-        names.append(ntpath.basename(value))
-
-    def absolute(value: str) -> None:
-        if os.name == "nt" or value.startswith("/"):
-            out.append(value)
-        names.append(ntpath.basename(value))
-
-    if loc.get("W2ru"):
-        relative(loc["W2ru"])
-    if loc.get("W2ku"):
-        absolute(loc["W2ku"])
+    entries: list[tuple[EntryKind, str]] = [("relative", loc.get("W2ru", "")), ("absolute", loc.get("W2ku", ""))]
     name = loc.get("parent_unicode_name")
     if name:
-        if ntpath.isabs(name) or name.startswith("/"):
-            absolute(name)
-        else:
-            relative(name)
-    if loc.get("Wi2r"):
-        relative(loc["Wi2r"])
-    if loc.get("Wi2k"):
-        absolute(loc["Wi2k"])
+        entries.append(("absolute" if ntpath.isabs(name) or name.startswith("/") else "relative", name))
+    entries += [("relative", loc.get("Wi2r", "")), ("absolute", loc.get("Wi2k", ""))]
     if loc.get("MacX"):
         u = urlparse(loc["MacX"])
         if u.scheme == "file":
-            p = unquote(u.path)
-            out.append(p)
-            names.append(os.path.basename(p))
-    for n in dict.fromkeys(n for n in names if n and n not in (".", "..")):
-        out.append(os.path.join(child_dir, n))
-        out.extend(os.path.join(os.fspath(d), n) for d in search_dirs)
-    return list(dict.fromkeys(out))
+            entries.append(("posix", unquote(u.path)))
+    return host_candidates(child.path, entries, search_dirs)
 
 
 def _scan_dirs(search_dirs: Iterable[PathLike]) -> list[str]:

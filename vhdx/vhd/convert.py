@@ -23,9 +23,9 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..errors import InvalidArgumentError, OutputExistsError, VhdxError
-from ..errors import converts_os_errors
-from ..storage import DeferredSyncStorage, fsync_dir
+from ..errors import InvalidArgumentError, OutputExistsError, VhdxError, converts_os_errors
+from ..fdio import fsync_dir, pwrite_all
+from ..storage import DeferredSyncStorage
 from . import structures as S
 from .create import create_vhd, footer_for
 
@@ -110,7 +110,7 @@ def convert_to_vhd(source: str | os.PathLike[str], output: str | os.PathLike[str
                 done = 0
                 if extents is not None and any(getattr(f, "overlay", None) for f in disk.chain):
                     # A replayed log patches reads in memory: copy through the reader.
-                    _copy(iter(ranges), readinto, lambda off, mv: _pwrite_all(fd, mv, off), _one_arg(progress))
+                    _copy(iter(ranges), readinto, lambda off, mv: pwrite_all(fd, mv, off), _one_arg(progress))
                 elif extents is not None:
                     by_src: dict[int, list[tuple[int, int, int]]] = {}
                     for e in extents:
@@ -128,7 +128,7 @@ def convert_to_vhd(source: str | os.PathLike[str], output: str | os.PathLike[str
                     if progress:
                         progress(sum(n for _, n in ranges))
                 footer = footer_for(vsize, S.TYPE_FIXED, _new_id(), exact_chs=azure)
-                _pwrite_all(fd, footer, vsize)
+                pwrite_all(fd, footer, vsize)
                 os.fsync(fd)
             except BaseException:
                 os.close(fd)
@@ -169,10 +169,3 @@ def _new_id() -> bytes:
     import uuid
 
     return uuid.uuid4().bytes_le
-
-
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n

@@ -23,9 +23,9 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from ..create import _relative  # the same relative-locator rule as VHDX children
+from ..locator import relative_path, windows_path  # the same locator rules as VHDX children
 from ..errors import InvalidArgumentError, OutputExistsError, VhdxIOError
-from ..storage import fsync_dir
+from ..fdio import fsync_dir, pwrite_all
 from . import structures as S
 
 if TYPE_CHECKING:  # the file reader is needed for annotations only
@@ -126,15 +126,10 @@ def plan_new_dynamic(size: int, block_size: int,
     return writes, first_bitmap + S.FOOTER_SIZE
 
 
-def _windows_path(path: str) -> str:
-    p = os.path.abspath(path)
-    return p if os.name == "nt" else p.replace("/", "\\")
-
-
 def parent_fields(child_path: str, parent: VhdFile) -> dict[str, Any]:
     return {"unique_id": parent.unique_id, "timestamp": parent.footer.timestamp,
-            "name": _windows_path(parent.path), "w2ku": _windows_path(parent.path),
-            "w2ru": _relative(child_path, parent.path)}
+            "name": windows_path(parent.path), "w2ku": windows_path(parent.path),
+            "w2ru": relative_path(child_path, parent.path) or ""}  # "": another drive (Windows)
 
 
 def create_vhd(path: str | os.PathLike[str], size: int | None = None, *, type: str = "dynamic",  # noqa: A002
@@ -185,10 +180,7 @@ def create_vhd(path: str | os.PathLike[str], size: int | None = None, *, type: s
     try:
         os.ftruncate(fd, file_size)  # sparse: a fixed disk's data reads as zeros
         for off, data in writes:
-            view = memoryview(data)
-            while view:
-                n = os.pwrite(fd, view, off)
-                view, off = view[n:], off + n
+            pwrite_all(fd, data, off)
         os.fsync(fd)
     except BaseException:
         os.close(fd)

@@ -25,7 +25,8 @@ from ..errors import (
     UnsupportedFeatureError,
     VhdxError,
 )
-from ..image import Extent, append_own_extent, open_regular_file, pread_into
+from ..fdio import open_regular_file, pread_into
+from ..image import Extent, append_own_extent
 from ..locking import lock_image
 from ..native import bitmap_runs
 from . import structures as S

@@ -41,9 +41,10 @@ from ..errors import (
     UnsupportedFeatureError,
     VhdxError,
 )
+from ..fdio import fsync_dir
 from ..merge_engine import CHUNK_BYTES, MergeSummary, ProgressFn
 from ..merge_engine import _Mover as RangeMover  # the VHDX engine's data mover, shared (see _move)
-from ..storage import Storage, fsync_dir
+from ..storage import Storage
 from ..writer import lock_exclusive
 from . import structures as S
 from .chain import find_vhd_linked, open_chain

@@ -69,7 +69,7 @@ class VhdWritableDisk(VhdDisk):
     """A VHD/AVHD opened for writing; parents stay read-only. Not thread-safe.
 
     ``storage`` replaces the file's own read-write storage (tests record every
-    write and flush through :class:`vhdx.storage.RecordingStorage`). The file is
+    write and flush through a recording storage, tests/storages.py). The file is
     locked as a writer's (:mod:`vhdx.locking`), its parents as readers'. A disk
     that other VHDs depend on (children found by their Parent Unique ID,
     :func:`vhdx.dependents.refuse_if_children`) is refused with
