@@ -30,11 +30,12 @@ import os
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from . import native
 from . import structures as S
 from .bat import Geometry
+from .blockmap import Action, BlockMap, RecordingBlockMap, classify_upper, merge_action
 from .chain import open_chain, parse_linkage
 from .disk import ZERO, VirtualDisk
 from .errors import (
@@ -224,14 +225,14 @@ class _Mover:
     """Copies and zero-fills into the target, through the C engine when the target's
     storage is a plain file (else through the storage, so tests can record it)."""
 
-    def __init__(self, target: WritableDisk, upper: Sequence[ImageFile], summary: MergeSummary,
+    def __init__(self, storage: Storage, upper: Sequence[ImageFile], summary: MergeSummary,
                  allow_clone: bool) -> None:
-        self.target = target
+        self.storage = storage
         self.upper = upper
         self.summary = summary
         self.allow_clone = allow_clone
         # Exactly a plain file (subclasses, such as the tests' recorders, see every write).
-        self.native = type(target.storage) in (FileStorage, DeferredSyncStorage)
+        self.native = type(storage) in (FileStorage, DeferredSyncStorage)
         self.copies: dict[int, list[tuple[int, int, int]]] = {}
         self.zeros: list[tuple[int, int]] = []
         self.queued = 0  # bytes waiting in copies + zeros
@@ -251,7 +252,7 @@ class _Mover:
 
     def run(self) -> None:
         """Move everything queued (no barrier: the commit flushes)."""
-        st = self.target.storage
+        st: Any = self.storage
         sm = self.summary
         for src, ranges in self.copies.items():
             img = self.upper[src]
@@ -289,6 +290,25 @@ class _Mover:
         self.queued = 0
 
 
+class _CountingMover(_Mover):
+    """The dry run's mover: counts what would be copied and zeroed, moves nothing."""
+
+    def __init__(self, summary: MergeSummary) -> None:
+        self.summary = summary
+        self.queued = 0
+
+    def copy(self, src: int, src_off: int, dst_off: int, length: int) -> None:
+        self.summary.bytes_copied += length
+        self.queued += length
+
+    def zero(self, dst_off: int, length: int) -> None:
+        self.summary.bytes_zeroed += length
+        self.queued += length
+
+    def run(self) -> None:
+        self.queued = 0
+
+
 def _start_writeback(fd: int, ranges: list[tuple[int, int, int]], methods: list[int]) -> None:
     """Start writing copied (not cloned) bytes back after each chunk, so that the
     commit's fsync finds little left and dirty pages never pile up for a whole
@@ -321,81 +341,39 @@ def _advise_dontneed(fadvise: Callable, fd: int, ranges: list[tuple[int, int, in
         fadvise(fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
 
 
-def _apply_block(t: WritableDisk, p: BlockPlan, mover: _Mover | None, summary: MergeSummary) -> None:
-    """Merge one block per FORMAT.md §8.3's table (``mover`` None: dry run, count only)."""
-    img = t.image
-    geo = img.geometry
-    lss = geo.logical_sector_size
-    idx = geo.payload_index(p.block)
-    # Planning past the end of a target that the merge will grow: the new blocks
-    # will be ZERO in a differencing target and NOT_PRESENT in a base (resize.py).
-    e = img.bat[idx] if idx < len(img.bat) else (S.PAYLOAD_BLOCK_ZERO if img.has_parent else 0)
-    state = e & S.BAT_STATE_MASK
+def _apply_block(bm: BlockMap, p: BlockPlan, mover: _Mover, summary: MergeSummary) -> None:
+    """Merge one block: :func:`merge_action` decides, the block map and the mover do it."""
+    geo = bm.geometry
+    e = bm.payload_entry(p.block)
     foff = e & S.BAT_OFFSET_MASK
-    has_data = bool(p.data)
+    covered = sum(n for _, n, _, _ in p.data) + sum(n for _, n in p.zeros)
+    upper = classify_upper(covered, p.length, bool(p.data))
+    img = bm.image
+    action = merge_action(upper, e & S.BAT_STATE_MASK, has_parent=img.has_parent, fixed=img.is_fixed)
+    if action is Action.LEAVE:
+        return
     summary.blocks_changed += 1
-
-    def fill(base: int, zero_existing: bool) -> None:
-        for v, n, src, soff in p.data:
-            if mover:
-                mover.copy(src, soff, base + v - p.start, n)
-            else:
-                summary.bytes_copied += n
-        if zero_existing:
-            for v, n in p.zeros:
-                if mover:
-                    mover.zero(base + v - p.start, n)
-                else:
-                    summary.bytes_zeroed += n
-
-    def set_entry(state_: int, offset: int) -> None:
-        if mover:
-            t._set_entry(idx, S.bat_entry(state_, offset))
-
-    def set_defined_bits() -> None:
-        if not mover:
-            return
-        for v, n, *_ in p.data:
-            t._set_bits(p.block, (v - p.start) // lss, n // lss)
+    if action is Action.SET_ZERO:
+        bm.set_payload(p.block, S.PAYLOAD_BLOCK_ZERO)
+        return
+    if action.allocates:
+        foff = bm.allocate(geo.block_size)  # reads zeros: only data is written
+    for v, n, src, soff in p.data:
+        mover.copy(src, soff, foff + v - p.start, n)
+    if action.in_place:
         for v, n in p.zeros:
-            t._set_bits(p.block, (v - p.start) // lss, n // lss)
-
-    if state == S.PAYLOAD_BLOCK_FULLY_PRESENT:
-        if p.fully_defined and not has_data and not img.is_fixed:
-            set_entry(S.PAYLOAD_BLOCK_ZERO, 0)  # whole block zero: no data to write
-        else:
-            fill(foff, True)
-    elif state == S.PAYLOAD_BLOCK_PARTIALLY_PRESENT:
-        if p.fully_defined and not has_data:
-            set_entry(S.PAYLOAD_BLOCK_ZERO, 0)
-        else:
-            fill(foff, True)
-            if p.fully_defined:
-                set_entry(S.PAYLOAD_BLOCK_FULLY_PRESENT, foff)
-            else:
-                set_defined_bits()
-    elif state == S.PAYLOAD_BLOCK_NOT_PRESENT and img.has_parent:
-        if p.fully_defined and not has_data:
-            set_entry(S.PAYLOAD_BLOCK_ZERO, 0)  # never NOT_PRESENT: it would expose the parent
-        else:
-            new = t._allocate(geo.block_size) if mover else 0
-            fill(new, False)  # a fresh block reads zeros already
-            if p.fully_defined:
-                set_entry(S.PAYLOAD_BLOCK_FULLY_PRESENT, new)
-            else:
-                if mover:
-                    t._ensure_sb(p.block // geo.chunk_ratio)
-                set_entry(S.PAYLOAD_BLOCK_PARTIALLY_PRESENT, new)
-                set_defined_bits()
-    else:
-        # NOT_PRESENT in a base, ZERO, UNDEFINED, UNMAPPED: the block reads zeros, so
-        # only data matters; a fresh block zero-fills everything else.
-        if not has_data:
-            summary.blocks_changed -= 1
-            return
-        new = t._allocate(geo.block_size) if mover else 0
-        fill(new, False)
-        set_entry(S.PAYLOAD_BLOCK_FULLY_PRESENT, new)
+            mover.zero(foff + v - p.start, n)
+    if action in (Action.WRITE_FULL, Action.NEW_FULL):
+        bm.set_payload(p.block, S.PAYLOAD_BLOCK_FULLY_PRESENT, foff)
+    elif action is Action.NEW_PARTIAL:
+        bm.ensure_bitmap(p.block // geo.chunk_ratio)
+        bm.set_payload(p.block, S.PAYLOAD_BLOCK_PARTIALLY_PRESENT, foff)
+    if action in (Action.WRITE_BITS, Action.NEW_PARTIAL):
+        lss = geo.logical_sector_size
+        for v, n, *_ in p.data:
+            bm.set_bits(p.block, (v - p.start) // lss, n // lss)
+        for v, n in p.zeros:
+            bm.set_bits(p.block, (v - p.start) // lss, n // lss)
 
 
 def _sync_virtual_disk_items(t: WritableDisk, top: ImageFile, summary: MergeSummary) -> None:
@@ -668,7 +646,7 @@ def _merge_into(chain: list[ImageFile], k: int, dry_run: bool, keep: bool, force
             summary.seconds = time.monotonic() - t0
             return summary
         upper_disk = VirtualDisk(upper)  # shares the ImageFiles, which ``chain`` owns
-        _execute(_PlanOnly(target), upper_disk, upper, summary, True, progress, allow_clone)
+        _dry_run(target, upper_disk, upper, summary, progress, grown=top.virtual_size)
         summary.seconds = time.monotonic() - t0
         return summary
 
@@ -776,8 +754,12 @@ def _merge_data_into(upper: list[ImageFile], top: ImageFile, above_path: str, ta
                 # change, new blocks ZERO in a differencing target (FORMAT.md §8.3).
                 t.resize(top.virtual_size)
                 summary.warnings.append(f"target grew to the child's virtual size {top.virtual_size}")
-            state["size"], state["seq"] = st_t.size(), t.log._seq
-            _execute(t, upper_disk, upper, summary, False, progress, allow_clone, state)
+            def committed() -> None:
+                state["size"], state["seq"] = st_t.size(), t.log.sequence
+
+            committed()
+            _execute(t.blocks, t.commit, _Mover(st_t, upper, summary, allow_clone),
+                     upper_disk, upper, summary, progress, committed)
             _sync_virtual_disk_items(t, top, summary)
             t.close()  # flush, then LogGuid = 0: the target is durable and clean
         except OSError as e:
@@ -799,11 +781,9 @@ def _roll_back(t: WritableDisk, st: Storage, state: dict) -> None:
     the next writable open replays it. The chain reads as before either way: the
     upper chain masks every sector the target changed.
     """
-    t._pending_bat.clear()
-    t._pending_bat_sectors.clear()
-    t._pending_sb.clear()
+    t.blocks.discard()
     try:
-        if state["seq"] is not None and t.log._seq == state["seq"] and st.size() > state["size"]:
+        if state["seq"] is not None and t.log.sequence == state["seq"] and st.size() > state["size"]:
             st.truncate(state["size"])
             st.flush()
     except OSError:
@@ -831,51 +811,52 @@ def _failure(e: OSError, target: str, child: str, operation: str,
         f"`{command or f'vhdx merge {child}'}` again to complete it", e.errno)
 
 
-def _execute(t: WritableDisk, upper_disk: VirtualDisk, upper: list[ImageFile], summary: MergeSummary,
-             dry_run: bool, progress: ProgressFn | None, allow_clone: bool,
-             state: dict | None = None) -> None:
-    """Plan and move every block; ``state`` gets the file size and log sequence after
-    each commit (what a failure rolls back to)."""
+def _execute(bm: BlockMap, commit: Callable[[], object], mover: _Mover, upper_disk: VirtualDisk,
+             upper: list[ImageFile], summary: MergeSummary, progress: ProgressFn | None,
+             committed: Callable[[], None] | None = None, report_bytes: int | None = None) -> None:
+    """Plan and move every block through ``bm`` (a :class:`RecordingBlockMap` and a
+    counting mover in a dry run); ``commit`` logs the pending changes, ``committed``
+    is told after each (what a failure rolls back to). The mover runs (and progress
+    is reported) every ``report_bytes`` queued, at a commit, and at the end."""
     ranges = defined_ranges(upper, upper_disk.size)
     total = sum(e - s for s, e in ranges)
-    mover = None if dry_run else _Mover(t, upper, summary, allow_clone)
+    if report_bytes is None:
+        report_bytes = CHUNK_BYTES  # read now: tests shrink it
     done = pending = 0
-    committed = time.monotonic()
-    for p in plan_blocks(upper_disk, ranges, t.image.geometry.block_size, t.image):
-        _apply_block(t, p, mover, summary)
+    last = time.monotonic()
+    for p in plan_blocks(upper_disk, ranges, bm.geometry.block_size, bm.image):
+        _apply_block(bm, p, mover, summary)
         pending += p.length
-        if mover is None:
-            report = pending >= PLAN_REPORT_BYTES
-        else:
-            report = mover.queued >= CHUNK_BYTES or t._commit_due()
-            if report:
-                mover.run()
-            if t._commit_due() or time.monotonic() - committed >= BATCH_SECONDS:
-                mover.run()
-                t._commit()
-                if state is not None:
-                    state["size"], state["seq"] = t.storage.size(), t.log._seq
-                committed = time.monotonic()
-                report = True
+        due = bm.commit_due()
+        report = mover.queued >= report_bytes or due
+        if report:
+            mover.run()
+        if due or time.monotonic() - last >= BATCH_SECONDS:
+            mover.run()
+            commit()
+            if committed is not None:
+                committed()
+            last = time.monotonic()
+            report = True
         if report:
             done += pending
             pending = 0
             if progress is not None and progress(done, total) is False:
                 raise CancelledError("merge cancelled; run it again to complete it")
-    if mover is not None:
-        mover.run()
-        # The transaction's pre-write barrier makes the payload durable before the
-        # logged change that exposes it (FORMAT.md §7 rule 5c).
-        t._commit()
+    mover.run()
+    # The transaction's pre-write barrier makes the payload durable before the
+    # logged change that exposes it (FORMAT.md §7 rule 5).
+    commit()
     if progress is not None:
         progress(total, total)
 
 
-class _PlanOnly:
-    """Stand-in for a WritableDisk in a dry run: the target's block states, no writes."""
-
-    def __init__(self, image: object) -> None:
-        self.image = image
+def _dry_run(target: Any, upper_disk: VirtualDisk, upper: list[ImageFile], summary: MergeSummary,
+             progress: ProgressFn | None, grown: int | None = None) -> None:
+    """The merge planned over a block map that records, with a mover that counts."""
+    bm = RecordingBlockMap(target, grown=grown)
+    _execute(bm, bm.commit, _CountingMover(summary), upper_disk, upper, summary, progress,
+             report_bytes=PLAN_REPORT_BYTES)
 
 
 class _EmptyImage:
@@ -917,7 +898,7 @@ def _flatten(chain: list[ImageFile], output: str, dry_run: bool, progress: Progr
     upper_disk = VirtualDisk(chain)
     if dry_run:
         geo = Geometry(top.virtual_size, top.block_size, top.logical_sector_size, False)
-        _execute(_PlanOnly(_EmptyImage(geo)), upper_disk, chain, summary, True, progress, allow_clone)
+        _dry_run(_EmptyImage(geo), upper_disk, chain, summary, progress)
         summary.seconds = time.monotonic() - t0
         return summary
     from .preflight import check_space
@@ -949,7 +930,8 @@ def _flatten(chain: list[ImageFile], output: str, dry_run: bool, progress: Progr
         fd = -1
         with WritableDisk(tmp, storage=storage) as t:
             t.log.mark_data_changed()
-            _execute(t, upper_disk, chain, summary, False, progress, allow_clone)
+            _execute(t.blocks, t.commit, _Mover(t.storage, chain, summary, allow_clone),
+                     upper_disk, chain, summary, progress)
             t.flush()
             t.log.close()
             if isinstance(storage, DeferredSyncStorage):
