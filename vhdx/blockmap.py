@@ -437,11 +437,13 @@ class RecordingBlockMap(BlockMap):
     def entry(self, index: int) -> int:
         if index in self._sb:
             return self._sb[index]
-        bat = self._target.bat
-        if index < len(bat):
+        bat, geo = self._target.bat, self.geometry
+        sb = geo.is_sb_index(index)
+        if index < len(bat) and (sb or geo.block_of_index(index) < self._target.geometry.payload_blocks):
             return int(bat[index])
-        if self.geometry.is_sb_index(index):
+        if sb:
             return 0
+        # A block past the target's end, which the merge grows first (vhdx/resize.py).
         return S.PAYLOAD_BLOCK_ZERO if self._target.has_parent else S.PAYLOAD_BLOCK_NOT_PRESENT
 
     def bit(self, block: int, sector: int) -> bool:

@@ -30,7 +30,7 @@ import os
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from . import native
 from . import structures as S
@@ -50,6 +50,7 @@ from .storage import DeferredSyncStorage, FileStorage, Storage, fsync_dir
 from .writer import WritableDisk, lock_exclusive, storage_fd
 
 ProgressFn = Callable[[int, int], object]
+PathLike = str | os.PathLike[str]
 """``progress(done_bytes, total_bytes)``; returning False cancels between batches."""
 
 # Data moves in chunks (one C call per source file, then a progress report and a
@@ -92,7 +93,7 @@ class MergeSummary:
         """Bytes per second of data moved (cloned + copied + zeroed)."""
         return self.bytes_moved / self.seconds if self.seconds else 0.0
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["bytes_moved"] = self.bytes_moved
         d["throughput"] = self.throughput
@@ -141,8 +142,8 @@ PLAN_PIECE = 1 << 34  # virtual bytes resolved at once by the plan (bounds the s
 _READS_ZERO = (S.PAYLOAD_BLOCK_UNDEFINED, S.PAYLOAD_BLOCK_ZERO, S.PAYLOAD_BLOCK_UNMAPPED)
 
 
-def plan_blocks(upper_disk: VirtualDisk, ranges: list[tuple[int, int]], block_size: int,  # noqa: ANN201
-                target: object = None):
+def plan_blocks(upper_disk: VirtualDisk, ranges: list[tuple[int, int]], block_size: int,
+                target: "ImageFile | _EmptyImage | None" = None) -> Iterator[BlockPlan]:
     """Yield a :class:`BlockPlan` for every target block that the upper chain touches.
 
     The upper chain is resolved piece by piece into runs (:meth:`VirtualDisk.segments`).
@@ -191,11 +192,12 @@ def plan_blocks(upper_disk: VirtualDisk, ranges: list[tuple[int, int]], block_si
         yield current
 
 
-def _zero_blocks(target: object, first: int, stop: int, block_size: int, size: int):  # noqa: ANN202
+def _zero_blocks(target: "ImageFile | _EmptyImage", first: int, stop: int, block_size: int,
+                 size: int) -> Iterator[BlockPlan]:
     """BlockPlans "all zeros" for the target blocks in [first, stop) that do not read
     zeros already by their own state: FULLY/PARTIALLY_PRESENT ones, and NOT_PRESENT
     ones of a differencing target (which would expose its parent otherwise)."""
-    has_parent = target.has_parent  # type: ignore[attr-defined]
+    has_parent = target.has_parent
 
     def plan(b: int) -> BlockPlan:
         bstart = b * block_size
@@ -203,7 +205,7 @@ def _zero_blocks(target: object, first: int, stop: int, block_size: int, size: i
         return BlockPlan(b, bstart, n, [], [(bstart, n)], True)
 
     pos = first
-    for b, n, e in target.payload_runs(first, stop):  # type: ignore[attr-defined]
+    for b, n, e in target.payload_runs(first, stop):
         if has_parent:
             yield from (plan(k) for k in range(pos, b))  # NOT_PRESENT gap
         state = e & S.BAT_STATE_MASK
@@ -325,7 +327,7 @@ def _start_writeback(fd: int, ranges: list[tuple[int, int, int]], methods: list[
         pass  # advice only: the commit's fsync writes everything anyway
 
 
-def _advise_dontneed(fadvise: Callable, fd: int, ranges: list[tuple[int, int, int]],
+def _advise_dontneed(fadvise: Callable[[int, int, int, int], None], fd: int, ranges: list[tuple[int, int, int]],
                      methods: list[int]) -> None:
     lo = hi = -1
     for (_, d, n), m in zip(ranges, methods):
@@ -478,7 +480,7 @@ def merge(child: str | os.PathLike[str], into: str | os.PathLike[str] | None = N
             f.close()
 
 
-def _finish_deletions(child: str, search_dirs: Sequence, confine: Sequence | None,
+def _finish_deletions(child: str, search_dirs: Sequence[PathLike], confine: Sequence[PathLike] | None,
                       t0: float) -> MergeSummary | None:
     """A rerun after the merge completed and its deletions began (the chain no
     longer opens): delete what is left. None when that is not the situation."""
@@ -530,7 +532,7 @@ def _unlink(path: str) -> None:
     fsync_dir(path)
 
 
-def _planned_growth(upper: Sequence[ImageFile], target: ImageFile, new_size: int) -> int:
+def _planned_growth(upper: Sequence[ImageFile], target: "ImageFile | _EmptyImage", new_size: int) -> int:
     """Upper bound of the bytes the target file grows by: a fresh block for every
     target block that the upper files hold data for and the target does not,
     a sector-bitmap block per chunk when partial, plus the grown BAT."""
@@ -581,7 +583,7 @@ def _in_folder(path: str, folder_of: str) -> bool:
 
 
 def _merge_into(chain: list[ImageFile], k: int, dry_run: bool, keep: bool, force: bool,
-                progress: ProgressFn | None, search_dirs: Sequence, allow_clone: bool,
+                progress: ProgressFn | None, search_dirs: Sequence[PathLike], allow_clone: bool,
                 storage_factory: Callable[[str], Storage] | None, t0: float,
                 warnings: list[str], named: Sequence[str] = ()) -> MergeSummary:
     from .dependents import find_linked, search_folders
@@ -754,7 +756,7 @@ def _merge_data_into(upper: list[ImageFile], top: ImageFile, above_path: str, ta
         except BaseException:
             st_t.close()
             raise
-        state: dict = {"size": st_t.size(), "seq": None}
+        state: dict[str, int | None] = {"size": st_t.size(), "seq": None}
         try:
             t.log.mark_data_changed(new_guid)
             if t.size < top.virtual_size:
@@ -784,7 +786,7 @@ def _merge_data_into(upper: list[ImageFile], top: ImageFile, above_path: str, ta
             a.update_parent_locator(mark)
 
 
-def _roll_back(t: WritableDisk, st: Storage, state: dict) -> None:
+def _roll_back(t: WritableDisk, st: Storage, state: dict[str, int | None]) -> None:
     """After a failure in the data phase: drop what no committed entry refers to.
 
     Uncommitted BAT changes are forgotten and the file is cut back to its size at
@@ -795,8 +797,9 @@ def _roll_back(t: WritableDisk, st: Storage, state: dict) -> None:
     """
     t.blocks.discard()
     try:
-        if state["seq"] is not None and t.log.sequence == state["seq"] and st.size() > state["size"]:
-            st.truncate(state["size"])
+        size, seq = state["size"], state["seq"]
+        if seq is not None and size is not None and t.log.sequence == seq and st.size() > size:
+            st.truncate(size)
             st.flush()
     except OSError:
         pass  # the space stays allocated; `vhdx check` reports it
@@ -882,7 +885,7 @@ class _EmptyImage:
         self.virtual_size = geometry.virtual_size
         self.bat = _ZeroBat()
 
-    def payload_runs(self, first: int = 0, stop: int | None = None):  # noqa: ANN201
+    def payload_runs(self, first: int = 0, stop: int | None = None) -> Iterator[tuple[int, int, int]]:
         return iter(())  # every block NOT_PRESENT
 
 

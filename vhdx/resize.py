@@ -83,9 +83,9 @@ def _entries_bytes(geo: Geometry, first: int, stop: int, state: int, fixed_base:
         block = geo.block_of_index(i)
         if block >= geo.payload_blocks:
             continue
-        e = S.bat_entry(S.PAYLOAD_BLOCK_FULLY_PRESENT, fixed_base)
+        entry = S.bat_entry(S.PAYLOAD_BLOCK_FULLY_PRESENT, fixed_base)
         fixed_base += block_size
-        out[(i - first) * 8:(i - first + 1) * 8] = e.to_bytes(8, "little")
+        out[(i - first) * 8:(i - first + 1) * 8] = entry.to_bytes(8, "little")
     return out
 
 
@@ -258,14 +258,16 @@ def resize(disk: "WritableDisk", new_size: int) -> None:
 
     # The Virtual Disk Size item.
     item = md.item(S.VIRTUAL_DISK_SIZE_GUID)
+    if item is None:  # required by every open (MS-VHDX 2.6.2.2)
+        raise VhdxError(f"{img.path}: no Virtual Disk Size metadata item")
     md_off = img.header_section.metadata_region.file_offset
     pos = md_off + item.offset
     raw = S.build(S.VirtualDiskSize, dict(virtual_disk_size=new_size))
     for sec in range(pos & ~(SECTOR - 1), _align_up(pos + len(raw), SECTOR), SECTOR):
-        buf = bytearray(disk.storage.pread(sec, SECTOR).ljust(SECTOR, b"\0"))
+        sector_buf = bytearray(disk.storage.pread(sec, SECTOR).ljust(SECTOR, b"\0"))
         s0, s1 = max(sec, pos), min(sec + SECTOR, pos + len(raw))
-        buf[s0 - sec:s1 - sec] = raw[s0 - pos:s1 - pos]
-        updates[sec] = bytes(buf)
+        sector_buf[s0 - sec:s1 - sec] = raw[s0 - pos:s1 - pos]
+        updates[sec] = bytes(sector_buf)
 
     lw.transaction(updates, zero_ranges)
     for k in range(0, len(after_data), _BATCH_SECTORS):

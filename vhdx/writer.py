@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import os
 import uuid
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from . import structures as S
 from .blockmap import BlockMap
 from .chain import open_parents
-from .disk import Extent, VirtualDisk
-from .errors import InvalidArgumentError, LockedError, ReadOnlyError, VhdxError, naming
-from .image import ImageFile
+from .disk import VirtualDisk
+from .errors import InvalidArgumentError, ReadOnlyError, VhdxError, naming
+from .image import Extent, ImageFile
 from .log_writer import LogWriter
 from .storage import FileStorage, Storage
 
@@ -49,9 +49,10 @@ def _align_up(n: int, a: int) -> int:
 
 def storage_fd(storage: Storage) -> int:
     """The OS descriptor behind a FileStorage (possibly wrapped by RecordingStorage)."""
-    while not hasattr(storage, "fd") and hasattr(storage, "inner"):
-        storage = storage.inner  # type: ignore[attr-defined]
-    fd = getattr(storage, "fd", None)
+    inner: object = storage
+    while not hasattr(inner, "fd") and hasattr(inner, "inner"):
+        inner = getattr(inner, "inner")
+    fd = getattr(inner, "fd", None)
     if not isinstance(fd, int):
         raise InvalidArgumentError("the writer needs a file-backed storage")
     return fd
@@ -172,6 +173,7 @@ class WritableDisk(VirtualDisk):
             elif state in (S.PAYLOAD_BLOCK_NOT_PRESENT, S.PAYLOAD_BLOCK_PARTIALLY_PRESENT) and (
                     self._parent or self._standalone):
                 self._need_parents()
+                assert self._parent is not None  # standalone opens refused just above
                 out += self._parent.read_at(pos, n).ljust(n, b"\0")
             else:
                 out += bytes(n)
@@ -182,7 +184,7 @@ class WritableDisk(VirtualDisk):
         if self._standalone:
             raise InvalidArgumentError(f"{self.image.path} was opened without its parents")
 
-    def readinto_at(self, offset: int, buffer) -> int:  # noqa: ANN001
+    def readinto_at(self, offset: int, buffer: Any) -> int:
         self._need_parents()
         self._commit()  # reads go through the committed on-disk state
         return super().readinto_at(offset, buffer)
@@ -241,10 +243,9 @@ class WritableDisk(VirtualDisk):
         if deferring and not whole:
             # Sector-granular: only the written sectors become present (PARTIALLY_PRESENT).
             a, b = pos // lss * lss, _align_up(pos + n, lss)
+            buf: bytes | bytearray | memoryview = chunk
             if (a, b) != (pos, pos + n):
                 buf = bytearray(self._read_current(a, pos - a)) + chunk + self._read_current(pos + n, b - pos - n)
-            else:
-                buf = chunk
             if state == S.PAYLOAD_BLOCK_NOT_PRESENT:
                 foff = bm.allocate(geo.block_size)
                 bm.ensure_bitmap(block // geo.chunk_ratio)
@@ -367,7 +368,7 @@ class WritableDisk(VirtualDisk):
         return pairs
 
     # --- io.RawIOBase --------------------------------------------------------------
-    def write(self, data) -> int:  # noqa: ANN001
+    def write(self, data: Any) -> int:
         n = self.write_at(self._pos, data)
         self._pos += n
         return n
@@ -409,7 +410,7 @@ class WritableDisk(VirtualDisk):
                 self.storage.close()
 
 
-def open_writable(path: str | os.PathLike[str], **kwargs) -> WritableDisk:  # noqa: ANN003
+def open_writable(path: str | os.PathLike[str], **kwargs: Any) -> WritableDisk:
     """``vhdx.open(path, "r+")``."""
     return WritableDisk(path, **kwargs)
 
