@@ -744,6 +744,20 @@ def _merge_data_into(upper: list[ImageFile], top: ImageFile, above_path: str, ta
                      new_guid: uuid.UUID, summary: MergeSummary, progress: ProgressFn | None,
                      allow_clone: bool, storage_of: Callable[[str], Storage], st_a: Storage,
                      mark: dict[str, str | None] | None) -> None:
+    # The barriers of an in-place merge (17; bench_merge.py's JSON lists them by
+    # call site), each one needed:
+    # child, 9: session start, 3 (the header written to both slots, each flushed,
+    #   FORMAT.md §2.2; the empty first entry, §6.5 step 1); linkage2's entry, 1
+    #   (durable before the target takes G', else a crash leaves the child linked
+    #   to neither GUID); the mark's entry, 2 (its pre-write barrier makes
+    #   linkage2's apply durable, so the entry's Tail may be its own offset; then
+    #   the entry itself, durable before any deletion); clean close, 3 (the apply
+    #   durable before LogGuid = 0, then both header slots).
+    # target, 8: session start with G', 3; each commit, 2 (payload durable before
+    #   the entry exposing it, FORMAT.md §7 rule 5; the entry) - a clone-path merge
+    #   commits once; clean close, 3.
+    # Before, the mark took a session of its own on the child (+3 start, +3 close,
+    # -1 pre-write barrier): 22.
     # 1. linkage2 = G' in the file directly above the target (its DataWriteGuid kept).
     with WritableDisk(above_path, standalone=True, storage=st_a) as a:
         upper[-1] = a.image
