@@ -259,7 +259,7 @@ def test_dry_run_reports_what_the_merge_does(tmp_path, seed):
     assert dry.blocks_changed > 0
 
 
-def test_every_action_is_reached_through_the_writer_free_paths():
+def test_merge_action_is_pure():
     """The decision is pure: the same inputs give the same action, whatever the order."""
     seen = [merge_action(u, st, **KINDS[k][0]) for u, k, st in CELLS]
     shuffled = list(CELLS)
