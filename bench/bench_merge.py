@@ -57,7 +57,7 @@ def worker(args: dict) -> None:
 
     # Time spent inside the C copy calls and in fsync: what is left of a merge when
     # everything the engine adds around them is taken out (the floor of the row).
-    acct = {"copy_calls_s": 0.0, "fsync_s": 0.0, "fsyncs": 0}
+    acct: dict = {"copy_calls_s": 0.0, "fsync_s": 0.0, "fsyncs": 0, "fsync_sites": {}}
     orig = N.copy_ranges
     rw = args["mode"] == "rw"
 
@@ -80,6 +80,19 @@ def worker(args: dict) -> None:
         finally:
             acct["fsync_s"] += time.perf_counter() - t0
             acct["fsyncs"] += 1
+            # Who asked for it (three callers up, file name included): the JSON then
+            # says which phase each barrier belongs to.
+            f, names = sys._getframe(1), []
+            while f is not None and len(names) < 4:
+                if not f.f_code.co_filename.endswith("storage.py"):
+                    names.append(f"{os.path.basename(f.f_code.co_filename)}:{f.f_code.co_name}")
+                f = f.f_back
+            try:
+                name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:
+                name = "?"
+            key = f"{name} " + " < ".join(names)
+            acct["fsync_sites"][key] = acct["fsync_sites"].get(key, 0) + 1
 
     os.fsync = fsync
     allow_clone = args["mode"] == "clone"
@@ -108,6 +121,11 @@ def worker(args: dict) -> None:
 # --- helpers ----------------------------------------------------------------------------
 def sh(*cmd: str) -> None:
     subprocess.run(cmd, check=True)
+
+
+def _loadavg3() -> list[str]:
+    with open("/proc/loadavg") as fh:
+        return fh.read().split()[:3]
 
 
 def loadavg() -> float:
@@ -235,7 +253,7 @@ def main() -> int:
         "nproc": os.cpu_count(), "kernel": os.uname().release,
         "python": sys.version.split()[0], "fs": subprocess.run(
             ["stat", "-f", "-c", "%T", root], capture_output=True, text=True).stdout.strip(),
-        "load_start": open("/proc/loadavg").read().split()[:3],
+        "load_start": _loadavg3(),
     }
     print(f"# {facts}", file=sys.stderr)
     t0 = time.time()
@@ -362,7 +380,7 @@ def main() -> int:
             prof_text += (f"== profiled {name} ext4 copy-path merge: {r['seconds']:.2f} s under cProfile, "
                           f"verify {r['verify']}\n" + s.getvalue())
         shutil.rmtree(work, ignore_errors=True)
-    facts["load_end"] = open("/proc/loadavg").read().split()[:3]
+    facts["load_end"] = _loadavg3()
     facts["load_at_runs"] = [min(env.loads), max(env.loads)] if env.loads else None
 
     # --- report ---------------------------------------------------------------------
@@ -375,7 +393,8 @@ def main() -> int:
     print(f"Runs: {reps} per row, median; {cold}. Changed data: {layout.defined_bytes / GiB:.3f} GiB "
           f"({len(layout.child_full)} full + {len(layout.child_partial)} partial 2 MiB blocks). "
           f"Load average at run starts: {facts['load_at_runs']}.\n")
-    print("| row | merge time | throughput (moved / time) | ranges_by_method | cloned / copied / zeroed | in C copy calls / fsyncs (median) | peak RSS (VmHWM) | RSS limit (100 MiB + BATs) | verify |")
+    print("| row | merge time | throughput (moved / time) | ranges_by_method | cloned / copied / zeroed | "
+          "in C copy calls / fsyncs (median) | peak RSS (VmHWM) | RSS limit (100 MiB + BATs) | verify |")
     print("|---|---|---|---|---|---|---|---|---|")
     med_s = {}
     for label, rs in rows.items():
@@ -398,9 +417,11 @@ def main() -> int:
               f"{fmt_rate(moved, m)} | {meth} | {cz} | {fl} | {hwm / MiB:.0f} MiB | {limit / MiB:.0f} MiB "
               f"({'met' if hwm <= limit else 'NOT met'}) | {ok} |")
     cpm, cpsm = med(cp_times), med(cp_sync_times)
-    print(f"| cp --reflink=never {cp_bytes / MiB:.0f} MiB file | {cpm:.2f} s (min {min(cp_times):.2f}, max {max(cp_times):.2f}) | "
+    print(f"| cp --reflink=never {cp_bytes / MiB:.0f} MiB file | {cpm:.2f} s "
+          f"(min {min(cp_times):.2f}, max {max(cp_times):.2f}) | "
           f"{fmt_rate(cp_bytes, cpm)} | read/write 128 KiB | - | - | - | - | - |")
-    print(f"| cp --reflink=never + sync FILE | {cpsm:.2f} s (min {min(cp_sync_times):.2f}, max {max(cp_sync_times):.2f}) | "
+    print(f"| cp --reflink=never + sync FILE | {cpsm:.2f} s "
+          f"(min {min(cp_sync_times):.2f}, max {max(cp_sync_times):.2f}) | "
           f"{fmt_rate(cp_bytes, cpsm)} | | - | - | - | - | - |")
 
     print("\n| target | measured | met? |\n|---|---|---|")
@@ -417,7 +438,8 @@ def main() -> int:
     if cl in med_s:
         for other in ("4 GiB, XFS reflink, forced read/write", "4 GiB, XFS reflink, allow_clone=False"):
             r = med_s[other] / med_s[cl]
-            print(f"| clone >= 50x faster than copy ({other.split(', ')[-1]}) | {r:.1f}x | {'yes' if r >= 50 else 'no'} |")
+            print(f"| clone >= 50x faster than copy ({other.split(', ')[-1]}) | {r:.1f}x | "
+                  f"{'yes' if r >= 50 else 'no'} |")
     sc = "4 GiB sparse child, XFS reflink, clone path"
     if sc in med_s:
         r = med_s["4 GiB sparse child, XFS reflink, forced read/write"] / med_s[sc]
@@ -428,11 +450,13 @@ def main() -> int:
     h64c = "64 TiB, XFS reflink, clone path"
     if h64c in med_s and cl in med_s:
         r = med_s[h64c] / med_s[cl]
-        print(f"| 64 TiB within 1.5x of 4 GiB (XFS clone path) | {r:.2f}x ({med_s[h64c]:.2f} s vs {med_s[cl]:.2f} s) | {'yes' if r <= 1.5 else 'no'} |")
+        print(f"| 64 TiB within 1.5x of 4 GiB (XFS clone path) | {r:.2f}x "
+              f"({med_s[h64c]:.2f} s vs {med_s[cl]:.2f} s) | {'yes' if r <= 1.5 else 'no'} |")
     for lbl, key in (("4 GiB", "4g"), ("64 TiB", "64t")):
-        hw = max(r["vmhwm"] for l, rs in rows.items() if l.startswith(lbl.split()[0]) for r in rs)
+        hw = max(r["vmhwm"] for lb, rs in rows.items() if lb.startswith(lbl.split()[0]) for r in rs)
         lim = 100 * MiB + bat[key]
-        print(f"| peak RSS {lbl} <= 100 MiB + BATs ({bat[key] / MiB:.0f} MiB) | {hw / MiB:.0f} MiB | {'yes' if hw <= lim else 'no'} |")
+        print(f"| peak RSS {lbl} <= 100 MiB + BATs ({bat[key] / MiB:.0f} MiB) | {hw / MiB:.0f} MiB | "
+              f"{'yes' if hw <= lim else 'no'} |")
     print(f"\nXFS: {xfs_note}. Machine: {facts}")
     if prof_text:
         print("\n```\n" + prof_text + "```")

@@ -140,7 +140,7 @@ def plan_pack(objects: Sequence[tuple[int, int, int]], reserved: Sequence[tuple[
 def live_end(img: Any) -> int:
     """1 MiB-aligned end of everything ``img`` references: regions, log, blocks."""
     geo = img.geometry
-    end = max(e for _, e, _ in img._reserved_spans())
+    end = max(e for _, e, _ in img.reserved_spans())
     # Bare zero states are skipped (chunk_ratio): only entries with an offset matter.
     for i, e in iter_nonzero(img.bat, geo.chunk_ratio, spans=img.bat_spans):
         off, state = e & S.BAT_OFFSET_MASK, e & S.BAT_STATE_MASK
@@ -279,7 +279,7 @@ class _Compactor:
         self.progress = progress
         self.parent: Any = None  # the parent chain's VirtualDisk (differencing disks)
         if len(disk.chain) > 1:
-            self.parent = w._parent if w is not None else _parent_view(disk)
+            self.parent = w.parent_disk if w is not None else _parent_view(disk)
         st = w.storage if w is not None else None
         self.io: Any = FileSpace(st, self.img.fd) if st is not None else None
         self.bat = list(self._entries())  # (index, entry) snapshot
@@ -320,10 +320,10 @@ class _Compactor:
         self.new_entries: dict[int, int] = {}
         for i, e in blocks:
             self._drop(i, e)
-            if self.w is not None and self.w._commit_due():
-                self.w._commit()
+            if self.w is not None and self.w.blocks.commit_due():
+                self.w.commit()
         if self.w is not None:
-            self.w._commit()
+            self.w.commit()
             for off, n in self.freed:
                 self.sm.bytes_punched += self.io.free(off, n)
         self._pack()
@@ -332,7 +332,7 @@ class _Compactor:
     def _set(self, index: int, entry: int) -> None:
         self.new_entries[index] = entry
         if self.w is not None:
-            self.w._set_entry(index, entry)
+            self.w.blocks.set_entry(index, entry)
 
     def _is_hole(self, off: int, n: int) -> bool:
         if self.extents is None:
@@ -433,22 +433,9 @@ class _Compactor:
 
     def _clear_bits(self, block: int, first: int, count: int) -> None:
         """Clear bits [first, first+count) of ``block``'s slice of its sector bitmap
-        (through the writer's pending sector images, logged on commit)."""
-        w = self.w
-        if w is None:
-            return
-        geo = self.geo
-        sb = self.img.bat[geo.sb_index(block // geo.chunk_ratio)] & S.BAT_OFFSET_MASK
-        start, _ = geo.bitmap_slice(block)
-        lo, hi = (sb + start) * 8 + first, (sb + start) * 8 + first + count
-        while lo < hi:
-            sector_off = (lo // 8) & ~(SECTOR - 1)
-            sec = w._sb_sector(sector_off)
-            sec_hi = min(hi, (sector_off + SECTOR) * 8)
-            for bit in range(lo - sector_off * 8, sec_hi - sector_off * 8):
-                sec[bit // 8] &= ~(1 << (bit % 8)) & 0xFF
-            lo = sec_hi
-        w._runs_stale.add(block)
+        (through the block map, logged on commit)."""
+        if self.w is not None:
+            self.w.blocks.clear_bits(block, first, count)
 
     # --- 2. pack, 3. truncate -------------------------------------------------------------------
     def _objects(self) -> list[tuple[int, int, int]]:
@@ -467,7 +454,7 @@ class _Compactor:
         return out
 
     def _pack(self) -> None:
-        reserved = [(s, e) for s, e, _ in self.img._reserved_spans()]
+        reserved = [(s, e) for s, e, _ in self.img.reserved_spans()]
         objects = self._objects()
         moves, new_end = plan_pack(objects, reserved)
         self.total += sum(n for *_, n in moves)
@@ -482,15 +469,13 @@ class _Compactor:
         for key, old, new, n in moves:
             self.io.copy(old, new, n)
             entry = self.new_entries.get(key, self.img.bat[key])
-            w._set_entry(key, S.bat_entry(entry & S.BAT_STATE_MASK, new))
-            if not self.geo.is_sb_index(key):
-                w._runs_stale.add(self.geo.block_of_index(key))
+            w.blocks.set_entry(key, S.bat_entry(entry & S.BAT_STATE_MASK, new))
             batch.append((old, n))
             moved += n
             self.sm.blocks_moved += 1
             self.sm.bytes_moved += n
             self._tick(n)
-            if moved >= _MOVE_BATCH or w._commit_due():
+            if moved >= _MOVE_BATCH or w.blocks.commit_due():
                 self._commit_moves(batch)
                 batch, moved = [], 0
         self._commit_moves(batch)
@@ -502,7 +487,7 @@ class _Compactor:
             w.storage.flush()
 
     def _commit_moves(self, batch: list[tuple[int, int]]) -> None:
-        self.w._commit()  # its first barrier makes the copies durable (FORMAT.md §7 rule 5c)
+        self.w.commit()  # its first barrier makes the copies durable (FORMAT.md §7 rule 5)
         for old, n in batch:
             self.sm.bytes_punched += self.io.free(old, n)
 

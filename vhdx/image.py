@@ -16,7 +16,7 @@ import threading
 import uuid
 from array import array
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal, NoReturn, Protocol, Sequence, SupportsIndex
+from typing import Any, Iterable, Iterator, Literal, NoReturn, Protocol, Sequence, SupportsIndex
 
 from . import structures as S
 from .bat import (
@@ -296,13 +296,16 @@ class ImageFile(NotCopyable):
         self._norm: Spans = []
         self._norm_key: tuple[int, int, int, int] | None = None
 
-    def _reserved_spans(self) -> list[tuple[int, int, str]]:
+    def reserved_spans(self) -> list[tuple[int, int, str]]:
+        """(start, end, name) of the header section, the log and every region."""
         hs = self.header_section
         spans = [(0, S.HEADER_SECTION_SIZE, "header section")]
         if hs.header.log_length:
             spans.append((hs.header.log_offset, hs.header.log_offset + hs.header.log_length, "log"))
         spans += [(r.file_offset, r.file_offset + r.length, f"region {r.name}") for r in hs.regions]
         return spans
+
+    _reserved_spans = reserved_spans  # the older private name, still used by the readers
 
     def _read_bat(self, offset: int, count: int) -> tuple[Table, Spans]:
         """The BAT, reading only the parts of it the file holds.
@@ -352,6 +355,12 @@ class ImageFile(NotCopyable):
         spans = self.bat_spans
         if not spans or not (spans[-1][0] <= index < spans[-1][1]):
             spans.append((index, index + 1))
+
+    def forget_block_runs(self, blocks: Iterable[int]) -> None:
+        """A writer changed these blocks' entries or bitmaps: drop their cached runs."""
+        with self._lock:
+            for block in blocks:
+                self._runs.pop(block, None)
 
     # --- raw file access ---------------------------------------------------------
     def pread_into(self, mv: memoryview, offset: int) -> None:

@@ -268,6 +268,12 @@ class LogWriter:
         return self.log_length - SECTOR
 
     @property
+    def sequence(self) -> int:
+        """Sequence number of the newest entry written (0 before the session starts):
+        it changes exactly when an entry became durable."""
+        return self._seq
+
+    @property
     def failed(self) -> bool:
         """True once an I/O error poisoned the session (see LogWriterFailedError)."""
         return self._failed is not None

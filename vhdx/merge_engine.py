@@ -30,11 +30,12 @@ import os
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from . import native
 from . import structures as S
 from .bat import Geometry
+from .blockmap import Action, BlockMap, RecordingBlockMap, classify_upper, merge_action
 from .chain import open_chain, parse_linkage
 from .disk import ZERO, VirtualDisk
 from .errors import (
@@ -52,6 +53,7 @@ from .storage import DeferredSyncStorage, FileStorage, Storage
 from .writer import WritableDisk, lock_exclusive, storage_fd
 
 ProgressFn = Callable[[int, int], object]
+PathLike = str | os.PathLike[str]
 """``progress(done_bytes, total_bytes)``; returning False cancels between batches."""
 
 # Data moves in chunks (one C call per source file, then a progress report and a
@@ -94,7 +96,7 @@ class MergeSummary:
         """Bytes per second of data moved (cloned + copied + zeroed)."""
         return self.bytes_moved / self.seconds if self.seconds else 0.0
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["bytes_moved"] = self.bytes_moved
         d["throughput"] = self.throughput
@@ -143,8 +145,8 @@ PLAN_PIECE = 1 << 34  # virtual bytes resolved at once by the plan (bounds the s
 _READS_ZERO = (S.PAYLOAD_BLOCK_UNDEFINED, S.PAYLOAD_BLOCK_ZERO, S.PAYLOAD_BLOCK_UNMAPPED)
 
 
-def plan_blocks(upper_disk: VirtualDisk, ranges: list[tuple[int, int]], block_size: int,  # noqa: ANN201
-                target: object = None):
+def plan_blocks(upper_disk: VirtualDisk, ranges: list[tuple[int, int]], block_size: int,
+                target: "ImageFile | _EmptyImage | None" = None) -> Iterator[BlockPlan]:
     """Yield a :class:`BlockPlan` for every target block that the upper chain touches.
 
     The upper chain is resolved piece by piece into runs (:meth:`VirtualDisk.segments`).
@@ -193,11 +195,12 @@ def plan_blocks(upper_disk: VirtualDisk, ranges: list[tuple[int, int]], block_si
         yield current
 
 
-def _zero_blocks(target: object, first: int, stop: int, block_size: int, size: int):  # noqa: ANN202
+def _zero_blocks(target: "ImageFile | _EmptyImage", first: int, stop: int, block_size: int,
+                 size: int) -> Iterator[BlockPlan]:
     """BlockPlans "all zeros" for the target blocks in [first, stop) that do not read
     zeros already by their own state: FULLY/PARTIALLY_PRESENT ones, and NOT_PRESENT
     ones of a differencing target (which would expose its parent otherwise)."""
-    has_parent = target.has_parent  # type: ignore[attr-defined]
+    has_parent = target.has_parent
 
     def plan(b: int) -> BlockPlan:
         bstart = b * block_size
@@ -205,7 +208,7 @@ def _zero_blocks(target: object, first: int, stop: int, block_size: int, size: i
         return BlockPlan(b, bstart, n, [], [(bstart, n)], True)
 
     pos = first
-    for b, n, e in target.payload_runs(first, stop):  # type: ignore[attr-defined]
+    for b, n, e in target.payload_runs(first, stop):
         if has_parent:
             yield from (plan(k) for k in range(pos, b))  # NOT_PRESENT gap
         state = e & S.BAT_STATE_MASK
@@ -227,14 +230,14 @@ class _Mover:
     """Copies and zero-fills into the target, through the C engine when the target's
     storage is a plain file (else through the storage, so tests can record it)."""
 
-    def __init__(self, target: WritableDisk, upper: Sequence[ImageFile], summary: MergeSummary,
+    def __init__(self, storage: Storage, upper: Sequence[ImageFile], summary: MergeSummary,
                  allow_clone: bool) -> None:
-        self.target = target
+        self.storage = storage
         self.upper = upper
         self.summary = summary
         self.allow_clone = allow_clone
         # Exactly a plain file (subclasses, such as the tests' recorders, see every write).
-        self.native = type(target.storage) in (FileStorage, DeferredSyncStorage)
+        self.native = type(storage) in (FileStorage, DeferredSyncStorage)
         self.copies: dict[int, list[tuple[int, int, int]]] = {}
         self.zeros: list[tuple[int, int]] = []
         self.queued = 0  # bytes waiting in copies + zeros
@@ -254,7 +257,7 @@ class _Mover:
 
     def run(self) -> None:
         """Move everything queued (no barrier: the commit flushes)."""
-        st = self.target.storage
+        st: Any = self.storage
         sm = self.summary
         for src, ranges in self.copies.items():
             img = self.upper[src]
@@ -292,6 +295,25 @@ class _Mover:
         self.queued = 0
 
 
+class _CountingMover(_Mover):
+    """The dry run's mover: counts what would be copied and zeroed, moves nothing."""
+
+    def __init__(self, summary: MergeSummary) -> None:
+        self.summary = summary
+        self.queued = 0
+
+    def copy(self, src: int, src_off: int, dst_off: int, length: int) -> None:
+        self.summary.bytes_copied += length
+        self.queued += length
+
+    def zero(self, dst_off: int, length: int) -> None:
+        self.summary.bytes_zeroed += length
+        self.queued += length
+
+    def run(self) -> None:
+        self.queued = 0
+
+
 def _start_writeback(fd: int, ranges: list[tuple[int, int, int]], methods: list[int]) -> None:
     """Start writing copied (not cloned) bytes back after each chunk, so that the
     commit's fsync finds little left and dirty pages never pile up for a whole
@@ -308,7 +330,7 @@ def _start_writeback(fd: int, ranges: list[tuple[int, int, int]], methods: list[
         pass  # advice only: the commit's fsync writes everything anyway
 
 
-def _advise_dontneed(fadvise: Callable, fd: int, ranges: list[tuple[int, int, int]],
+def _advise_dontneed(fadvise: Callable[[int, int, int, int], None], fd: int, ranges: list[tuple[int, int, int]],
                      methods: list[int]) -> None:
     lo = hi = -1
     for (_, d, n), m in zip(ranges, methods):
@@ -324,81 +346,39 @@ def _advise_dontneed(fadvise: Callable, fd: int, ranges: list[tuple[int, int, in
         fadvise(fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
 
 
-def _apply_block(t: WritableDisk, p: BlockPlan, mover: _Mover | None, summary: MergeSummary) -> None:
-    """Merge one block per FORMAT.md §8.3's table (``mover`` None: dry run, count only)."""
-    img = t.image
-    geo = img.geometry
-    lss = geo.logical_sector_size
-    idx = geo.payload_index(p.block)
-    # Planning past the end of a target that the merge will grow: the new blocks
-    # will be ZERO in a differencing target and NOT_PRESENT in a base (resize.py).
-    e = img.bat[idx] if idx < len(img.bat) else (S.PAYLOAD_BLOCK_ZERO if img.has_parent else 0)
-    state = e & S.BAT_STATE_MASK
+def _apply_block(bm: BlockMap, p: BlockPlan, mover: _Mover, summary: MergeSummary) -> None:
+    """Merge one block: :func:`merge_action` decides, the block map and the mover do it."""
+    geo = bm.geometry
+    e = bm.payload_entry(p.block)
     foff = e & S.BAT_OFFSET_MASK
-    has_data = bool(p.data)
+    covered = sum(n for _, n, _, _ in p.data) + sum(n for _, n in p.zeros)
+    upper = classify_upper(covered, p.length, bool(p.data))
+    img = bm.image
+    action = merge_action(upper, e & S.BAT_STATE_MASK, has_parent=img.has_parent, fixed=img.is_fixed)
+    if action is Action.LEAVE:
+        return
     summary.blocks_changed += 1
-
-    def fill(base: int, zero_existing: bool) -> None:
-        for v, n, src, soff in p.data:
-            if mover:
-                mover.copy(src, soff, base + v - p.start, n)
-            else:
-                summary.bytes_copied += n
-        if zero_existing:
-            for v, n in p.zeros:
-                if mover:
-                    mover.zero(base + v - p.start, n)
-                else:
-                    summary.bytes_zeroed += n
-
-    def set_entry(state_: int, offset: int) -> None:
-        if mover:
-            t._set_entry(idx, S.bat_entry(state_, offset))
-
-    def set_defined_bits() -> None:
-        if not mover:
-            return
-        for v, n, *_ in p.data:
-            t._set_bits(p.block, (v - p.start) // lss, n // lss)
+    if action is Action.SET_ZERO:
+        bm.set_payload(p.block, S.PAYLOAD_BLOCK_ZERO)
+        return
+    if action.allocates:
+        foff = bm.allocate(geo.block_size)  # reads zeros: only data is written
+    for v, n, src, soff in p.data:
+        mover.copy(src, soff, foff + v - p.start, n)
+    if action.in_place:
         for v, n in p.zeros:
-            t._set_bits(p.block, (v - p.start) // lss, n // lss)
-
-    if state == S.PAYLOAD_BLOCK_FULLY_PRESENT:
-        if p.fully_defined and not has_data and not img.is_fixed:
-            set_entry(S.PAYLOAD_BLOCK_ZERO, 0)  # whole block zero: no data to write
-        else:
-            fill(foff, True)
-    elif state == S.PAYLOAD_BLOCK_PARTIALLY_PRESENT:
-        if p.fully_defined and not has_data:
-            set_entry(S.PAYLOAD_BLOCK_ZERO, 0)
-        else:
-            fill(foff, True)
-            if p.fully_defined:
-                set_entry(S.PAYLOAD_BLOCK_FULLY_PRESENT, foff)
-            else:
-                set_defined_bits()
-    elif state == S.PAYLOAD_BLOCK_NOT_PRESENT and img.has_parent:
-        if p.fully_defined and not has_data:
-            set_entry(S.PAYLOAD_BLOCK_ZERO, 0)  # never NOT_PRESENT: it would expose the parent
-        else:
-            new = t._allocate(geo.block_size) if mover else 0
-            fill(new, False)  # a fresh block reads zeros already
-            if p.fully_defined:
-                set_entry(S.PAYLOAD_BLOCK_FULLY_PRESENT, new)
-            else:
-                if mover:
-                    t._ensure_sb(p.block // geo.chunk_ratio)
-                set_entry(S.PAYLOAD_BLOCK_PARTIALLY_PRESENT, new)
-                set_defined_bits()
-    else:
-        # NOT_PRESENT in a base, ZERO, UNDEFINED, UNMAPPED: the block reads zeros, so
-        # only data matters; a fresh block zero-fills everything else.
-        if not has_data:
-            summary.blocks_changed -= 1
-            return
-        new = t._allocate(geo.block_size) if mover else 0
-        fill(new, False)
-        set_entry(S.PAYLOAD_BLOCK_FULLY_PRESENT, new)
+            mover.zero(foff + v - p.start, n)
+    if action in (Action.WRITE_FULL, Action.NEW_FULL):
+        bm.set_payload(p.block, S.PAYLOAD_BLOCK_FULLY_PRESENT, foff)
+    elif action is Action.NEW_PARTIAL:
+        bm.ensure_bitmap(p.block // geo.chunk_ratio)
+        bm.set_payload(p.block, S.PAYLOAD_BLOCK_PARTIALLY_PRESENT, foff)
+    if action in (Action.WRITE_BITS, Action.NEW_PARTIAL):
+        lss = geo.logical_sector_size
+        for v, n, *_ in p.data:
+            bm.set_bits(p.block, (v - p.start) // lss, n // lss)
+        for v, n in p.zeros:
+            bm.set_bits(p.block, (v - p.start) // lss, n // lss)
 
 
 def _sync_virtual_disk_items(t: WritableDisk, top: ImageFile, summary: MergeSummary) -> None:
@@ -490,7 +470,7 @@ def merge(child: str | os.PathLike[str], into: str | os.PathLike[str] | None = N
             f.close()
 
 
-def _finish_deletions(child: str, search_dirs: Sequence, confine: Sequence | None,
+def _finish_deletions(child: str, search_dirs: Sequence[PathLike], confine: Sequence[PathLike] | None,
                       t0: float) -> MergeSummary | None:
     """A rerun after the merge completed and its deletions began (the chain no
     longer opens): delete what is left. None when that is not the situation."""
@@ -542,7 +522,7 @@ def _unlink(path: str) -> None:
     fsync_dir(path)
 
 
-def _planned_growth(upper: Sequence[ImageFile], target: ImageFile, new_size: int) -> int:
+def _planned_growth(upper: Sequence[ImageFile], target: "ImageFile | _EmptyImage", new_size: int) -> int:
     """Upper bound of the bytes the target file grows by: a fresh block for every
     target block that the upper files hold data for and the target does not,
     a sector-bitmap block per chunk when partial, plus the grown BAT."""
@@ -593,7 +573,7 @@ def _in_folder(path: str, folder_of: str) -> bool:
 
 
 def _merge_into(chain: list[ImageFile], k: int, dry_run: bool, keep: bool, force: bool,
-                progress: ProgressFn | None, search_dirs: Sequence, allow_clone: bool,
+                progress: ProgressFn | None, search_dirs: Sequence[PathLike], allow_clone: bool,
                 storage_factory: Callable[[str], Storage] | None, t0: float,
                 warnings: list[str], named: Sequence[str] = ()) -> MergeSummary:
     from .dependents import find_linked, search_folders
@@ -658,7 +638,7 @@ def _merge_into(chain: list[ImageFile], k: int, dry_run: bool, keep: bool, force
             summary.seconds = time.monotonic() - t0
             return summary
         upper_disk = VirtualDisk(upper)  # shares the ImageFiles, which ``chain`` owns
-        _execute(_PlanOnly(target), upper_disk, upper, summary, True, progress, allow_clone)
+        _dry_run(target, upper_disk, upper, summary, progress, grown=top.virtual_size)
         summary.seconds = time.monotonic() - t0
         return summary
 
@@ -675,6 +655,8 @@ def _merge_into(chain: list[ImageFile], k: int, dry_run: bool, keep: bool, force
         check_space(target.path, _planned_growth(upper, target, top.virtual_size), "the merge")
     for f in upper[:-1]:
         lock_exclusive(f.fd, f.path)
+
+    mark: dict[str, str | None] = {MERGED_MARK: f"{{{new_guid}}} {{{top.data_write_guid}}}"}
 
     def storage_of(path: str) -> Storage:
         return storage_factory(path) if storage_factory else FileStorage.open(path, writable=True)
@@ -699,15 +681,18 @@ def _merge_into(chain: list[ImageFile], k: int, dry_run: bool, keep: bool, force
         for f in chain[k:]:
             f.close()
         if not data_done:
+            # In-place (the top file is the one above the target): the mark goes into
+            # the session that wrote linkage2, saving a session's start and clean close
+            # (six fsyncs); it is still written only after the target is durable.
             _merge_data(upper, top, above.path, target_path, new_guid, summary, progress,
-                        allow_clone, storage_of)
+                        allow_clone, storage_of, mark if mark_top and k == 1 else None)
         for f in upper:
             f.close()  # reads are over; the mark below opens ``top`` for writing
-        if mark_top:
+        if mark_top and k > 1:
             st = storage_of(top.path)
             opened.append(st)
             with WritableDisk(top.path, standalone=True, storage=st) as w:
-                w.update_parent_locator({MERGED_MARK: f"{{{new_guid}}} {{{top.data_write_guid}}}"})
+                w.update_parent_locator(mark)
         # 4. children of the merged child now hang directly off the target.
         for path in children:
             with WritableDisk(path, standalone=True, storage=child_storage[path]) as c:
@@ -733,19 +718,36 @@ def _merge_into(chain: list[ImageFile], k: int, dry_run: bool, keep: bool, force
 
 def _merge_data(upper: list[ImageFile], top: ImageFile, above_path: str, target_path: str,
                 new_guid: uuid.UUID, summary: MergeSummary, progress: ProgressFn | None,
-                allow_clone: bool, storage_of: Callable[[str], Storage]) -> None:
-    """Steps 1-3: linkage2 = G' above the target, G' in the target, then its blocks."""
+                allow_clone: bool, storage_of: Callable[[str], Storage],
+                mark: dict[str, str | None] | None = None) -> None:
+    """Steps 1-3: linkage2 = G' above the target, G' in the target, then its blocks;
+    then ``mark`` into the file above the target, in the same session."""
     st_a = storage_of(above_path)
     try:
         _merge_data_into(upper, top, above_path, target_path, new_guid, summary, progress,
-                         allow_clone, storage_of, st_a)
+                         allow_clone, storage_of, st_a, mark)
     finally:
         st_a.close()  # passed in, so the writers leave the storages open (and locked)
 
 
 def _merge_data_into(upper: list[ImageFile], top: ImageFile, above_path: str, target_path: str,
                      new_guid: uuid.UUID, summary: MergeSummary, progress: ProgressFn | None,
-                     allow_clone: bool, storage_of: Callable[[str], Storage], st_a: Storage) -> None:
+                     allow_clone: bool, storage_of: Callable[[str], Storage], st_a: Storage,
+                     mark: dict[str, str | None] | None) -> None:
+    # The barriers of an in-place merge (17; bench_merge.py's JSON lists them by
+    # call site), each one needed:
+    # child, 9: session start, 3 (the header written to both slots, each flushed,
+    #   FORMAT.md §2.2; the empty first entry, §6.5 step 1); linkage2's entry, 1
+    #   (durable before the target takes G', else a crash leaves the child linked
+    #   to neither GUID); the mark's entry, 2 (its pre-write barrier makes
+    #   linkage2's apply durable, so the entry's Tail may be its own offset; then
+    #   the entry itself, durable before any deletion); clean close, 3 (the apply
+    #   durable before LogGuid = 0, then both header slots).
+    # target, 8: session start with G', 3; each commit, 2 (payload durable before
+    #   the entry exposing it, FORMAT.md §7 rule 5; the entry) - a clone-path merge
+    #   commits once; clean close, 3.
+    # Before, the mark took a session of its own on the child (+3 start, +3 close,
+    # -1 pre-write barrier): 22.
     # 1. linkage2 = G' in the file directly above the target (its DataWriteGuid kept).
     with WritableDisk(above_path, standalone=True, storage=st_a) as a:
         upper[-1] = a.image
@@ -758,7 +760,7 @@ def _merge_data_into(upper: list[ImageFile], top: ImageFile, above_path: str, ta
         except BaseException:
             st_t.close()
             raise
-        state: dict = {"size": st_t.size(), "seq": None}
+        state: dict[str, int | None] = {"size": st_t.size(), "seq": None}
         try:
             t.log.mark_data_changed(new_guid)
             if t.size < top.virtual_size:
@@ -766,8 +768,12 @@ def _merge_data_into(upper: list[ImageFile], top: ImageFile, above_path: str, ta
                 # change, new blocks ZERO in a differencing target (FORMAT.md §8.3).
                 t.resize(top.virtual_size)
                 summary.warnings.append(f"target grew to the child's virtual size {top.virtual_size}")
-            state["size"], state["seq"] = st_t.size(), t.log._seq
-            _execute(t, upper_disk, upper, summary, False, progress, allow_clone, state)
+            def committed() -> None:
+                state["size"], state["seq"] = st_t.size(), t.log.sequence
+
+            committed()
+            _execute(t.blocks, t.commit, _Mover(st_t, upper, summary, allow_clone),
+                     upper_disk, upper, summary, progress, committed)
             _sync_virtual_disk_items(t, top, summary)
             t.close()  # flush, then LogGuid = 0: the target is durable and clean
         except OSError as e:
@@ -778,9 +784,13 @@ def _merge_data_into(upper: list[ImageFile], top: ImageFile, above_path: str, ta
             raise
         finally:
             st_t.close()
+        if mark is not None:
+            # The target is durable and clean (closed above): the mark may say so. Its
+            # log entry's pre-write barrier also makes linkage2's apply durable.
+            a.update_parent_locator(mark)
 
 
-def _roll_back(t: WritableDisk, st: Storage, state: dict) -> None:
+def _roll_back(t: WritableDisk, st: Storage, state: dict[str, int | None]) -> None:
     """After a failure in the data phase: drop what no committed entry refers to.
 
     Uncommitted BAT changes are forgotten and the file is cut back to its size at
@@ -789,12 +799,11 @@ def _roll_back(t: WritableDisk, st: Storage, state: dict) -> None:
     the next writable open replays it. The chain reads as before either way: the
     upper chain masks every sector the target changed.
     """
-    t._pending_bat.clear()
-    t._pending_bat_sectors.clear()
-    t._pending_sb.clear()
+    t.blocks.discard()
     try:
-        if state["seq"] is not None and t.log._seq == state["seq"] and st.size() > state["size"]:
-            st.truncate(state["size"])
+        size, seq = state["size"], state["seq"]
+        if seq is not None and size is not None and t.log.sequence == seq and st.size() > size:
+            st.truncate(size)
             st.flush()
     except OSError:
         pass  # the space stays allocated; `vhdx check` reports it
@@ -821,51 +830,52 @@ def _failure(e: OSError, target: str, child: str, operation: str,
         f"`{command or f'vhdx merge {child}'}` again to complete it", e.errno)
 
 
-def _execute(t: WritableDisk, upper_disk: VirtualDisk, upper: list[ImageFile], summary: MergeSummary,
-             dry_run: bool, progress: ProgressFn | None, allow_clone: bool,
-             state: dict | None = None) -> None:
-    """Plan and move every block; ``state`` gets the file size and log sequence after
-    each commit (what a failure rolls back to)."""
+def _execute(bm: BlockMap, commit: Callable[[], object], mover: _Mover, upper_disk: VirtualDisk,
+             upper: list[ImageFile], summary: MergeSummary, progress: ProgressFn | None,
+             committed: Callable[[], None] | None = None, report_bytes: int | None = None) -> None:
+    """Plan and move every block through ``bm`` (a :class:`RecordingBlockMap` and a
+    counting mover in a dry run); ``commit`` logs the pending changes, ``committed``
+    is told after each (what a failure rolls back to). The mover runs (and progress
+    is reported) every ``report_bytes`` queued, at a commit, and at the end."""
     ranges = defined_ranges(upper, upper_disk.size)
     total = sum(e - s for s, e in ranges)
-    mover = None if dry_run else _Mover(t, upper, summary, allow_clone)
+    if report_bytes is None:
+        report_bytes = CHUNK_BYTES  # read now: tests shrink it
     done = pending = 0
-    committed = time.monotonic()
-    for p in plan_blocks(upper_disk, ranges, t.image.geometry.block_size, t.image):
-        _apply_block(t, p, mover, summary)
+    last = time.monotonic()
+    for p in plan_blocks(upper_disk, ranges, bm.geometry.block_size, bm.image):
+        _apply_block(bm, p, mover, summary)
         pending += p.length
-        if mover is None:
-            report = pending >= PLAN_REPORT_BYTES
-        else:
-            report = mover.queued >= CHUNK_BYTES or t._commit_due()
-            if report:
-                mover.run()
-            if t._commit_due() or time.monotonic() - committed >= BATCH_SECONDS:
-                mover.run()
-                t._commit()
-                if state is not None:
-                    state["size"], state["seq"] = t.storage.size(), t.log._seq
-                committed = time.monotonic()
-                report = True
+        due = bm.commit_due()
+        report = mover.queued >= report_bytes or due
+        if report:
+            mover.run()
+        if due or time.monotonic() - last >= BATCH_SECONDS:
+            mover.run()
+            commit()
+            if committed is not None:
+                committed()
+            last = time.monotonic()
+            report = True
         if report:
             done += pending
             pending = 0
             if progress is not None and progress(done, total) is False:
                 raise CancelledError("merge cancelled; run it again to complete it")
-    if mover is not None:
-        mover.run()
-        # The transaction's pre-write barrier makes the payload durable before the
-        # logged change that exposes it (FORMAT.md §7 rule 5c).
-        t._commit()
+    mover.run()
+    # The transaction's pre-write barrier makes the payload durable before the
+    # logged change that exposes it (FORMAT.md §7 rule 5).
+    commit()
     if progress is not None:
         progress(total, total)
 
 
-class _PlanOnly:
-    """Stand-in for a WritableDisk in a dry run: the target's block states, no writes."""
-
-    def __init__(self, image: object) -> None:
-        self.image = image
+def _dry_run(target: Any, upper_disk: VirtualDisk, upper: list[ImageFile], summary: MergeSummary,
+             progress: ProgressFn | None, grown: int | None = None) -> None:
+    """The merge planned over a block map that records, with a mover that counts."""
+    bm = RecordingBlockMap(target, grown=grown)
+    _execute(bm, bm.commit, _CountingMover(summary), upper_disk, upper, summary, progress,
+             report_bytes=PLAN_REPORT_BYTES)
 
 
 class _EmptyImage:
@@ -879,7 +889,7 @@ class _EmptyImage:
         self.virtual_size = geometry.virtual_size
         self.bat = _ZeroBat()
 
-    def payload_runs(self, first: int = 0, stop: int | None = None):  # noqa: ANN201
+    def payload_runs(self, first: int = 0, stop: int | None = None) -> Iterator[tuple[int, int, int]]:
         return iter(())  # every block NOT_PRESENT
 
 
@@ -907,7 +917,7 @@ def _flatten(chain: list[ImageFile], output: str, dry_run: bool, progress: Progr
     upper_disk = VirtualDisk(chain)
     if dry_run:
         geo = Geometry(top.virtual_size, top.block_size, top.logical_sector_size, False)
-        _execute(_PlanOnly(_EmptyImage(geo)), upper_disk, chain, summary, True, progress, allow_clone)
+        _dry_run(_EmptyImage(geo), upper_disk, chain, summary, progress)
         summary.seconds = time.monotonic() - t0
         return summary
     from .preflight import check_space
@@ -939,7 +949,8 @@ def _flatten(chain: list[ImageFile], output: str, dry_run: bool, progress: Progr
         fd = -1
         with WritableDisk(tmp, storage=storage) as t:
             t.log.mark_data_changed()
-            _execute(t, upper_disk, chain, summary, False, progress, allow_clone)
+            _execute(t.blocks, t.commit, _Mover(t.storage, chain, summary, allow_clone),
+                     upper_disk, chain, summary, progress)
             t.flush()
             t.log.close()
             if isinstance(storage, DeferredSyncStorage):

@@ -39,7 +39,6 @@ from typing import Any, Callable, Sequence
 from .chain import accepted_linkages, find_parent, open_chain
 from .create import parent_info_for
 from .errors import (
-    DependentDisksError,
     InvalidArgumentError,
     ParentMismatchError,
     ParentNotFoundError,

@@ -83,9 +83,9 @@ def _entries_bytes(geo: Geometry, first: int, stop: int, state: int, fixed_base:
         block = geo.block_of_index(i)
         if block >= geo.payload_blocks:
             continue
-        e = S.bat_entry(S.PAYLOAD_BLOCK_FULLY_PRESENT, fixed_base)
+        entry = S.bat_entry(S.PAYLOAD_BLOCK_FULLY_PRESENT, fixed_base)
         fixed_base += block_size
-        out[(i - first) * 8:(i - first + 1) * 8] = e.to_bytes(8, "little")
+        out[(i - first) * 8:(i - first + 1) * 8] = entry.to_bytes(8, "little")
     return out
 
 
@@ -118,7 +118,8 @@ def resize(disk: "WritableDisk", new_size: int) -> None:
     old_size = md.virtual_size
     if new_size == old_size:
         return
-    disk._commit()
+    disk.commit()
+    bm = disk.blocks
     old_geo = img.geometry
     new_geo = Geometry(new_size, md.block_size, lss, md.has_parent)
     if new_size < old_size and not _cut_is_zero(disk, new_size, old_size):
@@ -138,10 +139,8 @@ def resize(disk: "WritableDisk", new_size: int) -> None:
                 info.state == S.PAYLOAD_BLOCK_NOT_PRESENT and img.has_parent)
             if wants_zeroing:
                 bstart = tail_block * bs
-                n = min(new_size, bstart + bs) - old_size
-                zeros = bytes(n)
-                disk._write_block(tail_block, bstart, old_size, memoryview(zeros))
-                disk._commit()  # entries past the old end are invisible until the size changes
+                _zero_tail(disk, tail_block, old_size - bstart, min(new_size, bstart + bs) - old_size)
+                disk.commit()  # entries past the old end are invisible until the size changes
 
     # Desired raw table bytes for the entries that change: [lo, hi).
     old_total, new_total = old_geo.total_entries, new_geo.total_entries
@@ -153,7 +152,7 @@ def resize(disk: "WritableDisk", new_size: int) -> None:
             first_new = sum(1 for i in range(lo, hi)
                             if i % (new_geo.chunk_ratio + 1) != new_geo.chunk_ratio
                             and new_geo.block_of_index(i) < new_geo.payload_blocks)
-            fixed_base = disk._allocate(first_new * bs) if first_new else None
+            fixed_base = bm.allocate(first_new * bs) if first_new else None
         elif img.has_parent:
             state = S.PAYLOAD_BLOCK_ZERO
         else:
@@ -191,7 +190,7 @@ def resize(disk: "WritableDisk", new_size: int) -> None:
         freed = _dropped_allocations(img.bat, old_geo, lo, hi, desired)
 
     if move:
-        new_off = disk._allocate(need_len)
+        new_off = bm.allocate(need_len)
         # Fill the new (unreferenced) region directly, then flush: like a new payload
         # block, it must be durable before the logged change that references it.
         old_raw = memoryview(img.bat).cast("B")
@@ -259,23 +258,46 @@ def resize(disk: "WritableDisk", new_size: int) -> None:
 
     # The Virtual Disk Size item.
     item = md.item(S.VIRTUAL_DISK_SIZE_GUID)
+    if item is None:  # required by every open (MS-VHDX 2.6.2.2)
+        raise VhdxError(f"{img.path}: no Virtual Disk Size metadata item")
     md_off = img.header_section.metadata_region.file_offset
     pos = md_off + item.offset
     raw = S.build(S.VirtualDiskSize, dict(virtual_disk_size=new_size))
     for sec in range(pos & ~(SECTOR - 1), _align_up(pos + len(raw), SECTOR), SECTOR):
-        buf = bytearray(disk.storage.pread(sec, SECTOR).ljust(SECTOR, b"\0"))
+        sector_buf = bytearray(disk.storage.pread(sec, SECTOR).ljust(SECTOR, b"\0"))
         s0, s1 = max(sec, pos), min(sec + SECTOR, pos + len(raw))
-        buf[s0 - sec:s1 - sec] = raw[s0 - pos:s1 - pos]
-        updates[sec] = bytes(buf)
+        sector_buf[s0 - sec:s1 - sec] = raw[s0 - pos:s1 - pos]
+        updates[sec] = bytes(sector_buf)
 
     lw.transaction(updates, zero_ranges)
     for k in range(0, len(after_data), _BATCH_SECTORS):
         lw.transaction(dict(after_data[k:k + _BATCH_SECTORS]))
     for k in range(0, len(after_zero), 100):
         lw.transaction({}, after_zero[k:k + 100])
-    disk._reload_top()  # closes the log session: nothing can replay past a cut below
+    disk.reload()  # closes the log session: nothing can replay past a cut below
     if new_size < old_size:
         _give_back(disk, freed)
+
+
+def _zero_tail(disk: "WritableDisk", block: int, rel: int, n: int) -> None:
+    """Make [rel, rel+n) of ``block`` (sectors past the old end) read zeros.
+
+    FULLY_PRESENT: zeros written in place. PARTIALLY_PRESENT: zeros written, their
+    bits set. NOT_PRESENT in a differencing disk: a fresh block (it reads zeros)
+    with only those sectors' bits set, so the rest keeps reading the parent.
+    """
+    bm = disk.blocks
+    lss = bm.geometry.logical_sector_size
+    e = bm.payload_entry(block)
+    state, off = e & S.BAT_STATE_MASK, e & S.BAT_OFFSET_MASK
+    if state == S.PAYLOAD_BLOCK_NOT_PRESENT:
+        off = bm.allocate(bm.geometry.block_size)
+        bm.ensure_bitmap(block // bm.geometry.chunk_ratio)
+        bm.set_payload(block, S.PAYLOAD_BLOCK_PARTIALLY_PRESENT, off)
+    else:
+        disk.storage.pwrite(off + rel, bytes(n))
+    if state != S.PAYLOAD_BLOCK_FULLY_PRESENT:
+        bm.set_bits(block, rel // lss, n // lss)
 
 
 def _dropped_allocations(bat: object, geo: Geometry, lo: int, hi: int,
@@ -310,5 +332,5 @@ def _give_back(disk: "WritableDisk", freed: list[tuple[int, int]]) -> None:
     for off, n in freed:
         if off < end:
             space.free(off, min(n, end - off))
-    disk._alloc_end = -1  # found again from the file as it now is
-    disk._reload_top()
+    disk.blocks.forget_end()  # found again from the file as it now is
+    disk.reload()

@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import os
 import uuid
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from . import structures as S
-from .bat import iter_nonzero
+from .blockmap import BlockMap
 from .chain import open_parents
-from .disk import Extent, VirtualDisk
-from .errors import InvalidArgumentError, LockedError, ReadOnlyError, VhdxError, naming
-from .image import ImageFile
+from .disk import VirtualDisk
+from .errors import InvalidArgumentError, ReadOnlyError, VhdxError, naming
+from .image import Extent, ImageFile
 from .log_writer import LogWriter
 from .storage import FileStorage, Storage
 
@@ -104,61 +104,37 @@ class WritableDisk(VirtualDisk):
         super().__init__([img, *ancestors], [f"{path}: {w}" for w in img.warnings] + warnings)
         self._parent = VirtualDisk(ancestors) if ancestors else None
         self._standalone = standalone and img.has_parent
-        bat_region = img.header_section.bat_region
-        self._bat_offset = bat_region.file_offset
-        self._bat_bytes = memoryview(img.bat).cast("B") if isinstance(img.bat, memoryview) else None
-        if self._bat_bytes is None:
-            raise VhdxError("writing is supported on little-endian hosts only")
-        self._pending_bat: set[int] = set()
-        self._pending_bat_sectors: set[int] = set()
         # Commit before a log entry could outgrow the log (FORMAT.md §6.5 step 2).
-        self._max_pending = max(1, self.log.max_entry_length // SECTOR - _PENDING_HEADROOM)
-        self._pending_sb: dict[int, bytearray] = {}  # 4 KiB file offset -> sector image
-        self._runs_stale: set[int] = set()
-        self._alloc_end = -1  # found on the first allocation: a metadata edit never scans the BAT
+        self.blocks = BlockMap(img, storage, self.log,
+                               max_pending=self.log.max_entry_length // SECTOR - _PENDING_HEADROOM)
 
     # --- state ---------------------------------------------------------------------
     @property
     def image(self) -> ImageFile:
         return self.chain[0]
 
+    @property
+    def parent_disk(self) -> VirtualDisk | None:
+        """The parent chain as one disk (None for a base disk or a standalone open)."""
+        return self._parent
+
     def writable(self) -> bool:
         return not self.closed
 
-    def _compute_alloc_end(self) -> int:
-        img = self.image
-        end = max(img.file_size, img.logical_size)
-        for s, e, _ in img._reserved_spans():
-            end = max(end, e)
-        geo = img.geometry
-        for i, entry in iter_nonzero(img.bat, spans=img.bat_spans):
-            off = entry & S.BAT_OFFSET_MASK
-            if off:
-                size = S.SECTOR_BITMAP_BLOCK_SIZE if geo.is_sb_index(i) else geo.block_size
-                end = max(end, off + size)
-        return _align_up(end, MiB)
+    # The pending sets by their old names (tests/test_merge.py counts commits by them).
+    @property
+    def _pending_bat(self) -> frozenset[int]:
+        return self.blocks.pending_entries
 
-    def _allocate(self, size: int) -> int:
-        """A fresh 1 MiB-aligned range at the end of the file, reading zeros (FORMAT.md §7 rule 5a, 9)."""
-        if self._alloc_end < 0:
-            self._alloc_end = self._compute_alloc_end()
-        off = self._alloc_end
-        self._alloc_end = off + _align_up(size, MiB)
-        if self.storage.size() < self._alloc_end:
-            self.storage.truncate(self._alloc_end)
-        return off
+    @property
+    def _pending_bat_sectors(self) -> frozenset[int]:
+        return self.blocks.pending_bat_sectors
 
-    def _set_entry(self, index: int, value: int) -> None:
-        self.image.bat[index] = value
-        self.image.note_bat_entry(index)
-        self._pending_bat.add(index)
-        self._pending_bat_sectors.add((self._bat_offset + 8 * index) // SECTOR)
+    @property
+    def _pending_sb(self) -> frozenset[int]:
+        return self.blocks.pending_bitmap_sectors
 
-    def _commit_due(self) -> bool:
-        """True when the pending metadata nears what one log entry can carry."""
-        return len(self._pending_bat_sectors) + len(self._pending_sb) > self._max_pending
-
-    def _reload_top(self) -> None:
+    def reload(self) -> None:
         """Re-read the top file after a layout change (size, BAT location).
 
         The log session is closed first (LogGuid = 0, everything applied), so the new
@@ -172,66 +148,7 @@ class WritableDisk(VirtualDisk):
         old.close()
         self.chain[0] = img
         self._refresh()
-        self._bat_offset = img.header_section.bat_region.file_offset
-        self._bat_bytes = memoryview(img.bat).cast("B")
-        self._pending_bat.clear()
-        self._pending_bat_sectors.clear()
-        self._pending_sb.clear()
-        self._runs_stale.clear()
-        if self._alloc_end >= 0:
-            self._alloc_end = max(self._alloc_end, self._compute_alloc_end())
-
-    def _sb_sector(self, file_offset: int) -> bytearray:
-        sec = self._pending_sb.get(file_offset)
-        if sec is None:
-            sec = bytearray(self.storage.pread(file_offset, SECTOR).ljust(SECTOR, b"\0"))
-            self._pending_sb[file_offset] = sec
-        return sec
-
-    def _ensure_sb(self, chunk: int) -> int:
-        geo = self.image.geometry
-        idx = geo.sb_index(chunk)
-        e = self.image.bat[idx]
-        if e & S.BAT_STATE_MASK == S.SB_BLOCK_PRESENT:
-            return e & S.BAT_OFFSET_MASK
-        off = self._allocate(S.SECTOR_BITMAP_BLOCK_SIZE)  # reads zeros: no bit set (FORMAT.md §7 rule 6)
-        self._set_entry(idx, S.bat_entry(S.SB_BLOCK_PRESENT, off))
-        return off
-
-    def _bit(self, block: int, sector: int) -> bool:
-        """Current sector-bitmap bit (pending state included) of a PARTIALLY_PRESENT block."""
-        geo = self.image.geometry
-        sb = self.image.bat[geo.sb_index(block // geo.chunk_ratio)] & S.BAT_OFFSET_MASK
-        start, _ = geo.bitmap_slice(block)
-        byte = sb + start + sector // 8
-        sec = self._pending_sb.get(byte & ~(SECTOR - 1))
-        value = sec[byte % SECTOR] if sec is not None else self.storage.pread(byte, 1)[0]
-        return bool(value >> (sector % 8) & 1)
-
-    def _set_bits(self, block: int, first: int, count: int) -> None:
-        """Set bits [first, first+count) of ``block``'s slice of its chunk's sector bitmap."""
-        geo = self.image.geometry
-        sb = self._ensure_sb(block // geo.chunk_ratio)
-        start, _ = geo.bitmap_slice(block)
-        base = (sb + start) * 8  # absolute bit address in the file
-        lo, hi = base + first, base + first + count
-        while lo < hi:
-            sector_off = (lo // 8) & ~(SECTOR - 1)
-            sec = self._sb_sector(sector_off)
-            sec_hi = min(hi, (sector_off + SECTOR) * 8)
-            b0, b1 = lo - sector_off * 8, sec_hi - sector_off * 8
-            # Whole bytes in one slice assignment; edge bits one by one.
-            while b0 < b1 and b0 % 8:
-                sec[b0 // 8] |= 1 << (b0 % 8)
-                b0 += 1
-            full = (b1 - b0) // 8
-            sec[b0 // 8:b0 // 8 + full] = b"\xff" * full
-            b0 += full * 8
-            while b0 < b1:
-                sec[b0 // 8] |= 1 << (b0 % 8)
-                b0 += 1
-            lo = sec_hi
-        self._runs_stale.add(block)
+        self.blocks.rebind(img)
 
     # --- reading the current contents (pending state included) ---------------------
     def _read_current(self, offset: int, size: int) -> bytes:
@@ -244,15 +161,16 @@ class WritableDisk(VirtualDisk):
         while pos < end:
             block = pos // geo.block_size
             bstart = block * geo.block_size
-            e = img.bat[geo.payload_index(block)]
+            e = self.blocks.payload_entry(block)
             state = e & S.BAT_STATE_MASK
             n = min(end, (pos // lss + 1) * lss) - pos  # at most to the end of this sector
             if state == S.PAYLOAD_BLOCK_FULLY_PRESENT or (
-                    state == S.PAYLOAD_BLOCK_PARTIALLY_PRESENT and self._bit(block, (pos - bstart) // lss)):
+                    state == S.PAYLOAD_BLOCK_PARTIALLY_PRESENT and self.blocks.bit(block, (pos - bstart) // lss)):
                 out += self.storage.pread((e & S.BAT_OFFSET_MASK) + pos - bstart, n).ljust(n, b"\0")
             elif state in (S.PAYLOAD_BLOCK_NOT_PRESENT, S.PAYLOAD_BLOCK_PARTIALLY_PRESENT) and (
                     self._parent or self._standalone):
                 self._need_parents()
+                assert self._parent is not None  # standalone opens refused just above
                 out += self._parent.read_at(pos, n).ljust(n, b"\0")
             else:
                 out += bytes(n)
@@ -263,7 +181,7 @@ class WritableDisk(VirtualDisk):
         if self._standalone:
             raise InvalidArgumentError(f"{self.image.path} was opened without its parents")
 
-    def readinto_at(self, offset: int, buffer) -> int:  # noqa: ANN001
+    def readinto_at(self, offset: int, buffer: Any) -> int:
         self._need_parents()
         self._commit()  # reads go through the committed on-disk state
         return super().readinto_at(offset, buffer)
@@ -301,16 +219,16 @@ class WritableDisk(VirtualDisk):
             n = min(end, bstart + geo.block_length(block)) - pos
             self._write_block(block, bstart, pos, mv[pos - offset:pos - offset + n])
             pos += n
-            if self._commit_due():
+            if self.blocks.commit_due():
                 self._commit()
         return len(mv)
 
     def _write_block(self, block: int, bstart: int, pos: int, chunk: memoryview) -> None:
         img = self.image
+        bm = self.blocks
         geo = img.geometry
         lss = geo.logical_sector_size
-        idx = geo.payload_index(block)
-        e = img.bat[idx]
+        e = bm.payload_entry(block)
         state = e & S.BAT_STATE_MASK
         foff = e & S.BAT_OFFSET_MASK
         n = len(chunk)
@@ -322,26 +240,25 @@ class WritableDisk(VirtualDisk):
         if deferring and not whole:
             # Sector-granular: only the written sectors become present (PARTIALLY_PRESENT).
             a, b = pos // lss * lss, _align_up(pos + n, lss)
+            buf: bytes | bytearray | memoryview = chunk
             if (a, b) != (pos, pos + n):
                 buf = bytearray(self._read_current(a, pos - a)) + chunk + self._read_current(pos + n, b - pos - n)
-            else:
-                buf = chunk
             if state == S.PAYLOAD_BLOCK_NOT_PRESENT:
-                foff = self._allocate(geo.block_size)
-                self._ensure_sb(block // geo.chunk_ratio)
-                self._set_entry(idx, S.bat_entry(S.PAYLOAD_BLOCK_PARTIALLY_PRESENT, foff))
+                foff = bm.allocate(geo.block_size)
+                bm.ensure_bitmap(block // geo.chunk_ratio)
+                bm.set_payload(block, S.PAYLOAD_BLOCK_PARTIALLY_PRESENT, foff)
             self.storage.pwrite(foff + a - bstart, buf)
-            self._set_bits(block, (a - bstart) // lss, (b - a) // lss)
+            bm.set_bits(block, (a - bstart) // lss, (b - a) // lss)
             return
         if state == S.PAYLOAD_BLOCK_PARTIALLY_PRESENT:  # whole-block overwrite
             self.storage.pwrite(foff, chunk)
-            self._set_entry(idx, S.bat_entry(S.PAYLOAD_BLOCK_FULLY_PRESENT, foff))
+            bm.set_payload(block, S.PAYLOAD_BLOCK_FULLY_PRESENT, foff)
             return
         # NOT_PRESENT (no parent, or whole block), ZERO, UNDEFINED, UNMAPPED: the rest of
         # the block reads zeros now and in the fresh allocation.
-        new = self._allocate(geo.block_size)
+        new = bm.allocate(geo.block_size)
         self.storage.pwrite(new + pos - bstart, chunk)
-        self._set_entry(idx, S.bat_entry(S.PAYLOAD_BLOCK_FULLY_PRESENT, new))
+        bm.set_payload(block, S.PAYLOAD_BLOCK_FULLY_PRESENT, new)
 
     def write_zeroes_at(self, offset: int, length: int, *, discard: bool = False) -> None:
         """Make [offset, offset+length) read zeros.
@@ -366,8 +283,7 @@ class WritableDisk(VirtualDisk):
             whole = pos == bstart and n == blen
             if whole and not img.is_fixed:
                 state = S.PAYLOAD_BLOCK_UNMAPPED if discard else S.PAYLOAD_BLOCK_ZERO
-                self._set_entry(geo.payload_index(block), S.bat_entry(state, 0))
-                self._runs_stale.add(block)
+                self.blocks.set_payload(block, state)
             elif not discard or img.is_fixed:
                 done = 0
                 while done < n:
@@ -375,7 +291,7 @@ class WritableDisk(VirtualDisk):
                     self._write_block(block, bstart, pos + done, memoryview(_ZERO_CHUNK)[:k])
                     done += k
             pos += n
-            if self._commit_due():
+            if self.blocks.commit_due():
                 self._commit()
 
     # --- metadata --------------------------------------------------------------------
@@ -449,7 +365,7 @@ class WritableDisk(VirtualDisk):
         return pairs
 
     # --- io.RawIOBase --------------------------------------------------------------
-    def write(self, data) -> int:  # noqa: ANN001
+    def write(self, data: Any) -> int:
         n = self.write_at(self._pos, data)
         self._pos += n
         return n
@@ -457,31 +373,13 @@ class WritableDisk(VirtualDisk):
     # --- durability ------------------------------------------------------------------
     def _commit(self) -> None:
         """Log and apply every pending BAT / sector-bitmap change in one entry."""
-        if not self._pending_bat and not self._pending_sb:
-            return
-        img = self.image
-        raw = self._bat_bytes
-        bat_end = self._bat_offset + len(raw)
-        updates: dict[int, bytes] = {}
-        for idx in self._pending_bat:
-            sector = (self._bat_offset + 8 * idx) & ~(SECTOR - 1)
-            if sector in updates:
-                continue
-            lo, hi = max(sector, self._bat_offset), min(sector + SECTOR, bat_end)
-            buf = bytearray(self.storage.pread(sector, SECTOR).ljust(SECTOR, b"\0"))
-            buf[lo - sector:hi - sector] = raw[lo - self._bat_offset:hi - self._bat_offset]
-            updates[sector] = bytes(buf)
-        for off, sec in self._pending_sb.items():
-            updates[off] = bytes(sec)
-        self.log.transaction(updates)
-        self._pending_bat.clear()
-        self._pending_bat_sectors.clear()
-        self._pending_sb.clear()
-        with img._lock:
-            for block in self._runs_stale:
-                img._runs.pop(block, None)
-        self._runs_stale.clear()
-        self._maps.clear()  # resolved block maps describe the old state
+        if self.blocks.commit():
+            self._maps.clear()  # resolved block maps describe the old state
+
+    def commit(self) -> None:
+        """Log the pending block-map changes now (one log entry; its pre-write barrier
+        makes the payload written so far durable first). No fsync of its own."""
+        self._commit()
 
     def resize(self, new_size: int) -> None:
         """Grow or shrink the virtual disk (see :mod:`vhdx.resize`); one logged change."""
@@ -509,7 +407,7 @@ class WritableDisk(VirtualDisk):
                 self.storage.close()
 
 
-def open_writable(path: str | os.PathLike[str], **kwargs) -> WritableDisk:  # noqa: ANN003
+def open_writable(path: str | os.PathLike[str], **kwargs: Any) -> WritableDisk:
     """``vhdx.open(path, "r+")``."""
     return WritableDisk(path, **kwargs)
 
