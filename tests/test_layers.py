@@ -39,12 +39,7 @@ EXTENSIONS = ("vhdx._native", "vhdx._fastread")
 # Runtime cycles that the block-map rewrite (issue 10, item 1: writer.py, resize.py,
 # compact.py) removes; listed so that they cannot grow unnoticed and so that the
 # entry must go once the cycle is gone (the test fails on a stale entry).
-KNOWN_CYCLES: set[frozenset[str]] = {
-    # WritableDisk.resize -> resize.resize -> compact.FileSpace/live_end -> WritableDisk
-    # (all function-local): the block map (vhdx/blockmap.py) takes the free-space
-    # bookkeeping out of compact.
-    frozenset({"vhdx.writer", "vhdx.resize", "vhdx.compact"}),
-}
+KNOWN_CYCLES: set[frozenset[str]] = set()  # none left; an entry must name a cycle that exists
 
 
 @dataclass(frozen=True)

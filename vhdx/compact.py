@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import ctypes
-import errno
 import json
 import os
 import sys
@@ -39,16 +37,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
-from . import native
 from . import structures as S
 from .bat import iter_nonzero
 from .errors import UnsupportedFeatureError
 from .errors import converts_os_errors
 from .fdio import data_extents
+from .filespace import FileSpace, align_up
 from .image import ImageFile
-from .storage import DeferredSyncStorage, FileStorage, Storage
+from .storage import Storage
 
-__all__ = ["compact", "CompactSummary", "plan_pack", "live_end", "FileSpace", "register"]
+__all__ = ["compact", "CompactSummary", "plan_pack", "register"]
 
 MiB = S.MiB
 SECTOR = S.LOG_SECTOR_SIZE
@@ -95,8 +93,7 @@ class CompactSummary:
 
 
 # --- pack planning (pure) -------------------------------------------------------------------
-def _align_up(n: int, a: int = MiB) -> int:
-    return -(-n // a) * a
+_align_up = align_up
 
 
 def plan_pack(objects: Sequence[tuple[int, int, int]], reserved: Sequence[tuple[int, int]],
@@ -137,87 +134,10 @@ def plan_pack(objects: Sequence[tuple[int, int, int]], reserved: Sequence[tuple[
     return moves, _align_up(max(ends, default=0))
 
 
-def live_end(img: Any) -> int:
-    """1 MiB-aligned end of everything ``img`` references: regions, log, blocks."""
-    geo = img.geometry
-    end = max(e for _, e, _ in img.reserved_spans())
-    # Bare zero states are skipped (chunk_ratio): only entries with an offset matter.
-    for i, e in iter_nonzero(img.bat, geo.chunk_ratio, spans=img.bat_spans):
-        off, state = e & S.BAT_OFFSET_MASK, e & S.BAT_STATE_MASK
-        if not off:
-            continue
-        if geo.is_sb_index(i):
-            if state == S.SB_BLOCK_PRESENT:
-                end = max(end, off + S.SECTOR_BITMAP_BLOCK_SIZE)
-        elif state in _PRESENT:
-            end = max(end, off + geo.block_size)
-    return _align_up(end)
-
-
 # --- file-system helpers ----------------------------------------------------------------------
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_libc: Any = None
-
-
-def _punch(fd: int, offset: int, length: int) -> bool:
-    """Deallocate [offset, offset+length) keeping the size (Linux fallocate); False
-    where the platform or file system cannot."""
-    global _libc
-    if not sys.platform.startswith("linux") or length <= 0:
-        return False
-    if _libc is None:
-        try:
-            _libc = ctypes.CDLL(None, use_errno=True)
-            _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-        except (OSError, AttributeError):
-            _libc = False
-    if not _libc:
-        return False
-    rc = _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
-    if rc != 0:
-        e = ctypes.get_errno()
-        if e in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-            return False
-        raise OSError(e, os.strerror(e))
-    return True
-
-
 def _allocated(path: str) -> int:
     st = os.stat(path)
     return getattr(st, "st_blocks", 0) * 512
-
-
-class FileSpace:
-    """Copies, zero-checks and hole punches on the image: through the C engine and
-    fallocate on a plain file, through the storage otherwise (the power-loss tests
-    record every write)."""
-
-    def __init__(self, storage: Storage, fd: int) -> None:
-        self.st = storage
-        self.fd = fd
-        self.native = type(storage) in (FileStorage, DeferredSyncStorage)
-
-    def copy(self, src: int, dst: int, n: int) -> None:
-        if self.native:
-            native.copy_ranges(self.fd, self.fd, [(src, dst, n)])
-            self.st.note_external_write()  # type: ignore[attr-defined]
-            return
-        for k in range(0, n, _CHUNK):
-            m = min(_CHUNK, n - k)
-            self.st.pwrite(dst + k, self.st.pread(src + k, m).ljust(m, b"\0"))
-
-    def free(self, offset: int, n: int) -> int:
-        """Make an unreferenced range give its space back; bytes punched."""
-        if self.native:
-            try:
-                return n if _punch(self.fd, offset, n) else 0
-            except OSError:
-                return 0  # space is given back by the truncate, or on the next run
-        # Recorded storage: a punch reads as zeros; model it as zeros written.
-        for k in range(0, n, _CHUNK):
-            self.st.pwrite(offset + k, _ZEROS[:min(_CHUNK, n - k)])
-        return n
 
 
 # --- the API -------------------------------------------------------------------------------------

@@ -321,7 +321,7 @@ def _dropped_allocations(bat: object, geo: Geometry, lo: int, hi: int,
 def _give_back(disk: "WritableDisk", freed: list[tuple[int, int]]) -> None:
     """After a shrink: cut the file after the last region or live block, and punch
     the dropped blocks that lie below that end (where the file system can)."""
-    from .compact import FileSpace, live_end
+    from .filespace import FileSpace, live_end
 
     img = disk.image
     end = live_end(img)
