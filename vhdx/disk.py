@@ -452,7 +452,7 @@ class VirtualDisk(NotCopyable, io.RawIOBase):
         opened read-only (``vhdx.open(path, "r+")`` opens it writable)."""
         if not self.writable():
             raise self._read_only()
-        n = self.write_at(self._pos, data)
+        n = self.write_at(self._pos, memoryview(data))
         self._pos += n
         return n
 

@@ -115,7 +115,7 @@ class Extent:
     source: int | None  # index into VirtualDisk.chain for data, else None
     file_offset: int | None = None  # where the data lies in that file
 
-    def to_dict(self, chain: Sequence[ImageFile] | None = None) -> dict[str, Any]:
+    def to_dict(self, chain: Sequence[_Named] | None = None) -> dict[str, Any]:
         d: dict[str, Any] = {"offset": self.offset, "length": self.length, "kind": self.kind}
         if self.source is not None:
             d["source"] = self.source
@@ -123,6 +123,13 @@ class Extent:
             if chain is not None:
                 d["file"] = chain[self.source].path
         return d
+
+
+class _Named(Protocol):
+    """What :meth:`Extent.to_dict` needs of a chain's file (VHDX or VHD): its path."""
+
+    @property
+    def path(self) -> str: ...
 
 
 def append_own_extent(out: list[Extent], off: int, length: int, kind: ExtentKind, foff: int | None) -> None:

@@ -14,7 +14,7 @@ import itertools
 import os
 from collections.abc import Sequence
 
-from ..check import CheckReport, Finding, walk_chain
+from ..check import CheckReport, Finding, Severity, walk_chain
 from ..errors import ChecksumError, VhdxError, VhdxIOError
 from . import structures as S
 from .chain import check_parent, find_parent
@@ -40,7 +40,7 @@ def _open(path: str, report: CheckReport) -> VhdFile | None:
 
 
 def _check_file(f: VhdFile, report: CheckReport) -> None:
-    def add(sev: str, msg: str) -> None:
+    def add(sev: Severity, msg: str) -> None:
         report.findings.append(Finding(f.path, sev, msg))
 
     for w in f.warnings:

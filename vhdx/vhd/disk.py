@@ -38,7 +38,7 @@ class VhdDisk(VirtualDisk):
 
     def _refresh(self) -> None:
         self._size = self.chain[0].virtual_size
-        self._maps: dict[int, tuple[list[int], list[Segment[int]]]] = {}
+        self._maps: dict[int, tuple[list[int], list[Segment]]] = {}
         top = self.chain[0]
         # The block-map cache of VirtualDisk keys on the top file's block size.
         self._levels = [(top.virtual_size, top.block_size)]  # type: ignore[list-item]
@@ -83,7 +83,7 @@ class VhdDisk(VirtualDisk):
         return self.top.unique_id
 
     # --- resolution --------------------------------------------------------------
-    def _resolve(self, level: int, offset: int, length: int, base: int, out: list[Segment[int]]) -> None:
+    def _resolve(self, level: int, offset: int, length: int, base: int, out: list[Segment]) -> None:
         img = self.chain[level]
         end = offset + length
         vsize = img.virtual_size
@@ -120,15 +120,15 @@ class VhdDisk(VirtualDisk):
         if tail_start < end:
             _emit(out, tail_start - base, end - tail_start, ZERO, 0)
 
-    def segments(self, offset: int, length: int) -> list[Segment[int]]:
+    def segments(self, offset: int, length: int) -> list[Segment]:
         """As :meth:`VirtualDisk.segments`, resolved block by block through the VHD BAT."""
-        out: list[Segment[int]] = []
+        out: list[Segment] = []
         if length > 0:
             self._resolve(0, offset, length, offset, out)
         return out
 
     def _resolve_bitmap_runs(self, level: int, runs: list[tuple[int, int, bool]], bstart: int, data: int,
-                             pos: int, n: int, base: int, has_parent: bool, out: list[Segment[int]]) -> None:
+                             pos: int, n: int, base: int, has_parent: bool, out: list[Segment]) -> None:
         rel, rel_end = pos - bstart, pos - bstart + n
         i = bisect.bisect_right(runs, (rel // S.SECTOR, 1 << 62, True)) - 1
         while rel < rel_end:

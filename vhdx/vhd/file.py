@@ -26,7 +26,7 @@ from ..errors import (
     VhdxError,
 )
 from ..fdio import open_regular_file, pread_into
-from ..image import Extent, append_own_extent
+from ..image import Extent, ExtentKind, append_own_extent
 from ..locking import lock_image
 from ..native import bitmap_runs
 from . import structures as S
@@ -463,7 +463,7 @@ class VhdFile:
         size = self.virtual_size
         out: list[Extent] = []
 
-        def emit(off: int, length: int, kind: str, foff: int | None) -> None:
+        def emit(off: int, length: int, kind: ExtentKind, foff: int | None) -> None:
             append_own_extent(out, off, length, kind, foff)
 
         if self.is_fixed:

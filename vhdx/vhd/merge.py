@@ -92,8 +92,20 @@ def merge_vhd(child: PathLike, into: PathLike | None = None, output: PathLike | 
             f.close()
 
 
+def _bytes_done(progress: ProgressFn | None, total: int) -> Callable[[int], None] | None:
+    """A one-argument progress callback over ``progress(done, total)``."""
+    if progress is None:
+        return None
+
+    def report(done: int) -> None:
+        progress(done, total)
+
+    return report
+
+
 def _flatten(child: PathLike, output: str, dry_run: bool, progress: ProgressFn | None,
-             parents, search_dirs, ignore_linkage: bool, t0: float) -> MergeSummary:
+             parents: Sequence[PathLike] | None, search_dirs: Sequence[PathLike], ignore_linkage: bool,
+             t0: float) -> MergeSummary:
     from .disk import open_vhd as open_disk
 
     with open_disk(child, parents=parents, search_dirs=search_dirs, ignore_linkage=ignore_linkage) as d:
@@ -117,8 +129,8 @@ def _flatten(child: PathLike, output: str, dry_run: bool, progress: ProgressFn |
         else:
             from .convert import convert_to_vhd
 
-            convert_to_vhd(child, output, parents=parents, search_dirs=search_dirs,
-                           ignore_linkage=ignore_linkage, progress=bar)
+            convert_to_vhd(child, output, parents=parents, search_dirs=search_dirs, ignore_linkage=ignore_linkage,
+                           progress=_bytes_done(progress, data))
     summary.bytes_copied = data
     summary.seconds = time.monotonic() - t0
     return summary

@@ -42,7 +42,7 @@ class VhdChainReader(native.ChainReader):
     _CONSTRUCTOR = "vhdx_vhd_reader_new"
 
     def _cffi_levels(self) -> tuple[Any, list[Any]]:
-        ffi = native._ext.ffi  # type: ignore[attr-defined]  # the cffi module (HAVE_CHAIN_READER: loaded)
+        ffi = native._ext.ffi  # the cffi module (HAVE_CHAIN_READER: loaded)
         arr = ffi.new("vhdx_vhd_level[]", len(self._specs))
         keep: list[Any] = [arr]
         for d, (fd, cache, fixed, bat, entries, vsize, bs) in zip(arr, self._specs):
