@@ -295,6 +295,11 @@ class _Mover:
         self.queued = 0
 
 
+
+# Public name: the VHD merge (vhdx/vhd/merge.py) moves its data through the same engine.
+RangeMover = _Mover
+
+
 class _CountingMover(_Mover):
     """The dry run's mover: counts what would be copied and zeroed, moves nothing."""
 

@@ -43,7 +43,7 @@ from ..errors import (
 )
 from ..fdio import fsync_dir
 from ..merge_engine import CHUNK_BYTES, MergeSummary, ProgressFn
-from ..merge_engine import _Mover as RangeMover  # the VHDX engine's data mover, shared (see _move)
+from ..merge_engine import RangeMover  # the VHDX engine's data mover, shared (see _move)
 from ..storage import Storage
 from ..writer import lock_exclusive
 from . import structures as S
@@ -199,7 +199,7 @@ def _merge_into(chain: list[VhdFile], k: int, dry_run: bool, keep: bool, force: 
     storage = storage_factory(target_path) if storage_factory else None
     with VhdWritableDisk(target_path, parents=None if k + 1 >= len(chain) else [f.path for f in chain[k + 1:]],
                          storage=storage, dependents=False) as t:  # dependents: checked above
-        mover = RangeMover(t, upper, summary, True)  # type: ignore[arg-type]  # duck-typed: .storage, .fd, .read_file
+        mover = RangeMover(t.storage, upper, summary, True)  # type: ignore[arg-type]  # duck-typed: .storage, .fd, .read_file
         bs = t.top.block_size
         for i in range(0, len(plan), PREPARE_BLOCKS):
             batch = plan[i:i + PREPARE_BLOCKS]
