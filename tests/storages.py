@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from vhdx.errors import InvalidArgumentError, ReadOnlyError
-from vhdx.storage import Storage
+from vhdx.storage import Storage, check_range
 
 __all__ = ["MemoryStorage", "RecordingStorage", "JournalOp"]
 
@@ -35,13 +35,11 @@ class MemoryStorage:
         return self._dirty
 
     def pread(self, offset: int, size: int) -> bytes:
-        if offset < 0 or size < 0:
-            raise InvalidArgumentError(f"bad read range {offset}+{size}")
+        check_range(offset, size)
         return bytes(self.buf[offset:offset + size])
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        if offset < 0:
-            raise InvalidArgumentError(f"bad write offset {offset}")
+        check_range(offset)
         self._check_writable()
         mv = memoryview(data).cast("B")
         if offset > len(self.buf):

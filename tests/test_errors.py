@@ -180,15 +180,20 @@ def test_the_boundary_keeps_errno_and_prefers_the_os_file_name(tmp_path: Path) -
     assert type(pinfo.value) is BrokenPipeError
 
 
+def _assert_opens_fail(p: Path, err: int) -> None:
+    """Opening ``p`` read-only and writable both fail with VhdxIOError(err) naming it."""
+    for mode in ("r", "r+"):
+        with pytest.raises(E.VhdxIOError) as info:
+            vhdx.open(p, mode)
+        _assert_io(info.value, err, p)
+
+
 # --- open and read ---------------------------------------------------------------------------
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_open_fails_with_eio(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str) -> None:
     p = _image(tmp_path, fmt)
     _fail_reads(monkeypatch, p, errno.EIO)
-    for mode in ("r", "r+"):
-        with pytest.raises(E.VhdxIOError) as info:
-            vhdx.open(p, mode)
-        _assert_io(info.value, errno.EIO, p)
+    _assert_opens_fail(p, errno.EIO)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -202,10 +207,7 @@ def test_open_fails_with_eacces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         return orig(path, *a, **k)
 
     monkeypatch.setattr(os, "open", refusing)
-    for mode in ("r", "r+"):
-        with pytest.raises(E.VhdxIOError) as info:
-            vhdx.open(p, mode)
-        _assert_io(info.value, errno.EACCES, p)
+    _assert_opens_fail(p, errno.EACCES)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

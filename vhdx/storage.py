@@ -50,6 +50,12 @@ class Storage(Protocol):
         """True when a pwrite/truncate happened since the last flush()."""
 
 
+def check_range(offset: int, size: int = 0) -> None:
+    """The argument check every :class:`Storage` makes: no negative offset or size."""
+    if offset < 0 or size < 0:
+        raise InvalidArgumentError(f"bad range {offset}+{size}")
+
+
 class FileStorage:
     """:class:`Storage` over an OS file descriptor (positional I/O, no shared offset)."""
 
@@ -84,16 +90,14 @@ class FileStorage:
         return self._dirty
 
     def pread(self, offset: int, size: int) -> bytes:
-        if offset < 0 or size < 0:
-            raise InvalidArgumentError(f"bad read range {offset}+{size}")
+        check_range(offset, size)
         try:
             return pread(self.fd, offset, size)
         except OSError as e:
             raise VhdxIOError.from_os(e, self.path, f"read failed at {offset:#x}") from None
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        if offset < 0:
-            raise InvalidArgumentError(f"bad write offset {offset}")
+        check_range(offset)
         self._check_writable()
         self._dirty = True
         try:
