@@ -126,6 +126,44 @@ def test_rerun_after_an_interruption_between_two_repoints(tmp_path, monkeypatch)
     assert_family_merged(chain, gcs, views)
 
 
+def test_rerun_applies_a_repoint_left_in_the_log(tmp_path, monkeypatch):
+    """Killed after a grandchild's re-point reached its log but before the apply:
+    readers already see it re-pointed (the log is replayed in memory), and the rerun
+    must leave that file clean too, not with a pending log entry."""
+    chain, gcs, views = family(tmp_path)
+    from vhdx.image import ImageFile
+    from vhdx.log_writer import LogWriter
+    from vhdx.writer import WritableDisk
+
+    real_update, real_apply = WritableDisk.update_parent_locator, LogWriter._apply
+    state = {"repoint": False}
+
+    def marking(self, changes):  # noqa: ANN001, ANN202
+        state["repoint"] = "relative_path" in changes
+        return real_update(self, changes)
+
+    def killed_before_apply(self, *a, **k):  # noqa: ANN002, ANN003, ANN202
+        if state["repoint"]:
+            raise KeyboardInterrupt  # the entry is durable, the file not yet updated
+        return real_apply(self, *a, **k)
+
+    monkeypatch.setattr(WritableDisk, "update_parent_locator", marking)
+    monkeypatch.setattr(LogWriter, "_apply", killed_before_apply)
+    with pytest.raises(KeyboardInterrupt):
+        merge(chain.top)
+    monkeypatch.setattr(WritableDisk, "update_parent_locator", real_update)
+    monkeypatch.setattr(LogWriter, "_apply", real_apply)
+
+    def dirty(p: Path) -> bool:
+        with ImageFile(p) as img:
+            return img.header.log_dirty
+
+    assert [dirty(g.path) for g in gcs].count(True) == 1  # the state this test is about
+    merge(chain.top)
+    assert_family_merged(chain, gcs, views)
+    assert not any(dirty(g.path) for g in gcs)
+
+
 def _root_with(tool: str) -> None:
     if os.geteuid() != 0 or shutil.which(tool) is None:
         pytest.skip(f"needs root and {tool}")

@@ -624,9 +624,11 @@ def _merge_into(chain: list[ImageFile], k: int, dry_run: bool, keep: bool, force
                          [f.path for f in chain])
     dependents = [(p, q) for p, q, g in linked if g != top.data_write_guid]
     children = [p for p, _, g in linked if g == top.data_write_guid]
+    finished: list[str] = []  # re-pointed by the interrupted run
     if resuming:
         done = find_linked(folders, {new_guid: target.path}, [f.path for f in chain])
-        summary.repointed = [p for p, _, _ in done]
+        finished = [p for p, _, _ in done]
+        summary.repointed = list(finished)
     if dependents:
         names = ", ".join(f"{p} (child of {q})" for p, q in dependents)
         if not force:
@@ -706,6 +708,18 @@ def _merge_into(chain: list[ImageFile], k: int, dry_run: bool, keep: bool, force
                     "relative_path": relative_path(path, target_path),
                     "absolute_win32_path": absolute_win32_path(target_path),
                     "volume_path": None})
+        # 4b. a child the interrupted run re-pointed may hold that change only in its
+        # log (killed after the log's flush, before the apply): readers replay it in
+        # memory, so it counts as re-pointed; apply it now, so that the family ends as
+        # clean as after an uninterrupted merge.
+        for path in finished:
+            with ImageFile(path) as probe:
+                dirty = probe.header.log_dirty
+            if dirty:
+                st = storage_of(path)
+                opened.append(st)
+                with WritableDisk(path, standalone=True, storage=st):
+                    pass  # the writable open replays the log (FORMAT.md §6.4)
     except OSError as e:  # linkage2, mark or re-point: one line, and the way on
         raise _failure(e, target.path, top.path, "merge") from None
     finally:
