@@ -492,7 +492,7 @@ def test_hostile_log(vhdx_mod, tmp_path: Path, name: str, fn, outcome: str | Non
 
 
 def test_log_guid_without_entries_reads_stale(vhdx_mod, tmp_path: Path) -> None:
-    """Ref §6.4 step 4 caveat: LogGuid set but no CRC-valid entry carrying it -> empty log."""
+    """FORMAT.md §6.4 (step 4 caveat): LogGuid set but no CRC-valid entry carrying it -> empty log."""
     chain = _fresh(tmp_path)
     rewrite_headers(chain.top, chain.images[0].plan, log_guid=uuid.uuid4())
     r = attempt(vhdx_mod, chain)
