@@ -102,3 +102,31 @@ def test_coverage_guided_fuzzing_finds_nothing(tmp_path, target):
          f"-artifact_prefix={tmp_path}/", str(corpus)],
         capture_output=True, text=True, timeout=seconds + 300)
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def _run_vhd_target(tmp_path, *limit: str) -> subprocess.CompletedProcess:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    return subprocess.run(
+        [sys.executable, str(FUZZ / "fuzz_vhd.py"), *limit, "-timeout=10", "-rss_limit_mb=3072",
+         "-max_len=70000", f"-artifact_prefix={tmp_path}/", str(corpus)],
+        capture_output=True, text=True, timeout=900)
+
+
+def test_vhd_fuzz_target_runs_clean_briefly(tmp_path):
+    """The VHD target (tests/fuzz/fuzz_vhd.py) over its seeds and 500 mutations:
+    nothing but VhdxError escapes open, reads, extents and check."""
+    if importlib.util.find_spec("atheris") is None:
+        pytest.skip("atheris not installed")
+    proc = _run_vhd_target(tmp_path, "-runs=500")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "Done 500 runs" in proc.stderr
+
+
+@pytest.mark.soak
+def test_vhd_fuzz_target_finds_nothing(tmp_path):
+    """The VHD target for a bounded time ($VHDX_FUZZ_SECONDS, default 120)."""
+    if importlib.util.find_spec("atheris") is None:
+        pytest.skip("atheris not installed")
+    proc = _run_vhd_target(tmp_path, f"-max_total_time={int(os.environ.get('VHDX_FUZZ_SECONDS', '120'))}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
