@@ -27,6 +27,13 @@ import atheris  # noqa: E402 - after the sys.path set-up
 with atheris.instrument_imports(include=["vhdx"]):
     import vhdx
     from vhdx.errors import VhdxError
+    # Imported here, not lazily by vhdx.formats, so that they are instrumented too
+    # (coverage guidance sees only modules imported inside this block).
+    import vhdx.vhd.chain
+    import vhdx.vhd.check
+    import vhdx.vhd.disk
+    import vhdx.vhd.file
+    import vhdx.vhd.native_read  # noqa: F401
 
 KiB = 1024
 _TMP = tempfile.mkdtemp(prefix="fuzz_vhd_")
