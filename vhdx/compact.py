@@ -93,9 +93,6 @@ class CompactSummary:
 
 
 # --- pack planning (pure) -------------------------------------------------------------------
-_align_up = align_up
-
-
 def plan_pack(objects: Sequence[tuple[int, int, int]], reserved: Sequence[tuple[int, int]],
               ) -> tuple[list[tuple[int, int, int, int]], int]:
     """Moves that pack ``objects`` down, and the file end afterwards.
@@ -110,7 +107,7 @@ def plan_pack(objects: Sequence[tuple[int, int, int]], reserved: Sequence[tuple[
     gaps: list[list[int]] = []  # [start, end), 1 MiB aligned, ascending
     pos = 0
     for s, e in occupied:
-        a, b = _align_up(pos), s // MiB * MiB
+        a, b = align_up(pos), s // MiB * MiB
         if b > a:
             gaps.append([a, b])
         pos = max(pos, e)
@@ -131,7 +128,7 @@ def plan_pack(objects: Sequence[tuple[int, int, int]], reserved: Sequence[tuple[
         g[0] += size
         gaps = [x for x in gaps if x[1] > x[0]]
     ends = [e for _, e in reserved] + [o + n for o, n in final.values()]
-    return moves, _align_up(max(ends, default=0))
+    return moves, align_up(max(ends, default=0))
 
 
 # --- file-system helpers ----------------------------------------------------------------------

@@ -295,7 +295,7 @@ class ImageFile(NotCopyable):
         self.bat_spans: Spans
         self.bat, self.bat_spans = self._read_bat(bat_region.file_offset, count)
         self.bat_problems = validate_table(self.bat, self.geometry, self.logical_size,
-                                           self._reserved_spans(), self.bat_spans)
+                                           self.reserved_spans(), self.bat_spans)
         raise_fatal(self.bat_problems)
         self.warnings += [p.describe() for p in self.bat_problems]
         self._runs: dict[int, Runs] = {}
@@ -312,7 +312,6 @@ class ImageFile(NotCopyable):
         spans += [(r.file_offset, r.file_offset + r.length, f"region {r.name}") for r in hs.regions]
         return spans
 
-    _reserved_spans = reserved_spans  # the older private name, still used by the readers
 
     def _read_bat(self, offset: int, count: int) -> tuple[Table, Spans]:
         """The BAT, reading only the parts of it the file holds.
@@ -600,7 +599,7 @@ class ImageFile(NotCopyable):
         """End of the last byte a structure uses (header section, log, regions,
         payload blocks, sector bitmaps), rounded up to 1 MiB: the file need not be
         longer. A max per span of the table, in C: no per-entry Python work."""
-        end = max(e for _s, e, _n in self._reserved_spans())
+        end = max(e for _s, e, _n in self.reserved_spans())
         geo = self.geometry
         cr, cr1 = geo.chunk_ratio, geo.chunk_ratio + 1
         table = self.bat
