@@ -169,7 +169,7 @@ def test_convert_refuses_special_targets_and_they_survive(chain, tmp_path, kind)
         sock.bind(str(target))
     mode = os.lstat(target).st_mode
     try:
-        for fmt in ("raw", "vhdx"):
+        for fmt in ("raw", "vhdx", "vhd"):
             for force in ((), ("--force",)):
                 p = run("convert", chain.top, target, "--format", fmt, *force, rc=1, timeout=30)
                 err = one_error_line(p, target)
@@ -228,6 +228,11 @@ def test_p2v_from_a_block_device(tmp_path, loopdev):
     raw = tmp_path / "p2v.raw"
     run("convert", dev, raw)
     assert raw.read_bytes() == bytes(data)
+    for kind in ("fixed", "dynamic"):
+        vhd = tmp_path / f"p2v-{kind}.vhd"
+        run("convert", dev, vhd, "--type", kind)
+        with vhdx.open(vhd) as d:
+            assert d.size == 6 * MiB and d.read_at(0, d.size) == bytes(data)
     assert stat.S_ISBLK(os.stat(dev).st_mode)
 
 
@@ -240,7 +245,7 @@ def _plant(folder: Path, out_name: str, victim: Path) -> list[Path]:
 
 
 @pytest.mark.parametrize("victim_kind", ["file", "parent"])
-@pytest.mark.parametrize("how", ["convert-raw", "convert-vhdx", "flatten"])
+@pytest.mark.parametrize("how", ["convert-raw", "convert-vhdx", "convert-vhd", "convert-fixed-vhd", "flatten"])
 def test_planted_part_symlinks_are_never_written_through(chain, tmp_path, victim_kind, how):
     if victim_kind == "file":
         victim = tmp_path / "victim.bin"
@@ -248,10 +253,13 @@ def test_planted_part_symlinks_are_never_written_through(chain, tmp_path, victim
     else:
         victim = chain.parents[0]  # the chain's own parent
     before = [sha(victim)] + [sha(p) for p in chain.paths]
-    name = {"convert-raw": "o.raw", "convert-vhdx": "o.vhdx", "flatten": "o.vhdx"}[how]
+    name = {"convert-raw": "o.raw", "convert-vhdx": "o.vhdx", "convert-vhd": "o.vhd",
+            "convert-fixed-vhd": "o.vhd", "flatten": "o.vhdx"}[how]
     links = _plant(tmp_path, name, victim)
     if how == "flatten":
         run("merge", chain.top, "--output", tmp_path / name)
+    elif how == "convert-fixed-vhd":
+        run("convert", chain.top, tmp_path / name, "--type", "fixed")
     else:
         run("convert", chain.top, tmp_path / name)
     assert [sha(victim)] + [sha(p) for p in chain.paths] == before
@@ -351,8 +359,9 @@ def test_hash_map_convert_warn_about_missing_bytes(truncated, tmp_path):
     assert "past the end" in p.stderr.decode()
     assert any("past the end" in w for w in json.loads(p.stdout)["warnings"])
     assert any("past the end" in w for w in json.loads(run("info", truncated, "--json").stdout)["warnings"])
-    p = run("convert", truncated, tmp_path / "t.raw")
-    assert "past the end" in p.stderr.decode()
+    for out in ("t.raw", "t.vhd"):
+        p = run("convert", truncated, tmp_path / out)
+        assert "past the end" in p.stderr.decode()
     assert sha(truncated) == before
 
 
@@ -618,7 +627,7 @@ def test_help_says_what_merge_deletes_and_what_repair_writes():
     assert "--repair WRITES" in check.replace("--repair  WRITES", "--repair WRITES") or "WRITES to IMAGE" in check
 
 
-@pytest.mark.parametrize("name", ["o.raw", "o.vhdx"])
+@pytest.mark.parametrize("name", ["o.raw", "o.vhdx", "o.vhd"])
 def test_interrupted_convert_leaves_no_temp_and_keeps_the_old_output(chain, tmp_path, monkeypatch, capsys, name):
     from vhdx import cli, progress
 
@@ -700,7 +709,7 @@ def test_convert_refuses_up_front_when_the_output_cannot_fit(tmp_path, loopdev):
         src = tmp_path / "big.raw"
         src.write_bytes(random.Random(3).randbytes(40 * MiB))  # more than the file system holds
         free = os.statvfs(mnt).f_bavail
-        for name in ("o.raw", "o.vhdx"):
+        for name in ("o.raw", "o.vhdx", "o.vhd"):
             err = one_error_line(run("convert", src, mnt / name, rc=1), mnt / name)
             import re
 
@@ -712,11 +721,12 @@ def test_convert_refuses_up_front_when_the_output_cannot_fit(tmp_path, loopdev):
             assert os.statvfs(mnt).f_bavail == free
         # Past the check (as when something else fills the disk meanwhile): ENOSPC
         # mid-way is one line naming the output, and every byte is given back.
-        for name in ("o.raw", "o.vhdx"):
+        for name in ("o.raw", "o.vhdx", "o.vhd", "fixed.vhd"):
             p = subprocess.run(
                 [sys.executable, "-c", "import sys, vhdx.fileio as f, vhdx.cli as c; "
                  "f.check_free_space = lambda *a: None; sys.exit(c.main(sys.argv[1:]))",
-                 "convert", str(src), str(mnt / name)], cwd=REPO, capture_output=True, timeout=120)
+                 "convert", str(src), str(mnt / name), *(["--type", "fixed"] if name.startswith("fixed") else [])],
+                cwd=REPO, capture_output=True, timeout=120)
             assert p.returncode == 1
             err = one_error_line(p, mnt / name)
             assert "No space left on device" in err and "run the command again" in err
@@ -744,7 +754,7 @@ def test_eio_while_reading_a_source_is_one_line_and_leaves_nothing(tmp_path, loo
         pytest.skip("dmsetup create failed")
     bad = f"/dev/mapper/{name}"
     try:
-        for out in (tmp_path / "p.vhdx", tmp_path / "p.raw"):
+        for out in (tmp_path / "p.vhdx", tmp_path / "p.raw", tmp_path / "p.vhd"):
             err = one_error_line(run("convert", bad, out, rc=1), bad)
             assert "Input/output error" in err and "read failed" in err
             assert not out.exists() and not list(tmp_path.glob("*.part"))
@@ -777,7 +787,7 @@ def test_eio_at_many_offsets_is_one_line_naming_the_file(chain, tmp_path, eio_sh
         cases += [(os.path.realpath(d.chain[e.source].path), e.file_offset)
                   for e in d.extents() if e.kind == "data"]
     assert len(cases) >= 8
-    cmds = [("convert", "{out}.raw"), ("convert", "{out}.vhdx"), ("hash",)]
+    cmds = [("convert", "{out}.raw"), ("convert", "{out}.vhdx"), ("hash",), ("convert", "{out}.vhd")]
     for i, (path, offset) in enumerate(cases):
         env = dict(os.environ, LD_PRELOAD=str(eio_shim), VHDX_EIO_PATH=path,
                    VHDX_EIO_OFFSET=str(offset), VHDX_EIO_LENGTH="512")

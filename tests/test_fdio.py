@@ -92,6 +92,82 @@ def test_data_extents_finds_the_written_ranges(tmp_path):
         os.close(fd)
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_only_data_keeps_every_byte_a_copy_into_zeros_needs(tmp_path, seed):
+    """Copying only_data's ranges into a zero file gives what copying the whole
+    ranges gives, for random holes and random (overlapping, unsorted) ranges."""
+    import random
+
+    rng = random.Random(seed)
+    size = 8 * MiB
+    p = tmp_path / "src"
+    content = bytearray(size)
+    with open(p, "wb") as fh:
+        fh.truncate(size)
+        for _ in range(rng.randrange(1, 6)):
+            off, n = rng.randrange(0, size - 65536) // 4096 * 4096, rng.randrange(1, 16) * 65536
+            data = rng.randbytes(min(n, size - off))
+            fh.seek(off)
+            fh.write(data)
+            content[off:off + len(data)] = data
+    ranges = []  # destinations never overlap (a disk's extents); sources may
+    dst = 0
+    for _ in range(rng.randrange(1, 12)):
+        so = rng.randrange(0, size - 1)
+        n = rng.randrange(1, min(MiB, size - so) + 1)
+        dst += rng.randrange(0, 65536)
+        ranges.append((so, dst, n))
+        dst += n
+    rng.shuffle(ranges)
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        kept = fdio.only_data(fd, ranges)
+    finally:
+        os.close(fd)
+    want, got = bytearray(dst), bytearray(dst)
+    for so, do, n in ranges:
+        want[do:do + n] = content[so:so + n]
+    for so, do, n in kept:
+        assert n > 0 and any(a <= so and so + n <= a + m and do - so == d - a for a, d, m in ranges)
+        got[do:do + n] = content[so:so + n]
+    assert got == want
+    assert sum(n for _, _, n in kept) <= sum(n for _, _, n in ranges)
+
+
+def test_only_data_drops_the_holes(tmp_path):
+    p = tmp_path / "f"
+    with open(p, "wb") as fh:
+        fh.truncate(8 * MiB)
+        fh.seek(4 * MiB)
+        fh.write(b"\x07" * MiB)
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        if fdio.data_extents(fd, 0, 8 * MiB) == [(0, 8 * MiB)]:
+            pytest.skip("this file system reports no holes")
+        kept = fdio.only_data(fd, [(0, 16 * MiB, 8 * MiB)])
+    finally:
+        os.close(fd)
+    assert sum(n for _, _, n in kept) < 2 * MiB
+    assert all(so - 0 == do - 16 * MiB for so, do, _ in kept)
+    assert any(so <= 4 * MiB and 5 * MiB <= so + n for so, _, n in kept)
+
+
+def test_only_data_leaves_a_device_or_an_unknowing_file_alone(tmp_path, monkeypatch):
+    fd = os.open("/dev/zero", os.O_RDONLY)
+    try:
+        assert fdio.only_data(fd, [(0, 0, 4096)]) == [(0, 0, 4096)]
+    finally:
+        os.close(fd)
+    p = tmp_path / "f"
+    p.write_bytes(b"x" * 8192)
+    monkeypatch.setattr(fdio, "data_extents", lambda *a: (_ for _ in ()).throw(OSError(errno.EOPNOTSUPP, "no")))
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        assert fdio.only_data(fd, [(0, 0, 8192)]) == [(0, 0, 8192)]
+    finally:
+        os.close(fd)
+
+
 def test_open_regular_file_refuses_other_kinds(tmp_path):
     with pytest.raises(ImageNotFoundError):
         fdio.open_regular_file(tmp_path / "nope")

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from .disk import VirtualDisk
 
 __all__ = ["convert", "check_output", "convert_to_vhdx", "convert_to_raw", "open_source", "Source",
-           "is_vhdx_file", "raw_data_ranges", "output_format"]
+           "is_vhdx_file", "raw_data_ranges", "output_format", "refuse_self"]
 
 CHUNK = 32 * S.MiB
 PIECE = S.MiB  # zero-detection granularity (the file-allocation unit)
@@ -39,6 +39,7 @@ _ZERO_PIECE = bytes(PIECE)
 PathLike = str | os.PathLike[str]
 ProgressFn = Callable[[int, int], object]  # (bytes done, bytes in all)
 ParentArg = Any  # a path or a readable file object, as vhdx.open takes them
+FileRanges = list[tuple[int, str, list[tuple[int, int, int]]]]  # (fd, path, [(file offset, virtual offset, length)])
 
 
 def is_vhdx_file(path: str | os.PathLike[str]) -> bool:
@@ -197,7 +198,8 @@ class Source:
 
     def __init__(self, path: str, size: int, lss: int, pss: int, ranges: list[tuple[int, int]],
                  readinto: Callable[[int, memoryview], int], warnings: list[str],
-                 files: list[str], closer: Callable[[], None]) -> None:
+                 files: list[str], closer: Callable[[], None],
+                 file_ranges: Callable[[], "FileRanges | None"] | None = None) -> None:
         self.path, self.size = path, size
         self.logical_sector_size, self.physical_sector_size = lss, pss
         self.ranges = ranges  # (offset, length) of the data; the rest reads zeros
@@ -205,6 +207,14 @@ class Source:
         self.warnings = warnings
         self.files = files  # every file read (to refuse writing over one of them)
         self._closer = closer
+        self._file_ranges = file_ranges
+
+    def file_ranges(self) -> "FileRanges | None":
+        """Where the data lies in the files read: (fd, path, [(file offset,
+        virtual offset, length)]) per file, for a file-to-file copy (copy_file_range,
+        reflink); None when reads must go through :attr:`readinto` (a replayed
+        log patches them in memory)."""
+        return self._file_ranges() if self._file_ranges else None
 
     @property
     def data_bytes(self) -> int:
@@ -223,12 +233,25 @@ class Source:
 def disk_source(path: str, disk: VirtualDisk) -> Source:
     """A :class:`Source` reading an open disk (any format); closing it closes the disk."""
     try:
-        ranges = [(e.offset, e.length) for e in disk.extents() if e.kind == "data"]
+        extents = [e for e in disk.extents() if e.kind == "data"]
     except BaseException:
         disk.close()
         raise
-    return Source(path, disk.size, disk.logical_sector_size, disk.physical_sector_size, ranges,
-                  disk.readinto_at, list(disk.warnings), [f.path for f in disk.chain], disk.close)
+
+    def file_ranges() -> FileRanges | None:
+        by_file: dict[int, list[tuple[int, int, int]]] = {}
+        for e in extents:
+            if e.source is None or e.file_offset is None:
+                return None
+            f = disk.chain[e.source]
+            if getattr(f, "overlay", None) or getattr(f, "fd", -1) < 0:
+                return None
+            by_file.setdefault(e.source, []).append((e.file_offset, e.offset, e.length))
+        return [(disk.chain[i].fd, disk.chain[i].path, rs) for i, rs in by_file.items()]
+
+    return Source(path, disk.size, disk.logical_sector_size, disk.physical_sector_size,
+                  [(e.offset, e.length) for e in extents], disk.readinto_at, list(disk.warnings),
+                  [f.path for f in disk.chain], disk.close, file_ranges)
 
 
 # Formats built above this layer (vhdx/vhd/) open their files as a Source through
@@ -287,10 +310,11 @@ def open_source(source: PathLike, *, parents: Sequence[ParentArg] | None = None,
             raise VhdxIOError.from_os(e, path, f"read failed at {off:#x}") from None
 
     return Source(path, -(-size // 512) * 512, 512, 4096, ranges, readinto, [], [path],
-                  lambda: os.close(fd))
+                  lambda: os.close(fd), lambda: [(fd, path, [(o, o, n) for o, n in ranges])])
 
 
-def _refuse_self(output: str, src: Source) -> None:
+def refuse_self(output: str, src: Source) -> None:
+    """Refuse an output that is one of the files the source reads."""
     if not os.path.exists(output):
         return
     for f in src.files:
@@ -319,7 +343,7 @@ def convert_to_vhdx(source: PathLike | Source, output: PathLike, *,
         source, parents=parents, search_dirs=search_dirs, ignore_linkage=ignore_linkage,
         ignore_checksums=ignore_checksums)
     try:
-        _refuse_self(target.path, src)
+        refuse_self(target.path, src)
         plan = plan_new(output, src.size, type=type, block_size=block_size,
                         logical_sector_size=src.logical_sector_size,
                         physical_sector_size=src.physical_sector_size)
@@ -389,10 +413,10 @@ def convert_to_raw(source: PathLike | Source, output: PathLike, *,
         if target.kind == "stdout":
             _stream(src, progress)
         elif target.kind == "block":
-            _refuse_self(output, src)
+            refuse_self(output, src)
             _to_block_device(src, output, progress)
         else:
-            _refuse_self(output, src)
+            refuse_self(output, src)
             fileio.check_free_space(output, src.data_bytes, "the raw image")
             fd, tmp = fileio.create_temp(output)
             try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 
+from . import fileio
 from . import structures as S
 from .errors import InvalidArgumentError, OutputDirectoryError, OutputExistsError, VhdxIOError
 from .errors import converts_os_errors
@@ -54,23 +55,6 @@ def parent_info_for(child_path: str | os.PathLike[str], parent: ImageFile) -> Pa
     child_path, ppath = os.fspath(child_path), parent.path
     return ParentInfo(parent.data_write_guid, relative_path=relative_path(child_path, ppath),
                       absolute_win32_path=absolute_win32_path(ppath))
-
-
-def _allocate(fd: int, size: int, path: str) -> None:
-    """Really allocate a fixed disk, as Hyper-V does (a sparse "fixed" file would
-    fail with ENOSPC inside the guest later). Where the file system cannot
-    preallocate, the file stays sparse."""
-    import errno
-
-    fallocate = getattr(os, "posix_fallocate", None)
-    if fallocate is None:
-        return
-    try:
-        fallocate(fd, 0, size)
-    except OSError as e:
-        if e.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-            return
-        raise VhdxIOError.from_os(e, path, f"cannot allocate the fixed disk ({size} bytes)") from None
 
 
 def plan_new(path: str | os.PathLike[str], size: int | str | None = None, *, type: str = "dynamic",  # noqa: A002
@@ -153,7 +137,7 @@ def create(path: str | os.PathLike[str], size: int | str | None = None, *, type:
             write_new_image(fh, plan)
             fh.flush()
             if type == "fixed":
-                _allocate(fh.fileno(), plan.file_size, path)
+                fileio.allocate(fh.fileno(), plan.file_size, path)
             os.fsync(fh.fileno())
     except BaseException:
         try:

@@ -146,6 +146,32 @@ def data_extents(fd: int, start: int, end: int) -> list[tuple[int, int]]:
     return out
 
 
+def only_data(fd: int, ranges: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """The parts of copy ranges (file offset, destination offset, length) of
+    ``fd`` that hold data: the rest reads zeros, so a copy into a new sparse file
+    can leave it out. Unchanged where holes cannot be told (not a regular file,
+    no SEEK_DATA): a device node reports itself as one hole."""
+    if not ranges or not stat.S_ISREG(os.fstat(fd).st_mode):
+        return ranges
+    rs = sorted(ranges)
+    try:
+        data = data_extents(fd, rs[0][0], max(so + n for so, _, n in rs))
+    except OSError:
+        return ranges
+    out: list[tuple[int, int, int]] = []
+    j = 0
+    for so, do, n in rs:
+        end = so + n
+        while j < len(data) and data[j][1] <= so:
+            j += 1
+        k = j
+        while k < len(data) and data[k][0] < end:
+            lo, hi = max(so, data[k][0]), min(end, data[k][1])
+            out.append((lo, do + lo - so, hi - lo))
+            k += 1
+    return out
+
+
 def fsync(fd: int) -> None:
     """Full durability barrier for ``fd`` (FORMAT.md §7 rule 10): ``F_FULLFSYNC``
     on macOS, where plain fsync does not flush the drive cache."""

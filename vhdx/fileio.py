@@ -32,7 +32,7 @@ from .errors import (
 )
 from .fdio import device_size, fsync_dir, open_read_only
 
-__all__ = ["Target", "inspect_output", "check_free_space", "create_temp", "commit_temp", "discard_temp",
+__all__ = ["Target", "inspect_output", "check_free_space", "allocate", "create_temp", "commit_temp", "discard_temp",
            "open_block_device", "open_source", "kind_name"]
 
 
@@ -95,16 +95,25 @@ def inspect_output(path: str | os.PathLike[str], *, force: bool = False,
 def check_free_space(final: str | os.PathLike[str], needed: int, what: str) -> None:
     """Refuse, with the numbers, when the output's file system cannot hold
     ``needed`` more bytes (statvfs; skipped where it cannot be asked)."""
+    from .preflight import check_space
+
     final = os.fspath(final)
-    folder = os.path.dirname(os.path.abspath(final))
-    try:
-        st = os.statvfs(folder)
-    except (OSError, AttributeError):
+    check_space(os.path.dirname(os.path.abspath(final)), needed, what, final)
+
+
+def allocate(fd: int, size: int, path: str) -> None:
+    """Really allocate [0, size) of a new fixed disk, as Hyper-V does (a sparse
+    "fixed" file would fail with ENOSPC inside the guest later). Where the file
+    system cannot preallocate, the file stays sparse."""
+    fallocate = getattr(os, "posix_fallocate", None)
+    if fallocate is None:
         return
-    free = st.f_bavail * st.f_frsize
-    if needed > free:
-        raise VhdxIOError(errno.ENOSPC, f"not enough space for {what}: it needs up to {needed} bytes, "
-                          f"{folder} has {free} free; nothing was written", final)
+    try:
+        fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            return
+        raise VhdxIOError.from_os(e, path, f"cannot allocate the fixed disk ({size} bytes)") from None
 
 
 def create_temp(final: str | os.PathLike[str], mode: int = 0o644) -> tuple[int, str]:

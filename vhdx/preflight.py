@@ -111,6 +111,6 @@ def check_space(path: str, needed: int, operation: str, name: str | None = None)
     free = free_bytes(path)
     if free is not None and needed > free:
         raise InsufficientSpaceError(
-            f"{name or path}: {operation} needs up to {needed} bytes ({needed / 2**20:.1f} MiB) more, "
-            f"the file system has {free} ({free / 2**20:.1f} MiB) free; free space first, "
-            "nothing was changed")
+            f"{name or path}: not enough space for {operation}: it needs up to {needed} bytes, "
+            f"{path} has {free} free ({needed / 2**20:.1f} MiB against {free / 2**20:.1f} MiB); "
+            "free space first, nothing was changed")

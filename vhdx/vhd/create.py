@@ -24,14 +24,15 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from ..locator import relative_path, windows_path  # the same locator rules as VHDX children
-from ..errors import InvalidArgumentError, OutputExistsError, VhdxIOError
+from .. import fileio
+from ..errors import InvalidArgumentError, OutputDirectoryError, OutputExistsError, VhdxIOError
 from ..fdio import fsync_dir, pwrite_all
 from . import structures as S
 
 if TYPE_CHECKING:  # the file reader is needed for annotations only
     from .file import VhdFile
 
-__all__ = ["VHD_SUFFIXES", "create_vhd", "footer_for", "plan_new_dynamic"]
+__all__ = ["VHD_SUFFIXES", "create_vhd", "footer_for", "new_layout", "plan_new_dynamic", "write_layout"]
 
 VHD_SUFFIXES = (".vhd", ".avhd")
 DEFAULT_BLOCK_SIZE = 2 * 1024 * 1024
@@ -162,33 +163,50 @@ def create_vhd(path: str | os.PathLike[str], size: int | None = None, *, type: s
             pinfo = parent_fields(path, p)
     if size is None:
         raise InvalidArgumentError("a size is needed (or a parent)")
-    check_size(size, fixed=type == "fixed")
+    writes, file_size = new_layout(size, type=type, block_size=bs, unique_id=uid, pinfo=pinfo,
+                                   exact_chs=exact_chs)
     if type == "fixed":
-        writes = [(size, footer_for(size, S.TYPE_FIXED, uid, exact_chs=exact_chs))]
-        file_size = size + S.FOOTER_SIZE
-    else:
-        writes, file_size = plan_new_dynamic(size, bs, pinfo)
-        footer = footer_for(size, S.TYPE_DIFFERENCING if pinfo else S.TYPE_DYNAMIC, uid,
-                            data_offset=512, exact_chs=exact_chs)
-        writes += [(0, footer), (file_size - S.FOOTER_SIZE, footer)]
+        fileio.check_free_space(path, file_size, "a fixed VHD")
+    flags = (os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+             | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
+        fd = os.open(path, flags, 0o644)
     except FileExistsError:
         raise OutputExistsError(path, "already exists (refusing to overwrite)") from None
+    except FileNotFoundError:
+        raise OutputDirectoryError(path) from None
     except OSError as e:
         raise VhdxIOError.from_os(e, path) from None
     try:
-        os.ftruncate(fd, file_size)  # sparse: a fixed disk's data reads as zeros
-        for off, data in writes:
-            pwrite_all(fd, data, off)
+        write_layout(fd, writes, file_size, path)
+        if type == "fixed":
+            fileio.allocate(fd, file_size, path)  # really allocated, as Hyper-V makes them
         os.fsync(fd)
     except BaseException:
         os.close(fd)
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+        fileio.discard_temp(path)
         raise
     os.close(fd)
     fsync_dir(path)
     return path
+
+
+def new_layout(size: int, *, type: str, block_size: int, unique_id: bytes,  # noqa: A002
+               pinfo: Any = None, exact_chs: bool = False) -> tuple[list[tuple[int, bytes]], int]:
+    """(writes, file size) of a new VHD of ``size`` bytes: fixed, or dynamic /
+    differencing (``pinfo``: the parent fields)."""
+    check_size(size, fixed=type == "fixed")
+    if type == "fixed":
+        return [(size, footer_for(size, S.TYPE_FIXED, unique_id, exact_chs=exact_chs))], size + S.FOOTER_SIZE
+    writes, file_size = plan_new_dynamic(size, block_size, pinfo)
+    footer = footer_for(size, S.TYPE_DIFFERENCING if pinfo else S.TYPE_DYNAMIC, unique_id,
+                        data_offset=512, exact_chs=exact_chs)
+    return writes + [(0, footer), (file_size - S.FOOTER_SIZE, footer)], file_size
+
+
+def write_layout(fd: int, writes: list[tuple[int, bytes]], file_size: int, path: str) -> None:
+    """Lay a :func:`new_layout` into the empty file ``fd`` (sparse: what is not
+    written reads as zeros); no fsync."""
+    os.ftruncate(fd, file_size)
+    for off, data in writes:
+        pwrite_all(fd, data, off, path)
