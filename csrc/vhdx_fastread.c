@@ -15,7 +15,11 @@
  *   (fd, table, table_offset, entries, virtual_size, block_size, chunk_ratio,
  *    sector_size, cache_bitmaps)
  * where `table` exports a buffer holding `entries` host-order uint64 BAT
- * entries at byte `table_offset` (8-aligned). The reader holds the buffers
+ * entries at byte `table_offset` (8-aligned). A legacy VHD chain passes
+ * 8-tuples instead (every level the same kind):
+ *   (fd, table, table_offset, entries, virtual_size, block_size, fixed,
+ *    cache_bitmaps)
+ * with host-order uint32 BAT entries (4-aligned; none for a fixed level). The reader holds the buffers
  * until it is deallocated. Pass the object that owns the memory (a bytearray
  * or array), not a memoryview: CPython's cyclic GC can clear a memoryview
  * that still has exports, and the later release crashes. This type holds no
@@ -104,13 +108,44 @@ static int set_level(vhdx_rlevel *d, Py_buffer *view, PyObject *item)
     return 0;
 }
 
+static int set_vhd_level(vhdx_vhd_level *d, Py_buffer *view, PyObject *item)
+{
+    int fd, fixed, cache;
+    PyObject *table;
+    unsigned long long off, entries, vsize, bs;
+
+    if (!PyTuple_Check(item) || PyTuple_Size(item) != 8) {
+        PyErr_SetString(PyExc_TypeError, "a VHD level is an 8-tuple");
+        return -1;
+    }
+    if (!PyArg_ParseTuple(item, "iOKKKKpp", &fd, &table, &off, &entries, &vsize, &bs, &fixed, &cache))
+        return -1;
+    if (PyObject_GetBuffer(table, view, PyBUF_SIMPLE) != 0)
+        return -1;
+    if (off > (unsigned long long)view->len || entries > ((unsigned long long)view->len - off) / 4 ||
+        ((uintptr_t)((const char *)view->buf + off) & 3)) {
+        PyBuffer_Release(view);
+        PyErr_SetString(PyExc_ValueError, "table range outside its buffer or misaligned");
+        return -1;
+    }
+    d->fd = fd;
+    d->cache_bitmaps = cache;
+    d->fixed = fixed;
+    d->bat = fixed ? NULL : (const uint32_t *)(const void *)((const char *)view->buf + off);
+    d->bat_entries = entries;
+    d->virtual_size = vsize;
+    d->block_size = bs;
+    return 0;
+}
+
 static PyObject *cr_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     PyObject *seq, *items;
     ChainReaderObject *self;
     vhdx_rlevel *levels;
+    vhdx_vhd_level *vlevels = NULL;
     Py_ssize_t n, i;
-    int rc;
+    int rc, vhd;
 
     if (kwds && PyDict_Size(kwds)) {
         PyErr_SetString(PyExc_TypeError, "ChainReader() takes no keyword arguments");
@@ -124,23 +159,34 @@ static PyObject *cr_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     if (!items)
         return NULL;
     n = PyTuple_Size(items);
+    /* the first level's tuple length tells the format; the others must match */
+    vhd = n > 0 && PyTuple_Check(PyTuple_GetItem(items, 0)) && PyTuple_Size(PyTuple_GetItem(items, 0)) == 8;
     self = (ChainReaderObject *)PyType_GenericAlloc(type, 0); /* zero-filled */
-    levels = n ? (vhdx_rlevel *)PyMem_Calloc((size_t)n, sizeof *levels) : NULL;
+    levels = n && !vhd ? (vhdx_rlevel *)PyMem_Calloc((size_t)n, sizeof *levels) : NULL;
+    vlevels = n && vhd ? (vhdx_vhd_level *)PyMem_Calloc((size_t)n, sizeof *vlevels) : NULL;
     if (self)
         self->views = n ? (Py_buffer *)PyMem_Calloc((size_t)n, sizeof(Py_buffer)) : NULL;
-    if (!self || (n && (!levels || !self->views))) {
+    if (!self || (n && ((!levels && !vlevels) || !self->views))) {
         Py_XDECREF((PyObject *)self);
         PyMem_Free(levels);
+        PyMem_Free(vlevels);
         Py_DECREF(items);
         return PyErr_NoMemory();
     }
     for (i = 0; i < n; i++) {
-        if (set_level(&levels[i], &self->views[i], PyTuple_GetItem(items, i)) != 0)
+        PyObject *item = PyTuple_GetItem(items, i);
+        if ((vhd ? set_vhd_level(&vlevels[i], &self->views[i], item)
+                 : set_level(&levels[i], &self->views[i], item)) != 0)
             goto fail;
         self->nviews = i + 1;
     }
-    self->size = n ? (unsigned long long)levels[0].virtual_size : 0;
-    rc = vhdx_reader_new(levels, (size_t)n, &self->reader);
+    if (vhd) {
+        self->size = n ? (unsigned long long)vlevels[0].virtual_size : 0;
+        rc = vhdx_vhd_reader_new(vlevels, (size_t)n, &self->reader);
+    } else {
+        self->size = n ? (unsigned long long)levels[0].virtual_size : 0;
+        rc = vhdx_reader_new(levels, (size_t)n, &self->reader);
+    }
     if (rc == VHDX_EARG) {
         PyErr_SetString(PyExc_ValueError, "invalid chain geometry for the native reader");
         goto fail;
@@ -151,10 +197,12 @@ static PyObject *cr_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         goto fail;
     }
     PyMem_Free(levels);
+    PyMem_Free(vlevels);
     Py_DECREF(items);
     return (PyObject *)self;
 fail:
     PyMem_Free(levels);
+    PyMem_Free(vlevels);
     Py_DECREF(items);
     Py_DECREF((PyObject *)self);
     return NULL;

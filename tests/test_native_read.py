@@ -188,7 +188,9 @@ def test_fastread_constructor_checks(tmp_path) -> None:
         r.invalidate()
         bad_cases = [
             ([], ValueError),                                   # no level
-            ([good[:8]], TypeError),                            # not a 9-tuple
+            ([good[:7]], TypeError),                            # neither a 9-tuple nor a VHD 8-tuple
+            ([good, good[:8]], TypeError),                      # VHDX and VHD levels mixed
+            ([good[:8], good], TypeError),
             ([list(good)], TypeError),
             ([(good[0], 12345, *good[2:])], TypeError),         # table without a buffer
             ([(good[0], owner, 4, *good[3:])], ValueError),     # misaligned entries

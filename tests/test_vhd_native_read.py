@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 import vhdx
 from vhdx import native
 from vhdx.vhd.disk import VhdDisk
+from vhdx.vhd.native_read import VhdChainReader
 from vhdx.vhd.writer import VhdWritableDisk
 
 pytestmark = pytest.mark.skipif(not native.HAVE_CHAIN_READER, reason="no native chain reader here")
@@ -64,15 +65,22 @@ def test_c_path_matches_python_resolver(tmp_path_factory, seed: int, base_kind: 
     with vhdx.open(chain[0], parents=chain[1:]) as d:
         assert isinstance(d, VhdDisk)
         assert d._native is not None, "the C path must be in use for a plain chain"
+        if native._fastread is not None:
+            assert isinstance(d._reader._impl, native._fastread.ChainReader)
+        cffi = VhdChainReader(d.chain, use_fastread=False)  # the other per-call entry
+        assert cffi._impl is None
         assert d.read_at(0, size + 4096) == _python_read(d, 0, size + 4096)
         for _ in range(40):
             off = rng.randrange(size + 1024)
             n = rng.choice([1, 511, 512, 4096, 70000, rng.randrange(1, size + 1)])
-            assert d.read_at(off, n) == _python_read(d, off, n), (off, n)
+            want = _python_read(d, off, n)
+            assert d.read_at(off, n) == want, (off, n)
+            assert cffi.read(off, n) == want, (off, n)
             buf = bytearray(n)
             got = d.readinto_at(off, buf)
-            want = _python_read(d, off, n)
             assert got == len(want) and bytes(buf[:got]) == want
+            buf2 = bytearray(n)
+            assert cffi.fast(off, buf2) == len(want) and bytes(buf2[:len(want)]) == want
 
 
 def test_writer_reads_its_own_writes_through_the_c_path(tmp_path) -> None:
@@ -95,3 +103,29 @@ def test_writer_reads_its_own_writes_through_the_c_path(tmp_path) -> None:
             assert w.read_at(lo, 12000) == bytes(model[lo:lo + 12000])
     with vhdx.open(child) as d:
         assert d.read_at(0, 8 << 20) == bytes(model)
+
+
+def test_fastread_takes_vhd_levels_and_checks_them(tmp_path) -> None:
+    """vhdx._fastread.ChainReader with VHD 8-tuples: reads as the reference; bad
+    tables and geometry are refused at construction, never read through."""
+    if native._fastread is None:
+        pytest.skip("vhdx._fastread is not built here")
+    p = tmp_path / "d.vhd"
+    vhdx.create(p, 4 << 20, block_size=512 * KiB)
+    with vhdx.open(p, "r+") as w:
+        w.write_at(1000 * 512, random.Random(3).randbytes(300 * 512))
+    with vhdx.open(p) as d:
+        f = d.chain[0]
+        good = (f.fd, f.bat, 0, len(f.bat), f.virtual_size, f.block_size, False, True)
+        r = native._fastread.ChainReader([good])
+        assert r.read(0, 4 << 20) == _python_read(d, 0, 4 << 20)
+        assert r.read((4 << 20) - 10, 100) == _python_read(d, (4 << 20) - 10, 100)  # clipped
+        for levels, exc in [
+            ([(f.fd, f.bat, 2, *good[3:])], ValueError),                  # misaligned entries
+            ([(f.fd, f.bat, 0, len(f.bat) + 1, *good[4:])], ValueError),  # past the buffer
+            ([(*good[:5], 3 * 512 * KiB, *good[6:])], ValueError),        # block size not a power of two
+            ([(*good[:3], 1, *good[4:])], ValueError),                    # too few entries for the size
+            ([(f.fd, 12345, *good[2:])], TypeError),                      # table without a buffer
+        ]:
+            with pytest.raises(exc):
+                native._fastread.ChainReader(levels)
