@@ -76,8 +76,12 @@ def _fill(disk, rng: random.Random, blocks: list[int], runs: bool) -> None:  # n
 def build(work: Path, scale: int) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     manifest = work / "manifest.json"
-    if manifest.exists():
-        return json.loads(manifest.read_text())
+    if manifest.exists():  # file names, resolved here (the work folder may have moved)
+        m = json.loads(manifest.read_text())
+        for k in ("dynamic", "chain"):
+            m[k] = [str(work / Path(q).name) for q in m[k]]
+        m["vhdx"] = str(work / Path(m["vhdx"]).name)
+        return m
     from vhdx.storage import DeferredSyncStorage
     from vhdx.vhd.writer import VhdWritableDisk
 

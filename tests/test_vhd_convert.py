@@ -142,3 +142,43 @@ def test_fixed_vhd_conversion_is_sparse(tmp_path) -> None:
     assert out.stat().st_blocks * 512 <= 2 * MiB < data
     with vhdx.open(out) as d, vhdx.open(src) as s:
         assert disk_sha(d) == disk_sha(s)
+
+
+def test_fixed_convert_batches_cover_every_range_once() -> None:
+    import random
+
+    from vhdx.vhd import convert as C
+
+    rng = random.Random(11)
+    for _ in range(50):
+        ranges, pos = [], 0
+        for _ in range(rng.randrange(0, 40)):
+            n = rng.choice([512, 4096, MiB, 63 * MiB, 130 * MiB])
+            ranges.append((rng.randrange(1 << 40), pos, n))
+            pos += n + rng.choice([0, 512])
+        groups = list(C._batches(ranges))
+        assert all(sum(n for *_, n in g) <= C.BATCH_BYTES and 0 < len(g) <= C.BATCH for g in groups)
+        # The pieces, in order, are each input range cut into contiguous parts.
+        pieces = iter([r for g in groups for r in g])
+        for so, do, n in ranges:
+            while n:
+                pso, pdo, pn = next(pieces)
+                assert (pso, pdo) == (so, do) and 0 < pn <= n
+                so, do, n = so + pn, do + pn, n - pn
+        assert next(pieces, None) is None
+
+
+def test_fixed_convert_reports_progress_as_it_goes(tmp_path) -> None:
+    src = tmp_path / "s.vhdx"
+    vhdx.create(src, 256 * MiB)
+    with vhdx.open(src, "r+") as d:
+        for off in range(0, 200 * MiB, 8 * MiB):
+            d.write_at(off, b"\x5a" * MiB)
+    seen: list[int] = []
+    from vhdx.vhd.convert import convert_to_vhd
+
+    convert_to_vhd(src, tmp_path / "o.vhd", type="fixed", progress=seen.append)
+    assert len(seen) >= 2 and seen == sorted(seen)
+    with vhdx.open(src) as s, vhdx.open(tmp_path / "o.vhd") as o:
+        assert seen[-1] == sum(e.length for e in s.extents() if e.kind == "data")
+        assert disk_sha(o) == disk_sha(s)
