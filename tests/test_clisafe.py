@@ -195,7 +195,9 @@ def test_convert_writes_a_block_device_in_place(chain, tmp_path, loopdev):
     assert stat.S_ISBLK(st2.st_mode) and st2.st_rdev == st.st_rdev  # still the device node
     # VHDX onto a device is refused (a VHDX file grows; a device does not).
     one_error_line(run("convert", chain.top, dev, "--format", "vhdx", "--force", rc=1), dev)
+    one_error_line(run("convert", chain.top, dev, "--format", "vhd", "--force", rc=1), dev)  # so is VHD
     assert stat.S_ISBLK(os.stat(dev).st_mode)
+    assert _read_dev(dev, 8 * MiB)[:len(want)] == want  # neither refusal wrote a byte
 
 
 def test_convert_refuses_a_too_small_block_device_without_writing(chain, loopdev):
