@@ -5,6 +5,7 @@ dynamic), libvhdi and dissect; differencing chains of depth 1-3."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 
@@ -147,3 +148,27 @@ def test_fixed_and_empty_dynamic_match_windows_pattern(tmp_path, fixture_file) -
     with VhdFile(p) as f:
         assert f.block_offset(0) == first
         assert f.bat[1] == VS.UNUSED
+
+
+def test_fixed_create_allocates_and_checks_space_first(tmp_path, monkeypatch) -> None:
+    """A fixed VHD is really allocated, as Hyper-V makes them; with too little free
+    space the create is refused with the numbers and leaves nothing behind."""
+    from vhdx import preflight
+
+    p = tmp_path / "f.vhd"
+    vhdx.create(p, 64 << 20, type="fixed")
+    probe = tmp_path / "probe"
+    with open(probe, "wb") as fh:
+        try:
+            os.posix_fallocate(fh.fileno(), 0, 1 << 20)
+        except OSError:
+            pytest.skip("this file system cannot preallocate")
+    assert os.stat(p).st_blocks * 512 >= 64 << 20
+    with vhdx.open(p) as d:
+        assert d.read_at(0, 1 << 20) == bytes(1 << 20)  # allocated, still reads zeros
+    monkeypatch.setattr(preflight, "free_bytes", lambda path: 1 << 20)
+    q = tmp_path / "g.vhd"
+    with pytest.raises(vhdx.InsufficientSpaceError, match=r"g\.vhd.*needs up to \d+ bytes"):
+        vhdx.create(q, 64 << 20, type="fixed")
+    assert not q.exists()
+    vhdx.create(tmp_path / "d.vhd", 64 << 20)  # a dynamic disk grows later: no check
