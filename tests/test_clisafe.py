@@ -235,6 +235,8 @@ def test_p2v_from_a_block_device(tmp_path, loopdev):
         run("convert", dev, vhd, "--type", kind)
         with vhdx.open(vhd) as d:
             assert d.size == 6 * MiB and d.read_at(0, d.size) == bytes(data)
+        if kind == "fixed":  # the device's all-zero MiBs stay holes (3 of its 6 hold data)
+            assert os.stat(vhd).st_blocks * 512 <= 4 * MiB
     assert stat.S_ISBLK(os.stat(dev).st_mode)
 
 
@@ -629,7 +631,7 @@ def test_help_says_what_merge_deletes_and_what_repair_writes():
     assert "--repair WRITES" in check.replace("--repair  WRITES", "--repair WRITES") or "WRITES to IMAGE" in check
 
 
-@pytest.mark.parametrize("name", ["o.raw", "o.vhdx", "o.vhd"])
+@pytest.mark.parametrize("name", ["o.raw", "o.vhdx", "o.vhd", "fixed.vhd"])
 def test_interrupted_convert_leaves_no_temp_and_keeps_the_old_output(chain, tmp_path, monkeypatch, capsys, name):
     from vhdx import cli, progress
 
@@ -640,10 +642,11 @@ def test_interrupted_convert_leaves_no_temp_and_keeps_the_old_output(chain, tmp_
         raise KeyboardInterrupt
 
     monkeypatch.setattr(progress.Progress, "__call__", interrupting)
-    assert cli.main(["convert", str(chain.top), str(out), "--force"]) == 130
+    extra = ["--type", "fixed"] if name.startswith("fixed") else []
+    assert cli.main(["convert", str(chain.top), str(out), "--force", *extra]) == 130
     last = capsys.readouterr().err.split("\r")[-1]
     assert last.startswith("vhdx: interrupted: the source is unchanged and no output was written")
-    assert f"run 'vhdx convert {chain.top} {out} --force'" in last
+    assert f"run 'vhdx convert {chain.top} {out} {' '.join(['--force', *extra])}'" in last
     assert out.read_bytes() == b"previous output"
     assert not list(tmp_path.glob("*.part"))
 

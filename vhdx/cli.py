@@ -316,18 +316,26 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     fmt = check_output(args.output, args.format, type=args.type, block_size=args.block_size,
                        azure=args.azure, force=args.force)
-    if fmt == "vhd":  # legacy VHD output: vhdx/vhd/cli.py
-        from .vhd.cli import cmd_convert_to_vhd
-
-        return cmd_convert_to_vhd(args)
+    if fmt == "vhd":  # legacy VHD output (vhdx/vhd/convert.py)
+        if args.output.lower().endswith(".avhd"):
+            raise UsageError(f"{args.output}: a converted disk is standalone; name it .vhd")
+        if args.azure and args.type == "dynamic":
+            raise UsageError(f"{args.output}: --azure makes a fixed VHD; drop --type dynamic")
     with open_source(args.image, parents=args.parent, search_dirs=args.search_dir,
                      ignore_linkage=args.ignore_linkage,
                      ignore_checksums=getattr(args, "ignore_checksums", False)) as src:
         _warn(src.warnings)
         bar = Progress(src.data_bytes, "convert")
         try:
-            convert(src, args.output, format=fmt, type=args.type, block_size=args.block_size,
-                    force=args.force, progress=bar)
+            if fmt == "vhd":
+                from .vhd.convert import convert_to_vhd
+
+                convert_to_vhd(src, args.output, type=args.type or "dynamic",
+                               block_size=parse_size(args.block_size) if args.block_size else None,
+                               azure=args.azure, force=args.force, progress=bar)
+            else:
+                convert(src, args.output, format=fmt, type=args.type, block_size=args.block_size,
+                        force=args.force, progress=bar)
         finally:
             bar.close()
     return 0

@@ -213,7 +213,8 @@ class Source:
         """Where the data lies in the files read: (fd, path, [(file offset,
         virtual offset, length)]) per file, for a file-to-file copy (copy_file_range,
         reflink); None when reads must go through :attr:`readinto` (a replayed
-        log patches them in memory)."""
+        log patches them in memory; a block device, whose zeros the reader
+        leaves as holes)."""
         return self._file_ranges() if self._file_ranges else None
 
     @property
@@ -293,7 +294,8 @@ def open_source(source: PathLike, *, parents: Sequence[ParentArg] | None = None,
             raise InvalidArgumentError(f"{path}: empty file")
         import stat
 
-        if stat.S_ISBLK(os.fstat(fd).st_mode):
+        device = stat.S_ISBLK(os.fstat(fd).st_mode)
+        if device:
             # SEEK_DATA on a device node says nothing true about its contents
             # (Linux reports it as all hole): read it all; zero pieces stay sparse.
             ranges = [(0, size)]
@@ -309,8 +311,10 @@ def open_source(source: PathLike, *, parents: Sequence[ParentArg] | None = None,
         except OSError as e:
             raise VhdxIOError.from_os(e, path, f"read failed at {off:#x}") from None
 
+    # A device is copied through the reader, whose all-zero pieces stay holes;
+    # a file copies file to file (its holes are already left out of ``ranges``).
     return Source(path, -(-size // 512) * 512, 512, 4096, ranges, readinto, [], [path],
-                  lambda: os.close(fd), lambda: [(fd, path, [(o, o, n) for o, n in ranges])])
+                  lambda: os.close(fd), None if device else lambda: [(fd, path, [(o, o, n) for o, n in ranges])])
 
 
 def refuse_self(output: str, src: Source) -> None:

@@ -78,8 +78,7 @@ def convert_to_vhd(source: str | os.PathLike[str] | Source, output: str | os.Pat
         refuse_self(target.path, src)
         vsize = -(-src.size // MiB) * MiB if azure else src.size
         bs = block_size or DEFAULT_BLOCK_SIZE
-        kind = "fixed" if type == "fixed" else "dynamic"
-        writes, file_size = new_layout(vsize, type=kind, block_size=bs, unique_id=uuid.uuid4().bytes_le,
+        writes, file_size = new_layout(vsize, type=type, block_size=bs, unique_id=uuid.uuid4().bytes_le,
                                        exact_chs=azure)
         if type == "fixed":  # sparse: only the data is written
             needed = src.data_bytes + S.FOOTER_SIZE
